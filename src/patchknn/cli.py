@@ -1,0 +1,359 @@
+"""The ``patchknn`` command line: a thin shell over the Python API.
+
+Commands: ``fit``, ``predict``, ``evaluate``, ``info``, ``demo`` (and those of optional parts).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from patchknn.errors import PatchKNNError
+
+app = typer.Typer(
+    name="patchknn",
+    help="Unsupervised visual anomaly detection: learn normal from defect-free images, score new ones.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# ------------------------------------------------------------------------- shared option types
+Preset = Annotated[str, typer.Option("--preset", help="Named configuration: paper (default), ...")]
+BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="Backbone name (see `patchknn info`).")]
+WeightsOpt = Annotated[
+    str | None, typer.Option("--weights", help="Local backbone weights file (offline use).")
+]
+LayersOpt = Annotated[
+    str | None, typer.Option("--layers", help="Comma-separated layer names, e.g. layer1,layer2,layer3.")
+]
+ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input resize (pixels).")]
+GridOpt = Annotated[int | None, typer.Option("--grid-size", help="Patch grid side.")]
+PcaOpt = Annotated[
+    float | None, typer.Option("--pca-variance", help="Variance PCA keeps, in (0,1]; 0 disables PCA.")
+]
+KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Nearest neighbours averaged per patch.")]
+AggOpt = Annotated[int | None, typer.Option("--aggregation", help="Local feature averaging (odd; 1=off).")]
+LayerNormOpt = Annotated[
+    bool | None, typer.Option("--layer-norm/--no-layer-norm", help="L2-normalise each layer's features.")
+]
+SigmaOpt = Annotated[float | None, typer.Option("--smoothing-sigma", help="Map blur in grid cells (0=off).")]
+ScoreOpt = Annotated[str | None, typer.Option("--image-score", help="max (paper) or topk_mean.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per backbone call.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Image-decoding worker processes.")]
+OnErrorOpt = Annotated[
+    str, typer.Option("--on-error", help="Unreadable image: stop (default) or skip and report it.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+
+
+def method_options(
+    preset_name: str,
+    backbone: str | None = None,
+    layers: str | None = None,
+    image_size: int | None = None,
+    grid_size: int | None = None,
+    pca_variance: float | None = None,
+    k: int | None = None,
+    aggregation: int | None = None,
+    layer_norm: bool | None = None,
+    smoothing_sigma: float | None = None,
+    image_score: str | None = None,
+    seed: int | None = None,
+) -> Any:
+    """The configuration from ``--preset`` plus every flag that was given."""
+    from patchknn.config import preset
+
+    given: dict[str, Any] = {
+        "backbone": backbone,
+        "layers": tuple(x.strip() for x in layers.split(",") if x.strip()) if layers else None,
+        "image_size": image_size,
+        "grid_size": grid_size,
+        "k": k,
+        "aggregation": aggregation,
+        "layer_norm": layer_norm,
+        "smoothing_sigma": smoothing_sigma,
+        "image_score": image_score,
+        "seed": seed,
+    }
+    overrides = {key: v for key, v in given.items() if v is not None}
+    if pca_variance is not None:
+        overrides["pca_variance"] = None if pca_variance == 0 else pca_variance
+    return preset(preset_name, **overrides)
+
+
+def _runtime(weights: str | None, device: str, batch_size: int, workers: int, on_error: str, quiet: bool):
+    return {
+        "weights": weights,
+        "device": device,
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "on_error": on_error,
+        "progress": not quiet,
+    }
+
+
+# ------------------------------------------------------------------------------------ commands
+@app.command()
+def fit(
+    train_dir: Annotated[list[Path], typer.Argument(help="Folder(s) or files of defect-free images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")],
+    preset_name: Preset = "paper",
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    layers: LayersOpt = None,
+    image_size: ImageSizeOpt = None,
+    grid_size: GridOpt = None,
+    pca_variance: PcaOpt = None,
+    k: KOpt = None,
+    aggregation: AggOpt = None,
+    layer_norm: LayerNormOpt = None,
+    smoothing_sigma: SigmaOpt = None,
+    image_score: ScoreOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "cpu",
+    batch_size: BatchOpt = 16,
+    workers: WorkersOpt = 0,
+    on_error: OnErrorOpt = "stop",
+    quiet: QuietOpt = False,
+) -> None:
+    """Learn normality from defect-free images and save the model."""
+    from patchknn.model import PatchKNN
+
+    config = method_options(
+        preset_name, backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
+        smoothing_sigma, image_score, seed,
+    )
+    model = PatchKNN.from_config(config, **_runtime(weights, device, batch_size, workers, on_error, quiet))
+    model.fit([str(p) for p in train_dir])
+    model.save(output)
+    info = model.fit_info_
+    for src, reason in model.skipped_:
+        typer.echo(f"skipped {src}: {reason}", err=True)
+    if not quiet:
+        typer.echo(
+            f"fitted on {info['n_train_images']} images in {info['fit_seconds']:.1f} s: "
+            f"{info['bank_size']} patches x {info['n_components']} dims -> {output}"
+        )
+
+
+@app.command()
+def predict(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model saved by `patchknn fit`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders to score.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scores and maps.")],
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Override the model's decision threshold.")
+    ] = None,
+    resolution: Annotated[
+        str, typer.Option("--resolution", help="Map size: input (model input size) or original.")
+    ] = "input",
+    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Write .npy maps and overlays.")] = True,
+    device: DeviceOpt = "cpu",
+    batch_size: BatchOpt = 16,
+    workers: WorkersOpt = 0,
+    on_error: OnErrorOpt = "stop",
+    quiet: QuietOpt = False,
+) -> None:
+    """Score images: scores.csv / scores.json, and per image the map (.npy) and a heat-map overlay."""
+    from patchknn.data import load_image
+    from patchknn.model import PatchKNN
+    from patchknn.visualize import overlay, save_png
+
+    model = PatchKNN.load(
+        model_path, device=device, batch_size=batch_size, num_workers=workers, on_error=on_error,
+        progress=not quiet,
+    )
+    if threshold is not None:
+        model.threshold_ = float(threshold)
+    output.mkdir(parents=True, exist_ok=True)
+    if maps:
+        (output / "maps").mkdir(exist_ok=True)
+        (output / "overlays").mkdir(exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for pred in model.predict_iter([str(p) for p in images], output_size=resolution):
+        row: dict[str, Any] = {"image": pred.source, "score": pred.score, "verdict": pred.verdict,
+                               "threshold": pred.threshold, "error": pred.error, "map": None, "overlay": None}
+        if pred.error is None and maps:
+            stem = _unique_stem(Path(pred.source).stem, used)
+            np_path = output / "maps" / f"{stem}.npy"
+            _save_npy(np_path, pred.anomaly_map)
+            img = load_image(pred.source)
+            vmax = 2 * pred.threshold if pred.threshold else None
+            ov = overlay(img, pred.anomaly_map, vmax=vmax, threshold=pred.threshold)
+            ov_path = output / "overlays" / f"{stem}.png"
+            save_png(str(ov_path), ov)
+            row["map"], row["overlay"] = str(np_path.relative_to(output)), str(ov_path.relative_to(output))
+        rows.append(row)
+        if pred.error is not None:
+            typer.echo(f"skipped {pred.source}: {pred.error}", err=True)
+    _write_rows(output, rows)
+    if not quiet:
+        n_ng = sum(r["verdict"] == "NG" for r in rows)
+        typer.echo(f"scored {len(rows)} images ({n_ng} NG) -> {output / 'scores.csv'}")
+
+
+@app.command()
+def evaluate(
+    data_root: Annotated[Path, typer.Option("--data-root", help="MVTec-AD-style root folder.")],
+    category: Annotated[
+        list[str] | None, typer.Option("--category", "-c", help="Category to evaluate (repeatable).")
+    ] = None,
+    all_categories: Annotated[bool, typer.Option("--all", help="Every category under the root.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results JSON here.")] = None,
+    resolution: Annotated[
+        str, typer.Option("--resolution", help="input (masks resized to image size) or original.")
+    ] = "input",
+    preset_name: Preset = "paper",
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    layers: LayersOpt = None,
+    image_size: ImageSizeOpt = None,
+    grid_size: GridOpt = None,
+    pca_variance: PcaOpt = None,
+    k: KOpt = None,
+    aggregation: AggOpt = None,
+    layer_norm: LayerNormOpt = None,
+    smoothing_sigma: SigmaOpt = None,
+    image_score: ScoreOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "cpu",
+    batch_size: BatchOpt = 16,
+    workers: WorkersOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit on train/good of each category, score its test set, report the paper's metrics."""
+    from patchknn.data import list_categories
+    from patchknn.evaluation import evaluate as run_evaluation
+    from patchknn.evaluation import markdown_table
+
+    config = method_options(
+        preset_name, backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
+        smoothing_sigma, image_score, seed,
+    )
+    if all_categories:
+        names = list_categories(data_root)
+    elif category:
+        names = list(category)
+    else:
+        raise typer.BadParameter("give --category NAME (repeatable) or --all")
+    runtime = _runtime(weights, device, batch_size, workers, "stop", quiet)
+    results = run_evaluation(data_root, names, config, resolution=resolution, **runtime)  # type: ignore[arg-type]
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2))
+    if not quiet:
+        typer.echo(markdown_table(results))
+        if output is not None:
+            typer.echo(f"\nresults -> {output}")
+
+
+@app.command()
+def info(
+    model_path: Annotated[
+        Path | None, typer.Argument(metavar="[MODEL]", help="Show a saved model instead.")
+    ] = None,
+) -> None:
+    """Version, backbones, layers and presets; or the contents of a saved model."""
+    from patchknn._version import __version__
+
+    if model_path is not None:
+        from patchknn.serialization import read_meta
+
+        doc = read_meta(model_path)
+        typer.echo(json.dumps({k: v for k, v in doc.items() if k != "files"}, indent=2))
+        return
+    from patchknn.backbones import available_backbones, backbone_class
+    from patchknn.config import PRESETS
+
+    typer.echo(f"patchknn {__version__}\n\nbackbones (default layers first):")
+    for name in available_backbones():
+        cls = backbone_class(name)
+        layers = ", ".join(
+            f"{i.name}[{i.channels}ch /{i.stride}]" + (f" ({'/'.join(i.aliases)})" if i.aliases else "")
+            for i in cls.layer_infos
+        )
+        typer.echo(f"  {name}: default {','.join(cls.default_layers)}; layers {layers}")
+    typer.echo("\npresets:")
+    for name, values in PRESETS.items():
+        typer.echo(f"  {name}: {values or '(the paper: all defaults)'}")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for data, model and results.")] = Path(
+        "demo-output"
+    ),
+    backbone: Annotated[str, typer.Option("--backbone", help="Backbone (offline default).")] = "efficientnet-lite2",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Offline end-to-end run: make a synthetic defect dataset, fit, evaluate, predict, save."""
+    from patchknn.config import preset
+    from patchknn.evaluation import evaluate as run_evaluation
+    from patchknn.evaluation import markdown_table
+    from patchknn.synthetic import make_synthetic_dataset
+
+    data_root = output / "data"
+    make_synthetic_dataset(data_root, category="synthetic", seed=seed or 0)
+    config = preset("paper", backbone=backbone, seed=seed or 0)
+    model_dir = output / "model"
+    holder: dict[str, Any] = {}
+
+    def keep(ev: Any) -> None:
+        holder["ev"] = ev
+        ev.model.save(model_dir)
+
+    results = run_evaluation(
+        data_root, ["synthetic"], config, on_category=keep, progress=not quiet
+    )
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    if not quiet:
+        typer.echo(markdown_table(results))
+        typer.echo(f"\ndata -> {data_root}\nmodel -> {model_dir}\nresults -> {output / 'results.json'}")
+
+
+# --------------------------------------------------------------------------------- helpers
+def _unique_stem(stem: str, used: set[str]) -> str:
+    candidate, n = stem, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}_{n}"
+    used.add(candidate)
+    return candidate
+
+
+def _save_npy(path: Path, array: Any) -> None:
+    import numpy as np
+
+    np.save(path, array, allow_pickle=False)
+
+
+def _write_rows(output: Path, rows: list[dict[str, Any]]) -> None:
+    fields = ["image", "score", "verdict", "threshold", "error", "map", "overlay"]
+    with open(output / "scores.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (output / "scores.json").write_text(json.dumps(rows, indent=2))
+
+
+def main() -> None:
+    """Entry point: run the app; errors of the package become one clear line and exit code 2."""
+    try:
+        app()
+    except PatchKNNError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

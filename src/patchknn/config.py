@@ -1,0 +1,153 @@
+"""Every option of the method in one frozen dataclass, plus the named presets.
+
+The ``paper`` preset (the defaults) is the method of the paper: the Caffe/Keras ResNet-50, layers
+1-3 resized to a 28x28 grid, PCA keeping 95 % of the variance, an exact 1-nearest-neighbour search.
+
+Example:
+    >>> from patchknn.config import PatchKNNConfig, preset
+    >>> preset("paper").k
+    1
+    >>> PatchKNNConfig(k=3).k
+    3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from patchknn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PatchKNNConfig:
+    """The method's options. Everything here is stored with a saved model.
+
+    Attributes:
+        backbone: registered backbone name (see ``patchknn info``).
+        layers: feature layers by name (backbone-specific; Keras aliases accepted for ResNets);
+            ``None`` = the backbone's default three layers.
+        image_size: images are resized to ``image_size x image_size`` (bilinear) before the backbone.
+        grid_size: every layer's feature map is resized (bilinear) to ``grid_size x grid_size``;
+            one patch vector per grid cell.
+        pca_variance: PCA keeps the fewest components that explain at least this share of the
+            variance of the normal patches, in ``(0, 1]``; ``None`` disables PCA.
+        k: number of nearest memory-bank patches; a patch's score is the mean distance to them.
+        aggregation: side of the local neighbourhood averaged around each feature-map cell before
+            resizing (PatchCore's 3x3 average pooling); 1 = none (paper).
+        layer_norm: L2-normalise each layer's vector at every cell before concatenation, so no
+            layer dominates the distance by scale; off in the paper.
+        smoothing_sigma: Gaussian blur of the anomaly map, in grid cells (scaled to the output
+            resolution); 0 = none (paper).
+        image_score: ``"max"`` (paper: maximum of the map) or ``"topk_mean"`` (mean of the
+            ``image_score_topk`` highest grid cells).
+        image_score_topk: cells averaged by ``"topk_mean"``.
+        seed: seeds every random choice (random projections, coreset start, index training).
+    """
+
+    backbone: str = "resnet50-caffe"
+    layers: tuple[str, ...] | None = None
+    image_size: int = 224
+    grid_size: int = 28
+    pca_variance: float | None = 0.95
+    k: int = 1
+    aggregation: int = 1
+    layer_norm: bool = False
+    smoothing_sigma: float = 0.0
+    image_score: str = "max"
+    image_score_topk: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every value that can be checked without building the backbone."""
+        from patchknn.backbones import backbone_class
+
+        cls = backbone_class(self.backbone)  # unknown backbone -> ConfigError listing the names
+        layers = cls.resolve_layers(self.layers or cls.default_layers)
+        _check_int("image_size", self.image_size, 32, 4096)
+        _check_int("grid_size", self.grid_size, 1, 1024)
+        deepest = max(cls.layer_info(n).stride for n in layers)
+        finest = min(cls.layer_info(n).stride for n in layers)
+        if self.image_size % deepest:
+            raise ConfigError(
+                f"image_size must be a multiple of {deepest} (the stride of the deepest layer), "
+                f"got {self.image_size}"
+            )
+        finest_map = self.image_size // finest
+        if self.grid_size > finest_map:
+            raise ConfigError(
+                f"grid_size {self.grid_size} is larger than the finest feature map "
+                f"({finest_map}x{finest_map} for image_size {self.image_size}); use at most {finest_map}"
+            )
+        if self.pca_variance is not None and not (
+            isinstance(self.pca_variance, int | float) and 0.0 < float(self.pca_variance) <= 1.0
+        ):
+            raise ConfigError(f"pca_variance must be in (0, 1] or None, got {self.pca_variance!r}")
+        _check_int("k", self.k, 1, 10_000)
+        _check_int("aggregation", self.aggregation, 1, 15)
+        if self.aggregation % 2 == 0:
+            raise ConfigError(f"aggregation must be odd (1, 3, 5, ...), got {self.aggregation}")
+        if not isinstance(self.smoothing_sigma, int | float) or not 0 <= self.smoothing_sigma <= 32:
+            raise ConfigError(f"smoothing_sigma must be in [0, 32] grid cells, got {self.smoothing_sigma!r}")
+        if self.image_score not in IMAGE_SCORES:
+            raise ConfigError(f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+        _check_int("image_score_topk", self.image_score_topk, 1, 1_000_000)
+        _check_int("seed", self.seed, 0, 2**32 - 1)
+
+    @property
+    def resolved_layers(self) -> tuple[str, ...]:
+        """Canonical names of the layers in use."""
+        from patchknn.backbones import backbone_class
+
+        cls = backbone_class(self.backbone)
+        return tuple(cls.resolve_layers(self.layers or cls.default_layers))
+
+    def replace(self, **changes: Any) -> PatchKNNConfig:
+        """A copy with some options changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.resolved_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatchKNNConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+IMAGE_SCORES = ("max", "topk_mean")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper, exactly: the defaults of PatchKNNConfig.
+    "paper": {},
+}
+
+
+def preset(name: str, **overrides: Any) -> PatchKNNConfig:
+    """The named configuration, with ``overrides`` applied on top.
+
+    Args:
+        name: one of :data:`PRESETS` (``paper`` is the paper's method).
+        **overrides: option values that replace the preset's.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **overrides}
+    return PatchKNNConfig.from_dict(values)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")

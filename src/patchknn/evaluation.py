@@ -1,0 +1,207 @@
+"""Fit on a category's normal training images, score its test set, compute the paper's metrics.
+
+Example:
+    >>> from patchknn.config import preset
+    >>> from patchknn.evaluation import evaluate
+    >>> results = evaluate("mvtec", ["bottle"], preset("paper"))   # doctest: +SKIP
+    >>> results["categories"]["bottle"]["pixel_auprc"]             # doctest: +SKIP
+    0.79
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from patchknn import metrics
+from patchknn._version import __version__
+from patchknn.config import PatchKNNConfig
+from patchknn.data import MVTecCategory, Sample, load_mask, resize_mask
+from patchknn.errors import DatasetError
+from patchknn.model import PatchKNN
+
+Resolution = Literal["input", "original"]
+METRIC_KEYS = ("pixel_auprc", "pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
+
+
+@cache
+def paper_table2() -> dict[str, float]:
+    """The paper's Table 2 (ResNet kNN column): pixel AUPRC per MVTec AD category, plus ``mean``."""
+    text = resources.files("patchknn.resources").joinpath("paper_table2.json").read_text()
+    data = json.loads(text)
+    return {**data["categories"], "mean": data["mean"]}
+
+
+@dataclass
+class CategoryEvaluation:
+    """Everything one category's evaluation produced.
+
+    Attributes:
+        category: the category name.
+        metrics: the result row (metrics, counts, timings; see :func:`evaluate`).
+        samples: the test samples, in the order of the arrays.
+        maps: ``(N, H, W)`` float32 anomaly maps at the evaluation resolution.
+        masks: ``(N, H, W)`` bool ground truth (all False for good images).
+        scores: ``(N,)`` image scores.
+        labels: ``(N,)`` 1 = defective.
+        model: the fitted model.
+    """
+
+    category: str
+    metrics: dict[str, Any]
+    samples: list[Sample]
+    maps: np.ndarray
+    masks: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    model: PatchKNN = field(repr=False)
+
+
+def evaluate_category(
+    root: str | Path,
+    category: str,
+    config: PatchKNNConfig,
+    *,
+    resolution: Resolution = "input",
+    fpr_limit: float = 0.3,
+    **runtime: Any,
+) -> CategoryEvaluation:
+    """Fit ``config`` on ``<root>/<category>/train/good`` and evaluate on its test set.
+
+    Args:
+        root: MVTec-AD-style data root.
+        category: category folder name.
+        config: the method's configuration.
+        resolution: ``"input"`` compares maps and masks at ``image_size`` (masks resized with
+            nearest neighbour, the default); ``"original"`` at each image's own resolution.
+        fpr_limit: the false-positive-rate limit of AUPRO.
+        **runtime: keyword-only :class:`PatchKNN` options (weights, device, batch_size, ...).
+    """
+    if resolution not in ("input", "original"):
+        raise DatasetError(f"resolution must be 'input' or 'original', got {resolution!r}")
+    dataset = MVTecCategory(root, category)
+    dataset.validate()
+    train = dataset.train_paths()
+    samples = dataset.test_samples()
+    model = PatchKNN.from_config(config, **runtime)
+    t0 = time.perf_counter()
+    model.fit(train)
+    fit_seconds = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    output = "input" if resolution == "input" else "original"
+    preds = model.predict([s.path for s in samples], output_size=output)
+    predict_seconds = time.perf_counter() - t1
+
+    maps = np.stack([p.anomaly_map for p in preds])  # type: ignore[misc]
+    masks = np.stack([_mask_for(s, m.shape, resolution, config.image_size) for s, m in zip(samples, maps)])
+    scores = np.array([p.score for p in preds], dtype=np.float64)
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    row: dict[str, Any] = dict(metrics.compute_all(maps, masks, scores, labels, fpr_limit=fpr_limit))
+    paper = paper_table2().get(category)
+    row |= {
+        "paper_pixel_auprc": paper,
+        "n_train": int(model.fit_info_["n_train_images"]),
+        "n_test": len(samples),
+        "n_test_defective": int(labels.sum()),
+        "fit_seconds": round(fit_seconds, 3),
+        "predict_images_per_second": round(len(samples) / max(predict_seconds, 1e-9), 3),
+        "bank_size": int(model.fit_info_["bank_size"]),
+        "n_components": int(model.fit_info_["n_components"]),
+        "resolution": resolution,
+    }
+    return CategoryEvaluation(category, row, samples, maps, masks, scores, labels, model)
+
+
+def _mask_for(sample: Sample, shape: tuple[int, ...], resolution: Resolution, image_size: int) -> np.ndarray:
+    if sample.mask_path is None:
+        return np.zeros(shape, dtype=bool)
+    mask = load_mask(sample.mask_path)
+    if resolution == "input":
+        return resize_mask(mask, (image_size, image_size))
+    if mask.shape != tuple(shape):
+        raise DatasetError(
+            f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+            f"{sample.path} is {shape[1]}x{shape[0]}"
+        )
+    return mask
+
+
+def evaluate(
+    root: str | Path,
+    categories: list[str],
+    config: PatchKNNConfig,
+    *,
+    resolution: Resolution = "input",
+    fpr_limit: float = 0.3,
+    on_category: Any = None,
+    **runtime: Any,
+) -> dict[str, Any]:
+    """Evaluate several categories; returns the ``results.json`` document.
+
+    ``{"config": {...}, "categories": {name: row}, "mean": {metric: mean over categories}}``.
+    ``on_category(CategoryEvaluation)`` is called after each category (e.g. to write a report).
+    """
+    if not categories:
+        raise DatasetError("no category to evaluate")
+    rows: dict[str, dict[str, Any]] = {}
+    for name in categories:
+        ev = evaluate_category(root, name, config, resolution=resolution, fpr_limit=fpr_limit, **runtime)
+        rows[name] = ev.metrics
+        if on_category is not None:
+            on_category(ev)
+    return {
+        "patchknn_version": __version__,
+        "config": config.to_dict(),
+        "resolution": resolution,
+        "categories": rows,
+        "mean": mean_row(rows),
+    }
+
+
+def mean_row(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Mean of each metric over the categories where it is defined."""
+    out: dict[str, float | None] = {}
+    keys = list(METRIC_KEYS) + ["fit_seconds", "predict_images_per_second"]
+    for key in keys:
+        vals = [r[key] for r in rows.values() if r.get(key) is not None]
+        out[key] = round(float(np.mean(vals)), 6) if vals else None
+    paper = [r.get("paper_pixel_auprc") for r in rows.values()]
+    out["paper_pixel_auprc"] = round(float(np.mean(paper)), 6) if paper and None not in paper else None
+    return out
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Pixel AUPRC per category beside the paper's Table 2, plus the other metrics."""
+    head = (
+        "| category | pixel AUPRC | paper (Table 2) | diff | pixel AUROC | AUPRO@0.3 | image AUROC | pixel F1-max |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for name, row in [*results["categories"].items(), ("mean", results["mean"])]:
+        paper = row.get("paper_pixel_auprc")
+        ours = row.get("pixel_auprc")
+        diff = f"{ours - paper:+.3f}" if ours is not None and paper is not None else "–"
+        cells = [
+            f"**{name}**" if name == "mean" else name,
+            _fmt(ours),
+            _fmt(paper),
+            diff,
+            _fmt(row.get("pixel_auroc")),
+            _fmt(row.get("aupro")),
+            _fmt(row.get("image_auroc")),
+            _fmt(row.get("pixel_f1_max")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"

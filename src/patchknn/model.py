@@ -1,0 +1,483 @@
+"""The estimator: :class:`PatchKNN` composes backbone -> patch features -> PCA -> memory bank.
+
+Example:
+    >>> from patchknn import PatchKNN
+    >>> model = PatchKNN(backbone="efficientnet-lite2")            # doctest: +SKIP
+    >>> model.fit(["train/000.png", "train/001.png"])              # doctest: +SKIP
+    >>> pred = model.predict(["test/broken.png"])[0]                # doctest: +SKIP
+    >>> pred.score, pred.anomaly_map.shape                         # doctest: +SKIP
+    (3.71, (224, 224))
+    >>> model.save("bottle.model"); PatchKNN.load("bottle.model")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from tqdm.auto import tqdm
+
+from patchknn._version import __version__
+from patchknn.backbones import build_backbone
+from patchknn.backbones.base import WeightsArg
+from patchknn.config import PatchKNNConfig, preset
+from patchknn.data import iter_batches
+from patchknn.errors import ConfigError, ModelFileError, NotFittedError
+from patchknn.features import PatchFeatureExtractor
+from patchknn.index import MemoryBankIndex
+from patchknn.reduction import PCA, MomentAccumulator
+from patchknn.serialization import load_model, save_model
+
+OnError = Literal["stop", "skip"]
+OutputSize = int | tuple[int, int] | Literal["input", "original"] | None
+
+
+@dataclass
+class Prediction:
+    """The result for one image.
+
+    Attributes:
+        source: the file path, or ``"<array i>"`` / ``"<image i>"`` for in-memory inputs.
+        anomaly_map: ``(H, W)`` float32 anomaly scores (distance to normal) at the output size.
+        score: image anomaly score (by default the maximum of ``anomaly_map``).
+        threshold: the decision threshold in force, or ``None`` when the model has none.
+        error: with ``on_error="skip"``, why the image could not be scored (map and score are None).
+    """
+
+    source: str
+    anomaly_map: np.ndarray | None
+    score: float | None
+    threshold: float | None = None
+    error: str | None = None
+
+    @property
+    def is_anomalous(self) -> bool | None:
+        """``True`` (NG) when the score reaches the threshold; ``None`` without a threshold."""
+        if self.threshold is None or self.score is None:
+            return None
+        return bool(self.score >= self.threshold)
+
+    @property
+    def verdict(self) -> str | None:
+        """``"NG"``, ``"OK"``, or ``None`` when there is no threshold (or an error)."""
+        flag = self.is_anomalous
+        return None if flag is None else ("NG" if flag else "OK")
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """Binary defect mask ``anomaly_map >= threshold``; ``None`` without a threshold."""
+        if self.threshold is None or self.anomaly_map is None:
+            return None
+        return self.anomaly_map >= self.threshold
+
+
+class PatchKNN:
+    """Anomaly detector: nearest-neighbour distance of test patches to a bank of normal patches.
+
+    The constructor only stores and validates options (scikit-learn style); :meth:`fit` learns
+    from normal images; :meth:`predict` scores new ones. Method options are those of
+    :class:`~patchknn.config.PatchKNNConfig` (the defaults are the paper's method); the keyword-only
+    options are about how it runs and are not part of the saved model.
+
+    Args:
+        backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
+            smoothing_sigma, image_score, image_score_topk, seed: see
+            :class:`~patchknn.config.PatchKNNConfig`.
+        weights: backbone weights: ``None`` = the backbone's pretrained default, a file path, or
+            ``"random"`` (tests only).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        batch_size: images per backbone call.
+        num_workers: image-decoding worker processes (0 = decode in this process).
+        progress: show progress bars (only when stderr is a terminal).
+        on_error: ``"stop"`` raises on the first unreadable image; ``"skip"`` leaves it out of
+            fitting (listed in :attr:`skipped_`) and returns a :class:`Prediction` with ``error``
+            set from :meth:`predict`.
+
+    Example:
+        >>> model = PatchKNN(backbone="resnet50", weights="random", image_size=64, grid_size=8)
+        >>> model.config.k
+        1
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50-caffe",
+        layers: Sequence[str] | None = None,
+        image_size: int = 224,
+        grid_size: int = 28,
+        pca_variance: float | None = 0.95,
+        k: int = 1,
+        aggregation: int = 1,
+        layer_norm: bool = False,
+        smoothing_sigma: float = 0.0,
+        image_score: str = "max",
+        image_score_topk: int = 10,
+        seed: int = 0,
+        *,
+        weights: WeightsArg = None,
+        device: str = "cpu",
+        batch_size: int = 16,
+        num_workers: int = 0,
+        progress: bool = True,
+        on_error: OnError = "stop",
+    ) -> None:
+        self.config = PatchKNNConfig(
+            backbone=backbone,
+            layers=tuple(layers) if layers is not None else None,
+            image_size=image_size,
+            grid_size=grid_size,
+            pca_variance=pca_variance,
+            k=k,
+            aggregation=aggregation,
+            layer_norm=layer_norm,
+            smoothing_sigma=smoothing_sigma,
+            image_score=image_score,
+            image_score_topk=image_score_topk,
+            seed=seed,
+        )
+        self.weights = weights
+        self.device = _check_device(device)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if on_error not in ("stop", "skip"):
+            raise ConfigError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+        self.on_error: OnError = on_error
+        self._extractor: PatchFeatureExtractor | None = None
+        self.pca_: PCA | None = None
+        self.index_: MemoryBankIndex | None = None
+        self.threshold_: float | None = None
+        self.skipped_: list[tuple[str, str]] = []
+        self.fit_info_: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_config(cls, config: PatchKNNConfig, **runtime: Any) -> PatchKNN:
+        """Build from a :class:`PatchKNNConfig`; ``runtime`` are the keyword-only options."""
+        return cls(**_config_kwargs(config), **runtime)
+
+    @classmethod
+    def from_preset(cls, name: str = "paper", **options: Any) -> PatchKNN:
+        """Build from a named preset (``paper``, ...) with some options overridden.
+
+        Example:
+            >>> PatchKNN.from_preset("paper", k=3, weights="random").config.k
+            3
+        """
+        fields = {f.name for f in dataclasses.fields(PatchKNNConfig)}
+        method = {k: v for k, v in options.items() if k in fields}
+        runtime = {k: v for k, v in options.items() if k not in fields}
+        return cls.from_config(preset(name, **method), **runtime)
+
+    def get_params(self) -> dict[str, Any]:
+        """The method options (scikit-learn style)."""
+        return _config_kwargs(self.config)
+
+    def __repr__(self) -> str:
+        changed = {
+            f.name: getattr(self.config, f.name)
+            for f in dataclasses.fields(PatchKNNConfig)
+            if getattr(self.config, f.name) != f.default
+        }
+        inner = ", ".join(f"{k}={v!r}" for k, v in {"backbone": self.config.backbone, **changed}.items())
+        return f"PatchKNN({inner})"
+
+    # ------------------------------------------------------------------------------- fitting
+    @property
+    def is_fitted(self) -> bool:
+        return self.index_ is not None
+
+    @property
+    def extractor(self) -> PatchFeatureExtractor:
+        """The backbone + grid resampling (built on first use)."""
+        if self._extractor is None:
+            torch.manual_seed(self.config.seed)  # "random" weights are seeded too
+            net = build_backbone(self.config.backbone, self.config.resolved_layers, self.weights)
+            self._extractor = self._make_extractor(net)
+        return self._extractor
+
+    def _make_extractor(self, net: torch.nn.Module) -> PatchFeatureExtractor:
+        ext = PatchFeatureExtractor(
+            net, self.config.grid_size, self.config.aggregation, self.config.layer_norm
+        )
+        return ext.to(self.device).eval()
+
+    def fit(self, images: Sequence[Any] | str | Path) -> PatchKNN:
+        """Learn normality from defect-free ``images`` (paths, a folder, PIL images or arrays).
+
+        Returns:
+            ``self``.
+        """
+        sources = _as_sources(images)
+        if len(sources) == 0:
+            raise ConfigError("fit needs at least one normal image")
+        _seed_everything(self.config.seed)
+        t0 = time.perf_counter()
+        ext = self.extractor
+        grid_cells = self.config.grid_size**2
+        dim = ext.dim
+        # Features of all normal patches, filled in place as batches arrive (no copies).
+        raw = np.empty((len(sources) * grid_cells, dim), dtype=np.float32)
+        acc = MomentAccumulator(dim)
+        filled = 0
+        self.skipped_ = []
+        batches = iter_batches(
+            sources,
+            image_size=self.config.image_size,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            on_error=self.on_error,
+        )
+        with self._bar(len(sources), "fit: features") as bar:
+            for batch in batches:
+                feats = self._features(batch.images)  # (B, P, D)
+                rows = feats.reshape(-1, dim)
+                raw[filled : filled + rows.shape[0]] = rows.numpy()
+                acc.update(rows)
+                filled += rows.shape[0]
+                bar.update(len(batch.indices))
+        self.skipped_ = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
+        if filled == 0:
+            raise ConfigError("fit: no usable image (all were skipped as unreadable)")
+        raw = raw[:filled]
+        if not np.isfinite(acc.scatter).all():
+            raise ConfigError("fit: the backbone produced NaN/Inf features; check the input images")
+        t_feat = time.perf_counter()
+        if self.config.pca_variance is None:
+            self.pca_ = None
+            bank = raw
+        else:
+            self.pca_ = PCA.from_moments(acc, float(self.config.pca_variance))
+            bank = np.empty((filled, self.pca_.n_components), dtype=np.float32)
+            step = 65536
+            for i in range(0, filled, step):
+                bank[i : i + step] = self.pca_.transform(raw[i : i + step]).numpy()
+            del raw
+        if self.config.k > bank.shape[0]:
+            raise ConfigError(f"k={self.config.k} is larger than the memory bank ({bank.shape[0]} patches)")
+        self.index_ = MemoryBankIndex().build(bank)
+        t_end = time.perf_counter()
+        self.fit_info_ = {
+            "n_train_images": filled // grid_cells,
+            "n_skipped": len(self.skipped_),
+            "bank_size": int(bank.shape[0]),
+            "feature_dim": int(dim),
+            "n_components": int(bank.shape[1]),
+            "fit_seconds": round(t_end - t0, 3),
+            "feature_seconds": round(t_feat - t0, 3),
+            "weights_id": str(getattr(ext.backbone, "weights_id", "unknown")),
+        }
+        return self
+
+    # ---------------------------------------------------------------------------- predicting
+    def predict(
+        self, images: Sequence[Any] | str | Path, output_size: OutputSize = None
+    ) -> list[Prediction]:
+        """Score ``images``; one :class:`Prediction` per input, in order.
+
+        Args:
+            images: paths, a folder, PIL images or arrays.
+            output_size: size of the anomaly maps: ``None``/``"input"`` = ``image_size``;
+                ``"original"`` = each image's own size; an int or ``(H, W)`` = that size.
+        """
+        return list(self.predict_iter(images, output_size=output_size))
+
+    def predict_iter(
+        self, images: Sequence[Any] | str | Path, output_size: OutputSize = None
+    ) -> Iterator[Prediction]:
+        """Like :meth:`predict`, but yields results as batches finish (constant memory)."""
+        self._check_fitted()
+        sources = _as_sources(images)
+        batches = iter_batches(
+            sources,
+            image_size=self.config.image_size,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            on_error=self.on_error,
+        )
+        names = [_source_name(s, i) for i, s in enumerate(sources)]
+        reported = 0
+        with self._bar(len(sources), "predict") as bar:
+            for batch in batches:
+                grids = self.score_grid(batch.images)
+                for j, i in enumerate(batch.indices):
+                    yield from self._errors_before(batches, names, reported, i)
+                    reported = i + 1
+                    out = _resolve_size(output_size, self.config.image_size, batch.sizes[j])
+                    amap = self.grid_to_map(grids[j], out)
+                    yield Prediction(names[i], amap, self.image_score(grids[j], amap), self.threshold_)
+                bar.update(len(batch.indices))
+        yield from self._errors_before(batches, names, reported, len(sources))
+
+    @staticmethod
+    def _errors_before(batches: Any, names: list[str], start: int, stop: int) -> Iterator[Prediction]:
+        for idx, _src, reason in getattr(batches, "errors", []):
+            if start <= idx < stop:
+                yield Prediction(names[idx], None, None, None, error=reason)
+
+    @torch.inference_mode()
+    def score_grid(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 ``(B, 3, S, S)`` (already resized) -> ``(B, grid, grid)`` patch anomaly scores."""
+        self._check_fitted()
+        feats = self._features(images)
+        b, p, d = feats.shape
+        rows = feats.reshape(-1, d)
+        if self.pca_ is not None:
+            rows = self.pca_.transform(rows)
+        dist = self.index_.search(rows.numpy(), self.config.k)  # type: ignore[union-attr]
+        scores = dist.mean(axis=1, dtype=np.float64).astype(np.float32)
+        g = self.config.grid_size
+        return scores.reshape(b, g, g)
+
+    def grid_to_map(self, grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Upsample one ``(grid, grid)`` score map bilinearly to ``size`` and smooth it (if set)."""
+        t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
+        amap = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+        if self.config.smoothing_sigma > 0:
+            scale = (size[0] / self.config.grid_size, size[1] / self.config.grid_size)
+            sigma = (self.config.smoothing_sigma * scale[0], self.config.smoothing_sigma * scale[1])
+            amap = gaussian_filter(amap, sigma=sigma, mode="nearest", truncate=4.0)
+        return np.ascontiguousarray(amap, dtype=np.float32)
+
+    def image_score(self, grid: np.ndarray, amap: np.ndarray) -> float:
+        """The image's score: max of the map (paper) or mean of the top-k grid cells."""
+        if self.config.image_score == "topk_mean":
+            flat = np.sort(grid.ravel())[::-1]
+            return float(flat[: self.config.image_score_topk].mean())
+        return float(amap.max())
+
+    @torch.inference_mode()
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.extractor(images.to(self.device))
+        return feats.float().cpu()
+
+    # ------------------------------------------------------------------------------- storage
+    def save(self, path: str | Path) -> Path:
+        """Save the fitted model as a directory of safetensors files + ``patchknn.json``."""
+        self._check_fitted()
+        tensors = {"bank": self.index_.bank}  # type: ignore[union-attr]
+        if self.pca_ is not None:
+            tensors |= {
+                "pca_mean": self.pca_.mean,
+                "pca_components": self.pca_.components,
+                "pca_explained_variance_ratio": self.pca_.explained_variance_ratio,
+            }
+        backbone = {k: v.detach().cpu().numpy() for k, v in self.extractor.backbone.state_dict().items()}
+        meta = {
+            "config": self.config.to_dict(),
+            "threshold": self.threshold_,
+            "fit_info": self.fit_info_,
+        }
+        return save_model(path, meta, {"tensors": tensors, "backbone": backbone})
+
+    @classmethod
+    def load(cls, path: str | Path, **runtime: Any) -> PatchKNN:
+        """Load a model saved by :meth:`save`; ``runtime`` = keyword-only options (device, ...)."""
+        doc, groups = load_model(path)
+        try:
+            config = PatchKNNConfig.from_dict(doc["config"])
+        except (KeyError, TypeError) as e:
+            raise ModelFileError(f"{path}: the configuration is missing or damaged ({e})") from e
+        except ConfigError as e:
+            raise ModelFileError(f"{path}: the saved configuration is not usable here: {e}") from e
+        model = cls.from_config(config, **{"weights": "random", **runtime})
+        tensors, backbone_sd = groups.get("tensors"), groups.get("backbone")
+        if tensors is None or backbone_sd is None or "bank" not in tensors:
+            raise ModelFileError(f"{path}: tensors are missing from the model")
+        torch.manual_seed(config.seed)
+        net = build_backbone(config.backbone, config.resolved_layers, "random")
+        try:
+            net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in backbone_sd.items()}, strict=True)
+        except RuntimeError as e:
+            raise ModelFileError(f"{path}: backbone weights do not fit {config.backbone}: {e}") from e
+        model._extractor = model._make_extractor(net)
+        if "pca_components" in tensors:
+            model.pca_ = PCA(
+                tensors["pca_mean"], tensors["pca_components"], tensors["pca_explained_variance_ratio"]
+            )
+            if model.pca_.components.shape[0] != tensors["bank"].shape[1]:
+                raise ModelFileError(f"{path}: PCA and memory bank dimensions disagree")
+        model.index_ = MemoryBankIndex().build(tensors["bank"])
+        thr = doc.get("threshold")
+        model.threshold_ = None if thr is None else float(thr)
+        model.fit_info_ = dict(doc.get("fit_info") or {})
+        model.weights = runtime.get("weights", model.fit_info_.get("weights_id"))
+        return model
+
+    # ------------------------------------------------------------------------------- helpers
+    def _check_fitted(self) -> None:
+        if self.index_ is None:
+            raise NotFittedError("this PatchKNN is not fitted yet; call fit(images) or PatchKNN.load(path)")
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        disable = not self.progress or not sys.stderr.isatty()
+        return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _config_kwargs(config: PatchKNNConfig) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(PatchKNNConfig)}
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but no CUDA device is available; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def _as_sources(images: Sequence[Any] | str | Path | Iterable[Any]) -> list[Any]:
+    from patchknn.data import expand_inputs
+
+    if isinstance(images, str | Path):
+        return list(expand_inputs([images]))
+    items = list(images)
+    if items and all(isinstance(x, str | Path) for x in items):
+        return list(expand_inputs(items))
+    return items
+
+
+def _source_name(source: Any, i: int) -> str:
+    if isinstance(source, str | Path):
+        return str(source)
+    if isinstance(source, np.ndarray):
+        return f"<array {i}>"
+    return f"<image {i}>"
+
+
+def _resolve_size(output_size: OutputSize, image_size: int, original: tuple[int, int]) -> tuple[int, int]:
+    if output_size is None or output_size == "input":
+        return (image_size, image_size)
+    if output_size == "original":
+        return (int(original[0]), int(original[1]))
+    if isinstance(output_size, int):
+        return (output_size, output_size)
+    if isinstance(output_size, tuple) and len(output_size) == 2:
+        return (int(output_size[0]), int(output_size[1]))
+    raise ConfigError(f"output_size must be None, 'input', 'original', an int or (H, W); got {output_size!r}")
+
+
+__all__ = ["PatchKNN", "Prediction", "__version__"]

@@ -1,0 +1,1 @@
+"""Data files shipped with patchknn (the paper's Table 2)."""

@@ -1,0 +1,60 @@
+"""Shared fixtures: small data the tests make, and the optional real data found through env vars."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A small, fast configuration on a randomly initialised backbone (no download).
+TINY = {"backbone": "resnet50", "image_size": 64, "grid_size": 8, "weights": "random", "progress": False}
+
+
+def tiny_model(**overrides):
+    from patchknn import PatchKNN
+
+    return PatchKNN(**{**TINY, **overrides})
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small MVTec-layout category ``synthetic`` made by the package's own generator."""
+    from patchknn.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(root, category="synthetic", n_train=8, n_test_good=3, n_test_defective=5,
+                           image_size=96, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def rng_images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, size=(80, 72, 3), dtype=np.uint8) for _ in range(4)]
+
+
+@pytest.fixture(scope="session")
+def mvtec_root() -> Path:
+    value = os.environ.get("PATCHKNN_MVTEC_ROOT")
+    if not value:
+        pytest.skip("PATCHKNN_MVTEC_ROOT is not set (path to an MVTec AD root holding bottle/)")
+    root = Path(value)
+    if not (root / "bottle").is_dir():
+        pytest.skip(f"PATCHKNN_MVTEC_ROOT={value} has no bottle/ category")
+    return root
+
+
+@pytest.fixture(scope="session")
+def caffe_weights() -> Path:
+    value = os.environ.get("PATCHKNN_WEIGHTS_DIR")
+    if not value:
+        pytest.skip("PATCHKNN_WEIGHTS_DIR is not set (folder with resnet50-caffe-msra-stem-layer3.safetensors)")
+    path = Path(value) / "resnet50-caffe-msra-stem-layer3.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
