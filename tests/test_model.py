@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from conftest import tiny_model
 from PIL import Image
 
-from conftest import tiny_model
 from patchknn import NotFittedError, PatchKNN, Prediction
 from patchknn.errors import ImageError
 

@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import tiny_model
+
 from patchknn import ModelFileError, PatchKNN
 from patchknn.serialization import META_FILE
 

@@ -45,6 +45,18 @@ LayerNormOpt = Annotated[
 SigmaOpt = Annotated[float | None, typer.Option("--smoothing-sigma", help="Map blur in grid cells (0=off).")]
 ScoreOpt = Annotated[str | None, typer.Option("--image-score", help="max (paper) or topk_mean.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+IndexOpt = Annotated[str | None, typer.Option("--index", help="Search: flat (exact), ivf or hnsw.")]
+CoresetOpt = Annotated[
+    float | None, typer.Option("--coreset-ratio", help="Share of the memory bank kept (1 = all).")
+]
+TtaOpt = Annotated[str | None, typer.Option("--tta", help="Flip test-time augmentation: hflip,vflip.")]
+ThresholdOpt = Annotated[
+    str | None, typer.Option("--threshold-method", help="Threshold calibration: quantile, sigma, none.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Any other method option as NAME=VALUE (repeatable), e.g. index_nprobe=16."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per backbone call.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Image-decoding worker processes.")]
@@ -67,6 +79,11 @@ def method_options(
     smoothing_sigma: float | None = None,
     image_score: str | None = None,
     seed: int | None = None,
+    index: str | None = None,
+    coreset_ratio: float | None = None,
+    tta: str | None = None,
+    threshold_method: str | None = None,
+    settings: list[str] | None = None,
 ) -> Any:
     """The configuration from ``--preset`` plus every flag that was given."""
     from patchknn.config import preset
@@ -82,11 +99,58 @@ def method_options(
         "smoothing_sigma": smoothing_sigma,
         "image_score": image_score,
         "seed": seed,
+        "index": index,
+        "coreset_ratio": coreset_ratio,
+        "tta": tuple(x.strip() for x in tta.split(",") if x.strip()) if tta is not None else None,
+        "threshold_method": threshold_method,
     }
     overrides = {key: v for key, v in given.items() if v is not None}
     if pca_variance is not None:
         overrides["pca_variance"] = None if pca_variance == 0 else pca_variance
+    overrides |= parse_settings(settings or [])
     return preset(preset_name, **overrides)
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``["k=3", "tta=hflip,vflip", "pca_variance=none"]`` -> typed option values."""
+    import dataclasses
+
+    from patchknn.config import PatchKNNConfig
+    from patchknn.errors import ConfigError
+
+    fields = {f.name: f for f in dataclasses.fields(PatchKNNConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise ConfigError(f"--set expects NAME=VALUE with NAME one of {sorted(fields)}, got {item!r}")
+        default = fields[name].default
+        raw = raw.strip()
+        value: Any
+        if raw.lower() in ("none", "null"):
+            value = None
+        elif isinstance(default, bool):
+            value = raw.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int) and not isinstance(default, bool):
+            value = _number(raw, int, name)
+        elif isinstance(default, float) or name == "pca_variance":
+            value = _number(raw, float, name)
+        elif isinstance(default, tuple) or name == "layers":
+            value = tuple(x.strip() for x in raw.split(",") if x.strip())
+        else:
+            value = raw
+        out[name] = value
+    return out
+
+
+def _number(raw: str, kind: type, name: str) -> Any:
+    from patchknn.errors import ConfigError
+
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"--set {name}: {raw!r} is not a valid {kind.__name__}") from None
 
 
 def _runtime(weights: str | None, device: str, batch_size: int, workers: int, on_error: str, quiet: bool):
@@ -118,6 +182,11 @@ def fit(
     smoothing_sigma: SigmaOpt = None,
     image_score: ScoreOpt = None,
     seed: SeedOpt = None,
+    index: IndexOpt = None,
+    coreset_ratio: CoresetOpt = None,
+    tta: TtaOpt = None,
+    threshold_method: ThresholdOpt = None,
+    settings: SetOpt = None,
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = 0,
@@ -129,7 +198,7 @@ def fit(
 
     config = method_options(
         preset_name, backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
-        smoothing_sigma, image_score, seed,
+        smoothing_sigma, image_score, seed, index, coreset_ratio, tta, threshold_method, settings,
     )
     model = PatchKNN.from_config(config, **_runtime(weights, device, batch_size, workers, on_error, quiet))
     model.fit([str(p) for p in train_dir])
@@ -225,6 +294,11 @@ def evaluate(
     smoothing_sigma: SigmaOpt = None,
     image_score: ScoreOpt = None,
     seed: SeedOpt = None,
+    index: IndexOpt = None,
+    coreset_ratio: CoresetOpt = None,
+    tta: TtaOpt = None,
+    threshold_method: ThresholdOpt = None,
+    settings: SetOpt = None,
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = 0,
@@ -237,7 +311,7 @@ def evaluate(
 
     config = method_options(
         preset_name, backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
-        smoothing_sigma, image_score, seed,
+        smoothing_sigma, image_score, seed, index, coreset_ratio, tta, threshold_method, settings,
     )
     if all_categories:
         names = list_categories(data_root)

@@ -27,7 +27,7 @@ class PatchKNNConfig:
     Attributes:
         backbone: registered backbone name (see ``patchknn info``).
         layers: feature layers by name (backbone-specific; Keras aliases accepted for ResNets);
-            ``None`` = the backbone's default three layers.
+            ``None`` = the backbone's default three layers. Stored as canonical names.
         image_size: images are resized to ``image_size x image_size`` (bilinear) before the backbone.
         grid_size: every layer's feature map is resized (bilinear) to ``grid_size x grid_size``;
             one patch vector per grid cell.
@@ -43,6 +43,24 @@ class PatchKNNConfig:
         image_score: ``"max"`` (paper: maximum of the map) or ``"topk_mean"`` (mean of the
             ``image_score_topk`` highest grid cells).
         image_score_topk: cells averaged by ``"topk_mean"``.
+        index: nearest-neighbour search: ``"flat"`` (exact, paper), ``"ivf"`` (inverted lists,
+            approximate) or ``"hnsw"`` (graph, approximate).
+        index_nlist: IVF lists; 0 = about ``4 * sqrt(bank size)``.
+        index_nprobe: IVF lists visited per query.
+        hnsw_m: HNSW graph degree.
+        hnsw_ef_search: HNSW search breadth.
+        coreset_ratio: share of the memory bank kept by greedy k-center coreset subsampling
+            (PatchCore); 1.0 = keep every patch (paper).
+        coreset_dim: dimension of the random projection used to select the coreset.
+        threshold_method: how :meth:`PatchKNN.fit` calibrates the decision threshold from normal
+            images only: ``"quantile"`` (a quantile of held-out normal image scores), ``"sigma"``
+            (mean + ``threshold_sigma`` standard deviations of them) or ``"none"``.
+        threshold_quantile: the quantile for ``"quantile"``.
+        threshold_sigma: the number of standard deviations for ``"sigma"``.
+        calibration_images: at most this many training images are scored against the bank
+            without their own patches (cross-validation, so no image is lost to the bank).
+        tta: test-time augmentations whose maps are averaged: a subset of ``("hflip", "vflip")``;
+            empty = none (paper). Only for categories whose normal images are flip-invariant.
         seed: seeds every random choice (random projections, coreset start, index training).
     """
 
@@ -57,12 +75,27 @@ class PatchKNNConfig:
     smoothing_sigma: float = 0.0
     image_score: str = "max"
     image_score_topk: int = 10
+    index: str = "flat"
+    index_nlist: int = 0
+    index_nprobe: int = 8
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 64
+    coreset_ratio: float = 1.0
+    coreset_dim: int = 128
+    threshold_method: str = "quantile"
+    threshold_quantile: float = 0.99
+    threshold_sigma: float = 3.0
+    calibration_images: int = 16
+    tta: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "tta", tuple(self.tta))
         self.validate()
+        # store canonical layer names, so equal configurations compare equal
+        object.__setattr__(self, "layers", self.resolved_layers)
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -99,6 +132,27 @@ class PatchKNNConfig:
         if self.image_score not in IMAGE_SCORES:
             raise ConfigError(f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
         _check_int("image_score_topk", self.image_score_topk, 1, 1_000_000)
+        if self.index not in INDEX_KINDS:
+            raise ConfigError(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
+        _check_int("index_nlist", self.index_nlist, 0, 1_000_000)
+        _check_int("index_nprobe", self.index_nprobe, 1, 1_000_000)
+        _check_int("hnsw_m", self.hnsw_m, 2, 256)
+        _check_int("hnsw_ef_search", self.hnsw_ef_search, 1, 100_000)
+        if not isinstance(self.coreset_ratio, int | float) or not 0.0 < self.coreset_ratio <= 1.0:
+            raise ConfigError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
+        _check_int("coreset_dim", self.coreset_dim, 1, 100_000)
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise ConfigError(
+                f"threshold_method must be one of {THRESHOLD_METHODS}, got {self.threshold_method!r}"
+            )
+        if not isinstance(self.threshold_quantile, int | float) or not 0.0 < self.threshold_quantile <= 1.0:
+            raise ConfigError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile!r}")
+        if not isinstance(self.threshold_sigma, int | float) or not 0.0 <= self.threshold_sigma <= 100:
+            raise ConfigError(f"threshold_sigma must be in [0, 100], got {self.threshold_sigma!r}")
+        _check_int("calibration_images", self.calibration_images, 0, 100_000)
+        bad = [t for t in self.tta if t not in TTA_KINDS]
+        if bad or len(set(self.tta)) != len(self.tta):
+            raise ConfigError(f"tta must be distinct values from {TTA_KINDS}, got {list(self.tta)}")
         _check_int("seed", self.seed, 0, 2**32 - 1)
 
     @property
@@ -116,6 +170,7 @@ class PatchKNNConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.resolved_layers)
+        d["tta"] = list(self.tta)
         return d
 
     @classmethod
@@ -124,10 +179,17 @@ class PatchKNNConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(names)}")
+        data = dict(data)
+        for key in ("layers", "tta"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
         return cls(**data)
 
 
 IMAGE_SCORES = ("max", "topk_mean")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+THRESHOLD_METHODS = ("quantile", "sigma", "none")
+TTA_KINDS = ("hflip", "vflip")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper, exactly: the defaults of PatchKNNConfig.

@@ -172,9 +172,9 @@ def mean_row(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     keys = list(METRIC_KEYS) + ["fit_seconds", "predict_images_per_second"]
     for key in keys:
         vals = [r[key] for r in rows.values() if r.get(key) is not None]
-        out[key] = round(float(np.mean(vals)), 6) if vals else None
+        out[key] = float(np.mean(vals)) if vals else None
     paper = [r.get("paper_pixel_auprc") for r in rows.values()]
-    out["paper_pixel_auprc"] = round(float(np.mean(paper)), 6) if paper and None not in paper else None
+    out["paper_pixel_auprc"] = float(np.mean(paper)) if paper and None not in paper else None
     return out
 
 

@@ -90,8 +90,10 @@ class PatchKNN:
 
     Args:
         backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
-            smoothing_sigma, image_score, image_score_topk, seed: see
-            :class:`~patchknn.config.PatchKNNConfig`.
+            smoothing_sigma, image_score, image_score_topk, index, index_nlist, index_nprobe,
+            hnsw_m, hnsw_ef_search, coreset_ratio, coreset_dim, threshold_method,
+            threshold_quantile, threshold_sigma, calibration_images, tta, seed: the method's
+            options, see :class:`~patchknn.config.PatchKNNConfig` (defaults = the paper).
         weights: backbone weights: ``None`` = the backbone's pretrained default, a file path, or
             ``"random"`` (tests only).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
@@ -121,6 +123,18 @@ class PatchKNN:
         smoothing_sigma: float = 0.0,
         image_score: str = "max",
         image_score_topk: int = 10,
+        index: str = "flat",
+        index_nlist: int = 0,
+        index_nprobe: int = 8,
+        hnsw_m: int = 32,
+        hnsw_ef_search: int = 64,
+        coreset_ratio: float = 1.0,
+        coreset_dim: int = 128,
+        threshold_method: str = "quantile",
+        threshold_quantile: float = 0.99,
+        threshold_sigma: float = 3.0,
+        calibration_images: int = 16,
+        tta: Sequence[str] = (),
         seed: int = 0,
         *,
         weights: WeightsArg = None,
@@ -142,6 +156,18 @@ class PatchKNN:
             smoothing_sigma=smoothing_sigma,
             image_score=image_score,
             image_score_topk=image_score_topk,
+            index=index,
+            index_nlist=index_nlist,
+            index_nprobe=index_nprobe,
+            hnsw_m=hnsw_m,
+            hnsw_ef_search=hnsw_ef_search,
+            coreset_ratio=coreset_ratio,
+            coreset_dim=coreset_dim,
+            threshold_method=threshold_method,
+            threshold_quantile=threshold_quantile,
+            threshold_sigma=threshold_sigma,
+            calibration_images=calibration_images,
+            tta=tuple(tta),
             seed=seed,
         )
         self.weights = weights
@@ -204,7 +230,6 @@ class PatchKNN:
     def extractor(self) -> PatchFeatureExtractor:
         """The backbone + grid resampling (built on first use)."""
         if self._extractor is None:
-            torch.manual_seed(self.config.seed)  # "random" weights are seeded too
             net = build_backbone(self.config.backbone, self.config.resolved_layers, self.weights)
             self._extractor = self._make_extractor(net)
         return self._extractor
@@ -253,7 +278,7 @@ class PatchKNN:
         if filled == 0:
             raise ConfigError("fit: no usable image (all were skipped as unreadable)")
         raw = raw[:filled]
-        if not np.isfinite(acc.scatter).all():
+        if not bool(torch.isfinite(acc.scatter).all()):
             raise ConfigError("fit: the backbone produced NaN/Inf features; check the input images")
         t_feat = time.perf_counter()
         if self.config.pca_variance is None:
@@ -397,7 +422,6 @@ class PatchKNN:
         tensors, backbone_sd = groups.get("tensors"), groups.get("backbone")
         if tensors is None or backbone_sd is None or "bank" not in tensors:
             raise ModelFileError(f"{path}: tensors are missing from the model")
-        torch.manual_seed(config.seed)
         net = build_backbone(config.backbone, config.resolved_layers, "random")
         try:
             net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in backbone_sd.items()}, strict=True)
@@ -414,7 +438,7 @@ class PatchKNN:
         thr = doc.get("threshold")
         model.threshold_ = None if thr is None else float(thr)
         model.fit_info_ = dict(doc.get("fit_info") or {})
-        model.weights = runtime.get("weights", model.fit_info_.get("weights_id"))
+        net.weights_id = str(model.fit_info_.get("weights_id", "unknown"))  # provenance, not a path
         return model
 
     # ------------------------------------------------------------------------------- helpers

