@@ -313,7 +313,9 @@ def test_truncated_file(tmp_path: Path, fmt: str) -> None:
         load_image(data[: len(data) // 2])
 
 
-def test_truncated_rejected_even_if_pillow_global_relaxed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_truncated_rejected_even_if_pillow_global_relaxed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     data = encode(Image.fromarray(noisy_rgb(64, 64)), "PNG")
     with pytest.raises(ImageError, match="truncated|corrupt"):
@@ -416,7 +418,9 @@ def test_property_random_bytes(data: bytes) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"BM", b"II*\x00", b"GIF89a"]), st.binary())
+@given(
+    st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"BM", b"II*\x00", b"GIF89a"]), st.binary()
+)
 def test_property_random_bytes_with_magic(magic: bytes, tail: bytes) -> None:
     check_outcome(magic + tail)
 
@@ -467,7 +471,9 @@ def test_property_pil_images_in_memory(mode: str, w: int, h: int, seed: int) -> 
 
 def test_entry_points_agree_across_formats(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    for i, (mode, fmt) in enumerate([("RGB", "PNG"), ("L", "JPEG"), ("RGBA", "WEBP"), ("P", "GIF"), ("I;16", "TIFF")]):
+    for i, (mode, fmt) in enumerate(
+        [("RGB", "PNG"), ("L", "JPEG"), ("RGBA", "WEBP"), ("P", "GIF"), ("I;16", "TIFF")]
+    ):
         n_bytes = len(Image.new(mode, (9, 7)).tobytes())
         img = Image.frombytes(mode, (9, 7), rng.integers(0, 256, n_bytes, dtype=np.uint8).tobytes())
         path = save(img, tmp_path / f"f{i}.{fmt.lower()}", fmt)
@@ -475,7 +481,18 @@ def test_entry_points_agree_across_formats(tmp_path: Path) -> None:
 
 
 _dtypes = st.sampled_from(
-    [np.uint8, np.uint16, np.int8, np.int16, np.int32, np.float16, np.float32, np.float64, np.bool_, np.complex64]
+    [
+        np.uint8,
+        np.uint16,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.float16,
+        np.float32,
+        np.float64,
+        np.bool_,
+        np.complex64,
+    ]
 )
 
 
@@ -895,16 +912,6 @@ def test_source_name() -> None:
 # -------------------------------------------------------------------------------------------------
 # the real MVTec bottle category (optional)
 # -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def mvtec_root() -> Path:
-    root = os.environ.get("PATCHKNN_MVTEC_ROOT")
-    if not root:
-        pytest.skip("set PATCHKNN_MVTEC_ROOT to an MVTec AD folder to run this test")
-    if not (Path(root) / "bottle").is_dir():
-        pytest.skip(f"no bottle category under PATCHKNN_MVTEC_ROOT={root}")
-    return Path(root)
-
-
 @pytest.mark.mvtec
 def test_real_bottle(mvtec_root: Path) -> None:
     assert "bottle" in list_categories(mvtec_root)

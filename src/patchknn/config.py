@@ -40,9 +40,13 @@ class PatchKNNConfig:
             layer dominates the distance by scale; off in the paper.
         smoothing_sigma: Gaussian blur of the anomaly map, in grid cells (scaled to the output
             resolution); 0 = none (paper).
-        image_score: ``"max"`` (paper: maximum of the map) or ``"topk_mean"`` (mean of the
-            ``image_score_topk`` highest grid cells).
-        image_score_topk: cells averaged by ``"topk_mean"``.
+        image_score: ``"max"`` (paper: maximum of the map), ``"topk_mean"`` (mean of the
+            ``image_score_topk`` highest grid cells) or ``"reweighted"`` (PatchCore's eq. 7: the
+            maximum times ``1 - softmax`` of the top patch's distances to the ``image_score_topk``
+            bank patches nearest its nearest bank patch; lowers scores whose match is a dense,
+            common normal pattern).
+        image_score_topk: cells averaged by ``"topk_mean"``; neighbourhood ``b`` of ``"reweighted"``
+            (PatchCore: 9).
         index: nearest-neighbour search: ``"flat"`` (exact, paper), ``"ivf"`` (inverted lists,
             approximate) or ``"hnsw"`` (graph, approximate).
         index_nlist: IVF lists; 0 = about ``4 * sqrt(bank size)``.
@@ -186,7 +190,7 @@ class PatchKNNConfig:
         return cls(**data)
 
 
-IMAGE_SCORES = ("max", "topk_mean")
+IMAGE_SCORES = ("max", "topk_mean", "reweighted")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 THRESHOLD_METHODS = ("quantile", "sigma", "none")
 TTA_KINDS = ("hflip", "vflip")

@@ -156,7 +156,8 @@ def _pil_errors(name: str | None) -> Iterator[None]:
     except UnidentifiedImageError:
         raise ImageError(
             name,
-            f"not a supported image format, or a corrupt header (readable formats: {', '.join(_decode_formats())})",
+            "not a supported image format, or a corrupt header "
+            f"(readable formats: {', '.join(_decode_formats())})",
         ) from None
     except MemoryError:
         raise ImageError(name, "not enough memory to decode the image") from None
@@ -347,11 +348,14 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             return _decode_pil(img, name, max_pixels)
     raise ImageError(
         None,
-        f"cannot load an image from a {type(source).__name__}; pass a path, bytes, a PIL image or a numpy array",
+        f"cannot load an image from a {type(source).__name__}; "
+        "pass a path, bytes, a PIL image or a numpy array",
     )
 
 
-def read_image_size(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def read_image_size(
+    path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
     """``(height, width)`` that :func:`load_image` would return for a file, read from its header only.
 
     The EXIF orientation is taken into account (a 90-degree rotation swaps the two); the pixels are
@@ -644,14 +648,17 @@ class MVTecCategory:
 
     @property
     def train_dir(self) -> Path:
+        """``<category>/train/good``, the defect-free training images."""
         return self.path / "train" / GOOD
 
     @property
     def test_dir(self) -> Path:
+        """``<category>/test``, one subfolder per defect type plus ``good``."""
         return self.path / "test"
 
     @property
     def ground_truth_dir(self) -> Path:
+        """``<category>/ground_truth``, one subfolder of masks per defect type."""
         return self.path / "ground_truth"
 
     def _check_category(self) -> None:
@@ -661,7 +668,9 @@ class MVTecCategory:
             raise DatasetError(f"dataset root not found or not a folder: {self.root}")
         available = list_categories(self.root)
         listed = ", ".join(available) if available else "none (a category folder contains train/good/)"
-        raise DatasetError(f"category {self.category!r} not found under {self.root}; available categories: {listed}")
+        raise DatasetError(
+            f"category {self.category!r} not found under {self.root}; available categories: {listed}"
+        )
 
     def train_paths(self) -> list[Path]:
         """The defect-free training images, ``train/good/*``, sorted.
@@ -755,7 +764,8 @@ class MVTecCategory:
                 mask_hw = read_image_size(s.mask_path)
                 if image_hw != mask_hw:
                     problems.append(
-                        f"mask {s.mask_path} has size (H, W) = {mask_hw} but its image {s.path} has {image_hw}"
+                        f"mask {s.mask_path} has size (H, W) = {mask_hw} "
+                        f"but its image {s.path} has {image_hw}"
                     )
         if problems:
             raise DatasetError(_join_problems(problems))

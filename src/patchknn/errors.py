@@ -26,6 +26,9 @@ class ImageError(PatchKNNError, ValueError):
         where = f"{self.source}: " if self.source else ""
         super().__init__(f"{where}{reason}")
 
+    def __reduce__(self):  # picklable across processes (DataLoader workers, Ray)
+        return (type(self), (self.source, self.reason))
+
 
 class DatasetError(PatchKNNError, ValueError):
     """A dataset folder does not have the expected layout (missing masks, empty folders, ...)."""

@@ -337,13 +337,14 @@ class PatchKNN:
         reported = 0
         with self._bar(len(sources), "predict") as bar:
             for batch in batches:
-                grids = self.score_grid(batch.images)
+                grids, weights = self.score_batch(batch.images)
                 for j, i in enumerate(batch.indices):
                     yield from self._errors_before(batches, names, reported, i)
                     reported = i + 1
                     out = _resolve_size(output_size, self.config.image_size, batch.sizes[j])
                     amap = self.grid_to_map(grids[j], out)
-                    yield Prediction(names[i], amap, self.image_score(grids[j], amap), self.threshold_)
+                    score = self.image_score(grids[j], amap, float(weights[j]))
+                    yield Prediction(names[i], amap, score, self.threshold_)
                 bar.update(len(batch.indices))
         yield from self._errors_before(batches, names, reported, len(sources))
 
@@ -355,17 +356,61 @@ class PatchKNN:
 
     @torch.inference_mode()
     def score_grid(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 ``(B, 3, S, S)`` (already resized) -> ``(B, grid, grid)`` patch anomaly scores."""
+        """uint8 ``(B, 3, S, S)`` (already resized) -> ``(B, grid, grid)`` patch anomaly scores.
+
+        With ``tta``, the grids of the flipped images, flipped back, are averaged with the plain one.
+        """
+        return self.score_batch(images)[0]
+
+    @torch.inference_mode()
+    def score_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`score_grid`, plus each image's score weight (1 unless ``image_score`` is
+        ``"reweighted"``: PatchCore's re-weighting of the most anomalous patch, see :meth:`image_score`)."""
         self._check_fitted()
+        grids, rows = self._grid_and_rows(images)
+        weights = np.ones(grids.shape[0], dtype=np.float64)
+        if self.config.image_score == "reweighted":
+            weights = self._reweight(grids, rows)
+        for kind in self.config.tta:
+            axis = 3 if kind == "hflip" else 2  # images (B, 3, H, W) -> grid axis = axis - 1
+            flipped, _ = self._grid_and_rows(torch.flip(images, dims=(axis,)))
+            grids += np.flip(flipped, axis=axis - 1)
+        if self.config.tta:
+            grids /= 1 + len(self.config.tta)
+        return grids, weights
+
+    def _grid_and_rows(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         feats = self._features(images)
         b, p, d = feats.shape
         rows = feats.reshape(-1, d)
         if self.pca_ is not None:
             rows = self.pca_.transform(rows)
-        dist = self.index_.search(rows.numpy(), self.config.k)  # type: ignore[union-attr]
+        rows_np = rows.numpy()
+        dist = self.index_.search(rows_np, self.config.k)  # type: ignore[union-attr]
         scores = dist.mean(axis=1, dtype=np.float64).astype(np.float32)
         g = self.config.grid_size
-        return scores.reshape(b, g, g)
+        return scores.reshape(b, g, g), rows_np.reshape(b, p, -1)
+
+    def _reweight(self, grids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """PatchCore's eq. 7: ``w = 1 - softmax(||q - m||, m in N_b(m*))[m*]`` for the top patch ``q``,
+        its nearest bank patch ``m*`` and the ``b = image_score_topk`` bank patches nearest ``m*``."""
+        import faiss
+
+        bank = self.index_.bank  # type: ignore[union-attr]
+        b = min(self.config.image_score_topk, bank.shape[0])
+        out = np.ones(grids.shape[0], dtype=np.float64)
+        for j in range(grids.shape[0]):
+            q = np.ascontiguousarray(rows[j, int(np.argmax(grids[j]))][None], dtype=np.float32)
+            _, nearest = faiss.knn(q, bank, 1)
+            m_star = np.ascontiguousarray(bank[nearest[0, :1]])
+            _, support = faiss.knn(m_star, bank, b)
+            ids = support[0]
+            # m* first, whatever ties faiss returned
+            ids = np.concatenate([nearest[0, :1], ids[ids != nearest[0, 0]]])[:b]
+            d = np.sqrt(((bank[ids].astype(np.float64) - q.astype(np.float64)) ** 2).sum(axis=1))
+            e = np.exp(d - d.max())  # softmax of the distances (stable); m* is the nearest, e[0] the least
+            out[j] = 1.0 - e[0] / e.sum()
+        return out
 
     def grid_to_map(self, grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Upsample one ``(grid, grid)`` score map bilinearly to ``size`` and smooth it (if set)."""
@@ -377,11 +422,14 @@ class PatchKNN:
             amap = gaussian_filter(amap, sigma=sigma, mode="nearest", truncate=4.0)
         return np.ascontiguousarray(amap, dtype=np.float32)
 
-    def image_score(self, grid: np.ndarray, amap: np.ndarray) -> float:
-        """The image's score: max of the map (paper) or mean of the top-k grid cells."""
+    def image_score(self, grid: np.ndarray, amap: np.ndarray, weight: float = 1.0) -> float:
+        """The image's score: max of the map (paper), mean of the top-k grid cells, or (``reweighted``)
+        the max of the map times PatchCore's weight from :meth:`score_batch`."""
         if self.config.image_score == "topk_mean":
             flat = np.sort(grid.ravel())[::-1]
             return float(flat[: self.config.image_score_topk].mean())
+        if self.config.image_score == "reweighted":
+            return float(amap.max()) * float(weight)
         return float(amap.max())
 
     @torch.inference_mode()

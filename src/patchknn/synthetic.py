@@ -129,7 +129,9 @@ def _spot(rng: np.random.Generator, img: np.ndarray, g: _Grid, geo: dict[str, fl
     dx, dy = g.x - px, g.y - py
     d = np.hypot(dx, dy)
     theta = np.arctan2(dy, dx)
-    wobble = 1 + 0.22 * np.sin(3 * theta + rng.uniform(0, 6.3)) + 0.12 * np.sin(5 * theta + rng.uniform(0, 6.3))
+    wobble = (
+        1 + 0.22 * np.sin(3 * theta + rng.uniform(0, 6.3)) + 0.12 * np.sin(5 * theta + rng.uniform(0, 6.3))
+    )
     edge = radius * wobble
     weight = np.clip((edge - d) / (1.5 * k), 0, 1) * _on_washer(g, geo)
     colour = np.array([150, 72, 28], dtype=np.float32) * rng.uniform(0.85, 1.15)

@@ -1,0 +1,282 @@
+"""Ablation of the accuracy options (issue #8): one row per option, on MVTec AD bottle and on the
+synthetic generator, through the package's own API (``PatchKNN.fit`` / ``predict``, the metrics of
+``patchknn evaluate``).
+
+Backbone feature maps are the expensive part on a CPU, and most options only change what happens
+after the backbone. So the backbone is wrapped by a cache keyed by the SHA-1 of each input image
+(the uint8 tensor after resizing, flips included): every (backbone, image size) pair is computed
+once, stored as float16 under ``--cache-dir``, and every variant that shares it re-runs only the
+cheap part (pooling, resizing, PCA, search, smoothing, scoring). float16 storage moves the metrics
+by about 1e-4; the rows for the presets are checked with ``patchknn evaluate`` itself.
+
+Speed: after each variant is fitted, the real backbone is put back and ``--speed-images`` test
+images are scored end to end (decode -> backbone -> search -> map), which is the images/s column.
+On a shared machine it is only indicative.
+
+Usage::
+
+    export PATCHKNN_WEIGHTS_DIR=/path/to/weights PATCHKNN_MVTEC_ROOT=/path/to/mvtec
+    python benchmarks/ablation.py --category bottle --variants paper,agg3,smooth --out runs/ablation.jsonl
+    python benchmarks/ablation.py --synthetic --variants paper,agg3 --out runs/ablation.jsonl
+    python benchmarks/ablation.py --table runs/ablation.jsonl        # the markdown table of docs/accuracy.md
+    python benchmarks/ablation.py --list                             # the variants and their flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import patchknn.ensemble as ensemble_mod
+import patchknn.model as model_mod
+from patchknn import metrics
+from patchknn.backbones import build_backbone
+from patchknn.config import PatchKNNConfig, preset
+from patchknn.data import MVTecCategory, iter_batches
+from patchknn.evaluation import _mask_for
+
+# ---------------------------------------------------------------------------------- variants
+# name -> (preset, overrides, extra). extra: "bankflip" = flipped normal images added to the bank;
+# "ensemble" = EnsemblePatchKNN of the listed backbones (each with the same options).
+Variant = tuple[str, dict[str, Any], dict[str, Any]]
+SMOOTH = 0.5  # grid cells: PatchCore's sigma = 4 px at 224 px, one cell = 8 px at grid 28
+VARIANTS: dict[str, Variant] = {
+    "paper": ("paper", {}, {}),
+    "agg3": ("paper", {"aggregation": 3}, {}),
+    "layer_norm": ("paper", {"layer_norm": True}, {}),
+    "smooth": ("paper", {"smoothing_sigma": SMOOTH}, {}),
+    "smooth1": ("paper", {"smoothing_sigma": 1.0}, {}),
+    "res320": ("paper", {"image_size": 320, "grid_size": 40}, {}),
+    "k3": ("paper", {"k": 3}, {}),
+    "reweighted": ("paper", {"image_score": "reweighted", "image_score_topk": 9}, {}),
+    "topk": ("paper", {"image_score": "topk_mean", "image_score_topk": 10}, {}),
+    "layers23": ("paper", {"layers": ("layer2", "layer3")}, {}),
+    "tta": ("paper", {"tta": ("hflip", "vflip")}, {}),
+    "bankflip": ("paper", {}, {"bankflip": True}),
+    "tta_bankflip": ("paper", {"tta": ("hflip", "vflip")}, {"bankflip": True}),
+    "effnet": ("paper", {"backbone": "efficientnet-lite2"}, {}),
+    "ensemble": ("paper", {}, {"ensemble": ("resnet50-caffe", "efficientnet-lite2")}),
+    # cumulative
+    "agg3_smooth": ("paper", {"aggregation": 3, "smoothing_sigma": SMOOTH}, {}),
+    "best": ("best", {}, {}),
+    "best_res320": ("best", {"image_size": 320, "grid_size": 40}, {}),
+    "best_tta": ("best", {"tta": ("hflip", "vflip")}, {}),
+    "best_ensemble": ("best", {}, {"ensemble": ("resnet50-caffe", "efficientnet-lite2")}),
+}
+
+
+def variant_config(name: str, **extra_overrides: Any) -> tuple[PatchKNNConfig, dict[str, Any]]:
+    base, overrides, extra = VARIANTS[name]
+    return preset(base, **{**overrides, **extra_overrides}), extra
+
+
+def cli_flags(name: str) -> str:
+    """The ``patchknn evaluate`` flags of a variant (what a user would type)."""
+    base, overrides, extra = VARIANTS[name]
+    parts = [f"--preset {base}"]
+    for key, value in overrides.items():
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        parts.append(f"--set {key}={value}")
+    if extra.get("bankflip"):
+        parts.append("(+ flipped train images in the bank: ablation only)")
+    if extra.get("ensemble"):
+        parts.append(f"(EnsemblePatchKNN {'+'.join(extra['ensemble'])})")
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------ feature cache
+class CachedBackbone(nn.Module):
+    """Wraps a real backbone; maps of already-seen input images are read from disk (float16)."""
+
+    def __init__(self, real: nn.Module, layers: Sequence[str], folder: Path, stats: dict[str, float]):
+        super().__init__()
+        self.real = real
+        self.layers = tuple(layers)
+        self.layer_info = real.layer_info
+        self.weights_id = real.weights_id
+        self.folder = folder
+        self.stats = stats
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, img: torch.Tensor) -> Path:
+        key = hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest()
+        return self.folder / f"{key}.pt"
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.cpu()
+        paths = [self._path(img) for img in images]
+        missing = [i for i, p in enumerate(paths) if not p.exists()]
+        if missing:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.real(images[missing])
+            self.stats["backbone_seconds"] += time.perf_counter() - t0
+            self.stats["backbone_images"] += len(missing)
+            for j, i in enumerate(missing):
+                torch.save({k: v[j].half().clone() for k, v in out.items()}, paths[i])
+        maps = [torch.load(p, weights_only=True) for p in paths]
+        return {name: torch.stack([m[name] for m in maps]).float() for name in self.layers}
+
+
+def install_cache(cache_dir: Path, stats: dict[str, float]) -> Callable[..., Any]:
+    """Make ``PatchKNN`` build cached backbones (all default layers computed, the asked ones returned)."""
+    real_build = build_backbone
+
+    def cached_build(name: str, layers: Sequence[str] | None = None, weights: Any = None) -> nn.Module:
+        real = real_build(name, None, weights)  # every default layer, so one cache serves all subsets
+        wanted = layers or real.layers
+        return CachedBackbone(real, wanted, cache_dir / f"{name}", stats)
+
+    model_mod.build_backbone = cached_build
+    ensemble_mod.build_backbone = cached_build
+    return real_build
+
+
+# ----------------------------------------------------------------------------------- running
+def flipped_arrays(paths: Sequence[Path], image_size: int) -> list[np.ndarray]:
+    """Horizontally and vertically flipped copies of the (resized) images."""
+    out: list[np.ndarray] = []
+    for batch in iter_batches([str(p) for p in paths], image_size, batch_size=16):
+        for img in batch.images.permute(0, 2, 3, 1).numpy():
+            out += [np.ascontiguousarray(img[:, ::-1]), np.ascontiguousarray(img[::-1])]
+    return out
+
+
+def run_variant(
+    root: Path, category: str, name: str, cache_dir: Path, speed_images: int, cache_key: str
+) -> dict[str, Any]:
+    config, extra = variant_config(name)
+    stats = {"backbone_seconds": 0.0, "backbone_images": 0}
+    real_build = install_cache(cache_dir / cache_key / f"s{config.image_size}", stats)
+    try:
+        dataset = MVTecCategory(root, category)
+        dataset.validate()
+        train: list[Any] = [str(p) for p in dataset.train_paths()]
+        samples = dataset.test_samples()
+        runtime = {"progress": False, "batch_size": 16}
+        if extra.get("ensemble"):
+            model: Any = ensemble_mod.EnsemblePatchKNN(list(extra["ensemble"]), config, **runtime)
+        else:
+            model = model_mod.PatchKNN.from_config(config, **runtime)
+        if extra.get("bankflip"):
+            train = train + flipped_arrays(dataset.train_paths(), config.image_size)
+        t0 = time.perf_counter()
+        model.fit(train)
+        fit_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        preds = model.predict([str(s.path) for s in samples])
+        predict_s = time.perf_counter() - t1
+    finally:
+        model_mod.build_backbone = real_build
+        ensemble_mod.build_backbone = real_build
+    maps = np.stack([p.anomaly_map for p in preds])
+    masks = np.stack([_mask_for(s, m.shape, "input", config.image_size) for s, m in zip(samples, maps)])
+    scores = np.array([p.score for p in preds], dtype=np.float64)
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    row: dict[str, Any] = dict(metrics.compute_all(maps, masks, scores, labels))
+    # end-to-end speed with the real backbone(s) put back
+    for member in getattr(model, "members", [model]):
+        ext = member.extractor
+        if isinstance(ext.backbone, CachedBackbone):
+            ext.backbone = ext.backbone.real
+    speed_paths = [str(s.path) for s in samples[:speed_images]]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t2 = time.perf_counter()
+    model.predict(speed_paths)
+    speed_s = time.perf_counter() - t2
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    row |= {
+        "variant": name,
+        "dataset": category if cache_key == "mvtec" else f"{cache_key}:{category}",
+        "flags": cli_flags(name),
+        "config": {k: v for k, v in config.to_dict().items() if v != getattr(PatchKNNConfig, k, None)},
+        "extra": {k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()},
+        "images_per_second": round(len(speed_paths) / speed_s, 3),
+        "load_average": load,
+        "fit_seconds_cached": round(fit_s, 2),
+        "predict_seconds_cached": round(predict_s, 2),
+        "bank_size": int(getattr(model, "fit_info_", {}).get("bank_size", 0)),
+        "n_components": int(getattr(model, "fit_info_", {}).get("n_components", 0)),
+    }
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| dataset | variant | pixel AUPRC | AUPRO@0.3 | image AUROC | pixel AUROC | images/s* | flags |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['variant']} | {r['pixel_auprc']:.3f} | {r['aupro']:.3f} | "
+            f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['images_per_second']:.2f} | "
+            f"`{r['flags']}` |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", type=Path, default=os.environ.get("PATCHKNN_MVTEC_ROOT"))
+    ap.add_argument("--category", default="bottle")
+    ap.add_argument("--synthetic", action="store_true", help="use the synthetic generator's data instead")
+    ap.add_argument("--variants", default="paper")
+    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "patchknn-ablation")
+    ap.add_argument("--out", type=Path, default=Path("ablation.jsonl"))
+    ap.add_argument("--speed-images", type=int, default=8)
+    ap.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    ap.add_argument("--list", action="store_true", help="list the variants and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for name in VARIANTS:
+            print(f"{name:14s} {cli_flags(name)}")
+        return 0
+    if args.table:
+        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
+        print(markdown(rows))
+        return 0
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.synthetic:
+        from patchknn.synthetic import make_synthetic_dataset
+
+        root = args.cache_dir / "synthetic-data"
+        if not (root / "synthetic").is_dir():
+            make_synthetic_dataset(root, "synthetic", n_train=60, n_test_good=20, n_test_defective=40, seed=1)
+        category, cache_key = "synthetic", "synthetic"
+    else:
+        if args.data_root is None:
+            ap.error("--data-root (or PATCHKNN_MVTEC_ROOT) is needed")
+        root, category, cache_key = args.data_root, args.category, "mvtec"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            ap.error(f"unknown variant {name!r}; --list shows them")
+        row = run_variant(root, category, name, args.cache_dir, args.speed_images, f"{cache_key}-{category}")
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(
+            f"{row['dataset']:10s} {name:14s} AUPRC {row['pixel_auprc']:.3f}  AUPRO {row['aupro']:.3f}  "
+            f"imgAUROC {row['image_auroc']:.3f}  {row['images_per_second']:.2f} img/s  "
+            f"(bank {row['bank_size']}x{row['n_components']}, predict {row['predict_seconds_cached']} s cached, "
+            f"load {row['load_average']})",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The inspection server: saved models behind an HTTP API (``patchknn serve``), secure by default.
+
+Needs the ``server`` extra (``pip install 'patchknn[server]'``: FastAPI, uvicorn, python-multipart).
+Importing this package (or :mod:`patchknn.server.commands`, which the CLI does) does not import
+them; :mod:`patchknn.server.app` does.
+
+Modules:
+    settings:  :class:`ServerSettings`, model specs (``NAME=PATH``), loading the models (pure Python)
+    auth:      API keys (file / ``PATCHKNN_API_KEYS``), constant-time checks, the loopback rule
+    batching:  :class:`MicroBatcher`, concurrent requests -> one ``score_grid`` call
+    metrics:   Prometheus text exposition, hand-written (no extra dependency)
+    app:       the FastAPI application (:func:`create_app`) and :func:`run`
+    commands:  ``register(app)`` adds ``patchknn serve`` to the CLI
+
+Example:
+    >>> from patchknn.server.settings import ServerSettings   # doctest: +SKIP
+    >>> from patchknn.server.app import create_app, load_models  # doctest: +SKIP
+    >>> app = create_app(load_models(["bottle=models/bottle"]), ServerSettings())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__all__ = ["INSTALL_HINT", "missing_dependencies"]
+
+INSTALL_HINT = "pip install 'patchknn[server]'  (FastAPI, uvicorn and python-multipart)"
+
+
+def missing_dependencies() -> list[str]:
+    """Names of the server extra's packages that cannot be imported here."""
+    import importlib.util
+
+    wanted = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "python_multipart"}
+    missing = []
+    for dist, module in wanted.items():
+        found = importlib.util.find_spec(module) is not None
+        if not found and module == "python_multipart":  # older releases install only `multipart`
+            found = importlib.util.find_spec("multipart") is not None
+        if not found:
+            missing.append(dist)
+    return missing
