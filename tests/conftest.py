@@ -58,3 +58,32 @@ def caffe_weights() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture(scope="session")
+def bottle_evaluation(mvtec_root, caffe_weights, tmp_path_factory):
+    """One `patchknn evaluate --report` of the paper's method on the real bottle category, shared
+    by every test that needs it. Returns ``results`` (the dict), ``results_path``, ``report_dir``,
+    ``html`` (the page) and ``output`` (the command's output)."""
+    import json
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from patchknn.cli import app
+
+    base = tmp_path_factory.mktemp("bottle")
+    results_path, report_dir = base / "results.json", base / "report"
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--data-root", str(mvtec_root), "--category", "bottle", "--backbone", "resnet50-caffe",
+         "--weights", str(caffe_weights), "--output", str(results_path), "--report", str(report_dir), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    return SimpleNamespace(
+        results=json.loads(results_path.read_text()),
+        results_path=results_path,
+        report_dir=report_dir,
+        html=report_dir / "index.html",
+        output=result.output,
+    )

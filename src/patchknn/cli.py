@@ -59,11 +59,35 @@ SetOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per backbone call.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Image-decoding worker processes.")]
+WorkersOpt = Annotated[
+    str,
+    typer.Option(
+        "--workers", help="Image-decoding worker processes, or auto (none for one batch, else 1-2)."
+    ),
+]
+
+
+def _workers(value: str) -> Any:
+    """``--workers``: ``auto`` or a non-negative integer."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        from patchknn.errors import ConfigError
+
+        raise ConfigError(f"--workers must be an integer >= 0 or auto, got {value!r}") from None
 OnErrorOpt = Annotated[
     str, typer.Option("--on-error", help="Unreadable image: stop (default) or skip and report it.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+MaxPixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels", min=0, help="Largest width*height of an input image (decompression-bomb guard; "
+        "default 64000000; 0 = no limit).",
+    ),
+]
 
 
 def method_options(
@@ -153,12 +177,21 @@ def _number(raw: str, kind: type, name: str) -> Any:
         raise ConfigError(f"--set {name}: {raw!r} is not a valid {kind.__name__}") from None
 
 
-def _runtime(weights: str | None, device: str, batch_size: int, workers: int, on_error: str, quiet: bool):
+def _max_pixels(value: int | None) -> dict[str, Any]:
+    """``--max-pixels``: not given -> the package default; 0 -> no limit."""
+    return {} if value is None else {"max_pixels": value or None}
+
+
+def _runtime(
+    weights: str | None, device: str, batch_size: int, workers: str, on_error: str, quiet: bool,
+    max_pixels: int | None = None,
+):
     return {
+        **_max_pixels(max_pixels),
         "weights": weights,
         "device": device,
         "batch_size": batch_size,
-        "num_workers": workers,
+        "num_workers": _workers(workers),
         "on_error": on_error,
         "progress": not quiet,
     }
@@ -189,9 +222,10 @@ def fit(
     settings: SetOpt = None,
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 16,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = "auto",
     on_error: OnErrorOpt = "stop",
     quiet: QuietOpt = False,
+    max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Learn normality from defect-free images and save the model."""
     from patchknn.model import PatchKNN
@@ -200,7 +234,8 @@ def fit(
         preset_name, backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
         smoothing_sigma, image_score, seed, index, coreset_ratio, tta, threshold_method, settings,
     )
-    model = PatchKNN.from_config(config, **_runtime(weights, device, batch_size, workers, on_error, quiet))
+    runtime = _runtime(weights, device, batch_size, workers, on_error, quiet, max_pixels)
+    model = PatchKNN.from_config(config, **runtime)
     model.fit([str(p) for p in train_dir])
     model.save(output)
     info = model.fit_info_
@@ -227,18 +262,21 @@ def predict(
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Write .npy maps and overlays.")] = True,
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 16,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = "auto",
     on_error: OnErrorOpt = "stop",
     quiet: QuietOpt = False,
+    max_pixels: MaxPixelsOpt = None,
 ) -> None:
-    """Score images: scores.csv / scores.json, and per image the map (.npy) and a heat-map overlay."""
+    """Score images: scores.csv / scores.json with an OK/NG verdict, and per image the map (.npy), a
+    heat-map overlay (colours on the model's fixed scale, predicted region outlined) and, when there
+    is a threshold, the binary defect mask (.png)."""
     from patchknn.data import load_image
     from patchknn.model import PatchKNN
-    from patchknn.visualize import overlay, save_png
+    from patchknn.visualize import mask_image, model_scale, overlay, save_png
 
     model = PatchKNN.load(
-        model_path, device=device, batch_size=batch_size, num_workers=workers, on_error=on_error,
-        progress=not quiet,
+        model_path, device=device, batch_size=batch_size, num_workers=_workers(workers), on_error=on_error,
+        progress=not quiet, **_max_pixels(max_pixels),
     )
     if threshold is not None:
         model.threshold_ = float(threshold)
@@ -246,21 +284,29 @@ def predict(
     if maps:
         (output / "maps").mkdir(exist_ok=True)
         (output / "overlays").mkdir(exist_ok=True)
+        if model.threshold_ is not None:
+            (output / "masks").mkdir(exist_ok=True)
+    scale = model_scale(model)  # one colour scale for every image (None: uncalibrated -> per image)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     for pred in model.predict_iter([str(p) for p in images], output_size=resolution):
         row: dict[str, Any] = {"image": pred.source, "score": pred.score, "verdict": pred.verdict,
-                               "threshold": pred.threshold, "error": pred.error, "map": None, "overlay": None}
+                               "threshold": pred.threshold, "error": pred.error, "map": None, "overlay": None,
+                               "mask": None}
         if pred.error is None and maps:
             stem = _unique_stem(Path(pred.source).stem, used)
             np_path = output / "maps" / f"{stem}.npy"
             _save_npy(np_path, pred.anomaly_map)
-            img = load_image(pred.source)
-            vmax = 2 * pred.threshold if pred.threshold else None
-            ov = overlay(img, pred.anomaly_map, vmax=vmax, threshold=pred.threshold)
+            img = load_image(pred.source, max_pixels=model.max_pixels)
+            vmin, vmax = scale if scale is not None else (0.0, None)
+            ov = overlay(img, pred.anomaly_map, vmin=vmin, vmax=vmax, threshold=pred.threshold)
             ov_path = output / "overlays" / f"{stem}.png"
             save_png(str(ov_path), ov)
             row["map"], row["overlay"] = str(np_path.relative_to(output)), str(ov_path.relative_to(output))
+            if pred.mask is not None:
+                mask_path = output / "masks" / f"{stem}.png"
+                save_png(mask_path, mask_image(pred.mask))
+                row["mask"] = str(mask_path.relative_to(output))
         rows.append(row)
         if pred.error is not None:
             typer.echo(f"skipped {pred.source}: {pred.error}", err=True)
@@ -278,6 +324,10 @@ def evaluate(
     ] = None,
     all_categories: Annotated[bool, typer.Option("--all", help="Every category under the root.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results JSON here.")] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="Write an HTML report (index.html, results.json, assets/) into this folder."),
+    ] = None,
     resolution: Annotated[
         str, typer.Option("--resolution", help="input (masks resized to image size) or original.")
     ] = "input",
@@ -301,8 +351,9 @@ def evaluate(
     settings: SetOpt = None,
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 16,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = "auto",
     quiet: QuietOpt = False,
+    max_pixels: MaxPixelsOpt = None,
 ) -> None:
     """Fit on train/good of each category, score its test set, report the paper's metrics."""
     from patchknn.data import list_categories
@@ -319,15 +370,25 @@ def evaluate(
         names = list(category)
     else:
         raise typer.BadParameter("give --category NAME (repeatable) or --all")
-    runtime = _runtime(weights, device, batch_size, workers, "stop", quiet)
-    results = run_evaluation(data_root, names, config, resolution=resolution, **runtime)  # type: ignore[arg-type]
+    runtime = _runtime(weights, device, batch_size, workers, "stop", quiet, max_pixels)
+    collector = None
+    if report is not None:
+        from patchknn.report import ReportCollector
+
+        collector = ReportCollector(report, progress=not quiet)
+    results = run_evaluation(
+        data_root, names, config, resolution=resolution, on_category=collector, **runtime  # type: ignore[arg-type]
+    )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
+    page = collector.finish(results) if collector is not None else None
     if not quiet:
         typer.echo(markdown_table(results))
         if output is not None:
             typer.echo(f"\nresults -> {output}")
+        if page is not None:
+            typer.echo(f"report -> {page}")
 
 
 @app.command()
@@ -412,12 +473,25 @@ def _save_npy(path: Path, array: Any) -> None:
 
 
 def _write_rows(output: Path, rows: list[dict[str, Any]]) -> None:
-    fields = ["image", "score", "verdict", "threshold", "error", "map", "overlay"]
+    fields = ["image", "score", "verdict", "threshold", "error", "map", "overlay", "mask"]
     with open(output / "scores.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     (output / "scores.json").write_text(json.dumps(rows, indent=2))
+
+
+from patchknn.server.commands import register as _register_serve  # noqa: E402 - `serve` (server extra)
+
+_register_serve(app)
+
+from patchknn.distributed.commands import register as _register_distributed  # noqa: E402 - fit-many, score-archive
+
+_register_distributed(app)
+
+from patchknn.report.commands import register as _register_report  # noqa: E402 - report
+
+_register_report(app)
 
 
 def main() -> None:

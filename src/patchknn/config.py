@@ -94,9 +94,23 @@ class PatchKNNConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "tta", tuple(self.tta))
+        for name in ("layers", "tta"):  # a sequence of names; a bare string or a number is a mistake
+            value = getattr(self, name)
+            if value is None and name == "layers":
+                continue
+            if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+                raise ConfigError(f"{name} must be a list of names, e.g. {_EXAMPLES[name]}, got {value!r}")
+            if name == "layers" and not value:
+                raise ConfigError("layers must name at least one layer (or be None for the backbone's default)")
+            object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.backbone, str):  # e.g. a list from a damaged file: not a registry key
+            from patchknn.backbones import available_backbones
+
+            choices = ", ".join(available_backbones())
+            raise ConfigError(f"unknown backbone {self.backbone!r}; choose from: {choices}")
+        for name in _REAL_FIELDS:  # True/False are ints to Python, not a valid number here
+            if isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a number, got {getattr(self, name)!r}")
         self.validate()
         # store canonical layer names, so equal configurations compare equal
         object.__setattr__(self, "layers", self.resolved_layers)
@@ -179,6 +193,8 @@ class PatchKNNConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PatchKNNConfig:
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise ConfigError(f"a configuration must be a mapping of option names to values, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -190,6 +206,9 @@ class PatchKNNConfig:
         return cls(**data)
 
 
+_EXAMPLES = {"layers": "['layer2', 'layer3']", "tta": "['hflip']"}
+_REAL_FIELDS = ("pca_variance", "smoothing_sigma", "coreset_ratio", "threshold_quantile", "threshold_sigma")
+
 IMAGE_SCORES = ("max", "topk_mean", "reweighted")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 THRESHOLD_METHODS = ("quantile", "sigma", "none")
@@ -198,6 +217,12 @@ TTA_KINDS = ("hflip", "vflip")
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper, exactly: the defaults of PatchKNNConfig.
     "paper": {},
+    # More accurate, still training-free: only options with evidence over all 15 MVTec AD categories
+    # (PatchCore's ablations), checked on bottle and on synthetic data; see docs/accuracy.md.
+    "best": {"aggregation": 3, "smoothing_sigma": 0.5, "coreset_ratio": 0.1},
+    # The paper's method on a plain CPU: the memory bank cut to a greedy k-center coreset (PatchCore),
+    # searched exactly; chosen from benchmarks/speed.py on bottle, see docs/speed.md.
+    "fast": {"coreset_ratio": 0.05},
 }
 
 

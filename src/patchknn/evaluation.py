@@ -23,8 +23,8 @@ import numpy as np
 from patchknn import metrics
 from patchknn._version import __version__
 from patchknn.config import PatchKNNConfig
-from patchknn.data import MVTecCategory, Sample, load_mask, resize_mask
-from patchknn.errors import DatasetError
+from patchknn.data import DEFAULT_MAX_PIXELS, MVTecCategory, Sample, load_mask, resize_mask
+from patchknn.errors import DatasetError, ImageError
 from patchknn.model import PatchKNN
 
 Resolution = Literal["input", "original"]
@@ -87,7 +87,7 @@ def evaluate_category(
     if resolution not in ("input", "original"):
         raise DatasetError(f"resolution must be 'input' or 'original', got {resolution!r}")
     dataset = MVTecCategory(root, category)
-    dataset.validate()
+    dataset.validate(max_pixels=runtime.get("max_pixels", DEFAULT_MAX_PIXELS))
     train = dataset.train_paths()
     samples = dataset.test_samples()
     model = PatchKNN.from_config(config, **runtime)
@@ -99,9 +99,14 @@ def evaluate_category(
     output = "input" if resolution == "input" else "original"
     preds = model.predict([s.path for s in samples], output_size=output)
     predict_seconds = time.perf_counter() - t1
+    failed = next((p for p in preds if p.error is not None), None)  # on_error="skip": metrics need all
+    if failed is not None:
+        raise ImageError(failed.source, f"{failed.error} (a test image cannot be skipped in an evaluation)")
 
     maps = np.stack([p.anomaly_map for p in preds])  # type: ignore[misc]
-    masks = np.stack([_mask_for(s, m.shape, resolution, config.image_size) for s, m in zip(samples, maps)])
+    masks = np.stack(
+        [_mask_for(s, m.shape, resolution, config.image_size, model.max_pixels) for s, m in zip(samples, maps)]
+    )
     scores = np.array([p.score for p in preds], dtype=np.float64)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     row: dict[str, Any] = dict(metrics.compute_all(maps, masks, scores, labels, fpr_limit=fpr_limit))
@@ -117,13 +122,22 @@ def evaluate_category(
         "n_components": int(model.fit_info_["n_components"]),
         "resolution": resolution,
     }
+    # the calibrated decision threshold (normal images only) beside the F1-optimal one
+    # (image_f1_threshold, which needs the test labels), and how the calibrated one decides
+    from patchknn.threshold import threshold_metrics
+
+    row["threshold"] = model.threshold_
+    row |= threshold_metrics(maps, masks, scores, labels, model.threshold_)
     return CategoryEvaluation(category, row, samples, maps, masks, scores, labels, model)
 
 
-def _mask_for(sample: Sample, shape: tuple[int, ...], resolution: Resolution, image_size: int) -> np.ndarray:
+def _mask_for(
+    sample: Sample, shape: tuple[int, ...], resolution: Resolution, image_size: int,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     if sample.mask_path is None:
         return np.zeros(shape, dtype=bool)
-    mask = load_mask(sample.mask_path)
+    mask = load_mask(sample.mask_path, max_pixels=max_pixels)
     if resolution == "input":
         return resize_mask(mask, (image_size, image_size))
     if mask.shape != tuple(shape):
@@ -170,6 +184,8 @@ def mean_row(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """Mean of each metric over the categories where it is defined."""
     out: dict[str, float | None] = {}
     keys = list(METRIC_KEYS) + ["fit_seconds", "predict_images_per_second"]
+    keys += ["image_f1_max", "threshold_image_precision", "threshold_image_recall", "threshold_image_f1",
+             "threshold_pixel_f1"]
     for key in keys:
         vals = [r[key] for r in rows.values() if r.get(key) is not None]
         out[key] = float(np.mean(vals)) if vals else None

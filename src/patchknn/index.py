@@ -1,54 +1,405 @@
-"""The memory bank and its nearest-neighbour search (faiss).
+"""The memory bank and its nearest-neighbour search (faiss, or torch on a GPU).
 
-Distances are Euclidean (faiss returns squared L2; we take the square root).
+:func:`build_index` is the factory: it takes the memory bank ``(N, d)`` and an index kind
+
+* ``"flat"``: exact search (the paper). On the CPU a faiss ``IndexFlatL2``; on a CUDA device a
+  faiss GPU index when this faiss build has GPU support, otherwise an exact chunked
+  ``||q||^2 - 2 q.b + ||b||^2`` search with torch on that device (:class:`TorchFlatIndex`).
+* ``"ivf"``: faiss ``IndexIVFFlat`` (inverted lists; approximate unless ``nprobe >= nlist``). The
+  k-means training is seeded, so the same bank and seed give the same index.
+* ``"hnsw"``: faiss ``IndexHNSWFlat`` (graph; approximate). Vectors are inserted one thread at a
+  time in bank order, so the graph, and every search result, is deterministic.
+
+Every index keeps the bank it was built from (``.bank``, float32 ``(N, d)``; a saved model stores
+only that and rebuilds the index on load) and answers ``.search(queries, k)`` with Euclidean
+distances ``(M, k)`` in increasing order (faiss returns squared L2; we take the square root).
 
 Example:
     >>> import numpy as np
     >>> bank = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
-    >>> index = MemoryBankIndex().build(bank)
+    >>> index = build_index(bank, "flat")
     >>> d = index.search(bank[:3], k=1)
     >>> bool(np.allclose(d, 0, atol=1e-3))
     True
+    >>> build_index(bank, "hnsw", IndexParams(hnsw_ef_search=100)).search(bank[:3], k=1).shape
+    (3, 1)
 """
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any
+
 import faiss
 import numpy as np
+import torch
 
 from patchknn.errors import ConfigError, NotFittedError
 
+INDEX_KINDS = ("flat", "ivf", "hnsw")
 
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Parameters of the approximate indexes (ignored by ``"flat"``).
+
+    Attributes:
+        nlist: IVF inverted lists; 0 = ``4 * sqrt(N)`` (at most ``N // 39``, faiss's minimum of
+            training points per centroid, and at least 1). Never more than the bank size.
+        nprobe: IVF lists visited per query (``nprobe >= nlist`` = exact).
+        hnsw_m: HNSW graph degree.
+        hnsw_ef_search: HNSW search breadth (larger = closer to exact, slower).
+        hnsw_ef_construction: HNSW build breadth.
+    """
+
+    nlist: int = 0
+    nprobe: int = 8
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 64
+    hnsw_ef_construction: int = 64
+
+    @classmethod
+    def from_config(cls, config: Any) -> IndexParams:
+        """From a :class:`~patchknn.config.PatchKNNConfig` (``index_nlist``, ``index_nprobe``, ...)."""
+        return cls(
+            nlist=int(config.index_nlist),
+            nprobe=int(config.index_nprobe),
+            hnsw_m=int(config.hnsw_m),
+            hnsw_ef_search=int(config.hnsw_ef_search),
+        )
+
+    @classmethod
+    def coerce(cls, params: IndexParams | Mapping[str, Any] | None) -> IndexParams:
+        if params is None:
+            return cls()
+        if isinstance(params, IndexParams):
+            return params
+        if isinstance(params, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(params) - known)
+            if unknown:
+                raise ConfigError(f"unknown index parameter(s) {unknown}; known: {sorted(known)}")
+            return cls(**{k: int(v) for k, v in params.items()})
+        raise ConfigError(f"index params must be an IndexParams or a mapping, got {type(params).__name__}")
+
+
+# ----------------------------------------------------------------------------------- threads
+def default_threads() -> int:
+    """Threads for the search: torch's intra-op thread count (respects ``OMP_NUM_THREADS`` and
+    ``torch.set_num_threads``), at most the CPUs this process may run on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus))
+
+
+def set_search_threads(n: int | None = None) -> int:
+    """Set faiss's OpenMP thread count (``None`` = :func:`default_threads`); returns it."""
+    n = default_threads() if n is None else max(1, int(n))
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+@contextmanager
+def _faiss_threads(n: int) -> Iterator[None]:
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def faiss_has_gpu() -> bool:
+    """Whether this faiss build has GPU support and sees at least one GPU."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return False
+    try:
+        return int(faiss.get_num_gpus()) > 0
+    except Exception:  # noqa: BLE001 - a broken CUDA runtime means no GPU
+        return False
+
+
+def _check_bank(bank: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(bank, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ConfigError(f"memory bank must be a non-empty (N, d) array, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ConfigError("memory bank contains NaN or Inf")
+    return arr
+
+
+def _sqrt_sorted(sq: np.ndarray) -> np.ndarray:
+    sq = np.asarray(sq, dtype=np.float32)
+    return np.sqrt(np.maximum(sq, 0.0, out=sq), out=sq)
+
+
+# ---------------------------------------------------------------------------------- indexes
 class MemoryBankIndex:
-    """Exact (flat) L2 search over a memory bank of patch vectors."""
+    """Exact (flat) L2 search over a memory bank with faiss on the CPU; base of the other kinds.
+
+    ``MemoryBankIndex().build(bank)`` is the exact index; use :func:`build_index` for the others.
+    """
 
     kind = "flat"
+    device = "cpu"
 
     def __init__(self) -> None:
-        self._index: faiss.Index | None = None
+        self._index: Any = None
         self.bank: np.ndarray | None = None
 
     def build(self, bank: np.ndarray) -> MemoryBankIndex:
         """Index ``bank`` ``(N, d)`` float32; returns ``self``."""
-        bank = np.ascontiguousarray(bank, dtype=np.float32)
-        if bank.ndim != 2 or bank.shape[0] == 0:
-            raise ConfigError(f"memory bank must be a non-empty (N, d) array, got shape {bank.shape}")
-        index = faiss.IndexFlatL2(bank.shape[1])
-        index.add(bank)
-        self._index = index
+        bank = _check_bank(bank)
+        self._index = self._make(bank)
         self.bank = bank
         return self
+
+    def _make(self, bank: np.ndarray) -> Any:
+        index = faiss.IndexFlatL2(bank.shape[1])
+        index.add(bank)
+        return index
 
     @property
     def size(self) -> int:
         return 0 if self.bank is None else int(self.bank.shape[0])
 
-    def search(self, queries: np.ndarray, k: int = 1) -> np.ndarray:
-        """Euclidean distances ``(M, k)`` from each query to its ``k`` nearest bank vectors."""
+    @property
+    def dim(self) -> int:
+        return 0 if self.bank is None else int(self.bank.shape[1])
+
+    def _check_query(self, queries: np.ndarray | torch.Tensor, k: int) -> None:
         if self._index is None:
             raise NotFittedError("the memory bank index is empty; fit the model first")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
         if k > self.size:
             raise ConfigError(f"k={k} is larger than the memory bank ({self.size} patches)")
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ConfigError(f"queries must be (M, {self.dim}), got shape {tuple(queries.shape)}")
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
+        """Euclidean distances ``(M, k)`` from each query to its ``k`` nearest bank vectors."""
+        self._check_query(queries, k)
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().cpu().numpy()
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        sq, _ = self._index.search(q, k)
-        return np.sqrt(np.maximum(sq, 0.0, out=sq), out=sq)
+        if q.shape[0] == 0:
+            return np.zeros((0, k), dtype=np.float32)
+        sq, _ = self._index.search(q, int(k))
+        return _sqrt_sorted(sq)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, size={self.size}, dim={self.dim}, device={self.device!r})"
+
+
+FlatIndex = MemoryBankIndex
+
+
+class IVFIndex(MemoryBankIndex):
+    """faiss ``IndexIVFFlat``: k-means (seeded) inverted lists, ``nprobe`` of them searched."""
+
+    kind = "ivf"
+
+    def __init__(self, params: IndexParams | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.params = params or IndexParams()
+        self.seed = int(seed)
+        self.nlist = 0
+
+    @staticmethod
+    def auto_nlist(n: int) -> int:
+        return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+
+    def _make(self, bank: np.ndarray) -> Any:
+        n, d = bank.shape
+        nlist = self.params.nlist or self.auto_nlist(n)
+        nlist = int(max(1, min(nlist, n)))
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+        index.cp.seed = self.seed
+        # faiss prints a warning below 39 points per centroid; an explicit small nlist is the user's choice
+        index.cp.min_points_per_centroid = 1
+        index.train(bank)
+        index.add(bank)
+        index.nprobe = int(min(self.params.nprobe, nlist))
+        self._quantizer = quantizer  # keep the quantizer alive with the index
+        self.nlist = nlist
+        return index
+
+
+class HNSWIndex(MemoryBankIndex):
+    """faiss ``IndexHNSWFlat``, built single-threaded in bank order (deterministic)."""
+
+    kind = "hnsw"
+
+    def __init__(self, params: IndexParams | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.params = params or IndexParams()
+        self.seed = int(seed)
+
+    def _make(self, bank: np.ndarray) -> Any:
+        index = faiss.IndexHNSWFlat(bank.shape[1], int(self.params.hnsw_m))
+        index.hnsw.efConstruction = int(self.params.hnsw_ef_construction)
+        index.hnsw.efSearch = int(self.params.hnsw_ef_search)
+        try:  # level assignment draws from this generator; seed it when the binding allows
+            index.hnsw.rng = faiss.RandomGenerator(self.seed + 12345)
+        except (AttributeError, TypeError):  # pragma: no cover - older faiss
+            pass
+        # Parallel insertion makes the graph depend on thread timing: insert on one thread.
+        with _faiss_threads(1):
+            index.add(bank)
+        return index
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
+        self._check_query(queries, k)
+        # efSearch below k would return fewer than k neighbours
+        self._index.hnsw.efSearch = int(max(self.params.hnsw_ef_search, k))
+        return super().search(queries, k)
+
+
+class FaissGpuIndex(MemoryBankIndex):
+    """A flat or IVF faiss index copied to a GPU (faiss builds with GPU support only)."""
+
+    def __init__(self, inner: MemoryBankIndex, device: torch.device) -> None:
+        super().__init__()
+        self.inner = inner
+        self.kind = inner.kind
+        self.device = str(device)
+        self._gpu = device.index or 0
+
+    def _make(self, bank: np.ndarray) -> Any:
+        cpu_index = self.inner._make(bank)
+        self._res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(self._res, self._gpu, cpu_index)
+
+
+class TorchFlatIndex(MemoryBankIndex):
+    """Exact search with torch: ``||q||^2 - 2 q.b + ||b||^2``, chunked, on any torch device.
+
+    The GPU path when faiss has no GPU support. Chunks keep the ``(queries x bank)`` block within
+    ``block_elements`` floats.
+    """
+
+    kind = "flat"
+
+    def __init__(self, device: str | torch.device = "cpu", block_elements: int = 1 << 24) -> None:
+        super().__init__()
+        self.device = str(torch.device(device))
+        self.block_elements = int(block_elements)
+
+    def _make(self, bank: np.ndarray) -> Any:
+        dev = torch.device(self.device)
+        b = torch.from_numpy(bank).to(dev)
+        norms = (b * b).sum(1)
+        return (b, norms)
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
+        self._check_query(queries, k)
+        b, bn = self._index
+        dev = b.device
+        q_all = torch.as_tensor(queries, dtype=torch.float32).to(dev)
+        m, n = q_all.shape[0], b.shape[0]
+        if m == 0:
+            return np.zeros((0, k), dtype=np.float32)
+        q_step = min(m, 8192)
+        b_step = max(k, self.block_elements // q_step)
+        out = []
+        for qs in range(0, m, q_step):
+            q = q_all[qs : qs + q_step]
+            qn = (q * q).sum(1, keepdim=True)
+            best: torch.Tensor | None = None
+            for bs in range(0, n, b_step):
+                d2 = torch.addmm(bn[bs : bs + b_step][None, :], q, b[bs : bs + b_step].T, alpha=-2.0)
+                d2.add_(qn)
+                if k == 1:
+                    part = d2.min(dim=1, keepdim=True).values
+                    best = part if best is None else torch.minimum(best, part)
+                else:
+                    kk = min(k, d2.shape[1])
+                    part = d2.topk(kk, dim=1, largest=False).values
+                    best = part if best is None else torch.cat([best, part], 1).topk(k, dim=1, largest=False).values
+            assert best is not None
+            out.append(best.sort(dim=1).values.cpu())
+        return _sqrt_sorted(torch.cat(out).numpy())
+
+
+# ---------------------------------------------------------------------------------- factory
+def build_index(
+    bank: np.ndarray,
+    kind: str = "flat",
+    params: IndexParams | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> MemoryBankIndex:
+    """Build the search index of a memory bank.
+
+    Args:
+        bank: ``(N, d)`` float32 memory bank (kept as ``.bank``).
+        kind: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"``.
+        params: :class:`IndexParams` (or a mapping of its fields) for IVF/HNSW.
+        seed: seeds IVF's k-means and HNSW's level assignment.
+        device: ``"cpu"`` or a CUDA device. On CUDA: faiss GPU indexes when faiss has GPU
+            support (flat, IVF); otherwise the exact torch search on the GPU for ``"flat"``, and
+            the CPU (with a warning) for IVF and HNSW. HNSW always searches on the CPU.
+        threads: faiss OpenMP threads (``None`` = torch's thread count, see :func:`default_threads`).
+
+    Returns:
+        A :class:`MemoryBankIndex` (``.bank``, ``.size``, ``.search(queries, k)``).
+    """
+    if kind not in INDEX_KINDS:
+        raise ConfigError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
+    p = IndexParams.coerce(params)
+    dev = torch.device(device)
+    set_search_threads(threads)
+
+    def cpu_index() -> MemoryBankIndex:
+        if kind == "ivf":
+            return IVFIndex(p, seed)
+        if kind == "hnsw":
+            return HNSWIndex(p, seed)
+        return MemoryBankIndex()
+
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(dev)!r} requested but no CUDA device is available; use device='cpu'")
+        if kind in ("flat", "ivf") and faiss_has_gpu():
+            return FaissGpuIndex(cpu_index(), dev).build(bank)
+        if kind == "flat":
+            return TorchFlatIndex(dev).build(bank)
+        reason = "has no GPU support" if not hasattr(faiss, "StandardGpuResources") else "sees no GPU"
+        if kind == "hnsw":
+            reason = "has no GPU HNSW index"
+        warnings.warn(
+            f"faiss {reason}: the {kind!r} search runs on the CPU; use index='flat' for an exact "
+            "search on the GPU (torch), or install a faiss build with GPU support",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif dev.type != "cpu":
+        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {str(dev)!r}")
+    return cpu_index().build(bank)
+
+
+__all__ = [
+    "INDEX_KINDS",
+    "FaissGpuIndex",
+    "FlatIndex",
+    "HNSWIndex",
+    "IVFIndex",
+    "IndexParams",
+    "MemoryBankIndex",
+    "TorchFlatIndex",
+    "build_index",
+    "default_threads",
+    "faiss_has_gpu",
+    "set_search_threads",
+]

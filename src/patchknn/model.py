@@ -30,15 +30,20 @@ from patchknn._version import __version__
 from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import PatchKNNConfig, preset
-from patchknn.data import iter_batches
-from patchknn.errors import ConfigError, ModelFileError, NotFittedError
+from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches
+from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
 from patchknn.features import PatchFeatureExtractor
-from patchknn.index import MemoryBankIndex
+from patchknn.coreset import greedy_coreset
+from patchknn.index import IndexParams, MemoryBankIndex, build_index
 from patchknn.reduction import PCA, MomentAccumulator
-from patchknn.serialization import load_model, save_model
+from patchknn.serialization import check_model_contents, load_model, save_model
 
 OnError = Literal["stop", "skip"]
 OutputSize = int | tuple[int, int] | Literal["input", "original"] | None
+_NON_FINITE = (
+    "the anomaly map contains NaN or infinite values (numerical overflow in the backbone, or a "
+    "damaged model); no score is given"
+)
 
 
 @dataclass
@@ -98,11 +103,16 @@ class PatchKNN:
             ``"random"`` (tests only).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         batch_size: images per backbone call.
-        num_workers: image-decoding worker processes (0 = decode in this process).
+        num_workers: image-decoding worker processes (0 = decode in this process); ``"auto"``
+            (default) = none for a single batch, else ``min(2, CPUs - 1)`` (at least 1), so images
+            decode while the backbone runs (see :func:`patchknn.data.auto_workers`).
         progress: show progress bars (only when stderr is a terminal).
         on_error: ``"stop"`` raises on the first unreadable image; ``"skip"`` leaves it out of
             fitting (listed in :attr:`skipped_`) and returns a :class:`Prediction` with ``error``
             set from :meth:`predict`.
+        max_pixels: largest ``height * width`` of an input image, checked from the file header
+            before decoding (a decompression-bomb guard); ``None`` = no limit of ours (Pillow's own
+            guard still applies). Default 64 megapixels.
 
     Example:
         >>> model = PatchKNN(backbone="resnet50", weights="random", image_size=64, grid_size=8)
@@ -140,13 +150,14 @@ class PatchKNN:
         weights: WeightsArg = None,
         device: str = "cpu",
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
         progress: bool = True,
         on_error: OnError = "stop",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.config = PatchKNNConfig(
             backbone=backbone,
-            layers=tuple(layers) if layers is not None else None,
+            layers=layers,  # type: ignore[arg-type]  # PatchKNNConfig checks and converts
             image_size=image_size,
             grid_size=grid_size,
             pca_variance=pca_variance,
@@ -167,17 +178,24 @@ class PatchKNN:
             threshold_quantile=threshold_quantile,
             threshold_sigma=threshold_sigma,
             calibration_images=calibration_images,
-            tta=tuple(tta),
+            tta=tta,  # type: ignore[arg-type]
             seed=seed,
         )
         self.weights = weights
         self.device = _check_device(device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if num_workers != "auto" and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise ConfigError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
         if on_error not in ("stop", "skip"):
             raise ConfigError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+        if max_pixels is not None and (
+            isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
+        ):
+            raise ConfigError(f"max_pixels must be a positive integer or None (no limit), got {max_pixels!r}")
+        self.max_pixels = max_pixels
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
@@ -265,6 +283,7 @@ class PatchKNN:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             on_error=self.on_error,
+            max_pixels=self.max_pixels,
         )
         with self._bar(len(sources), "fit: features") as bar:
             for batch in batches:
@@ -287,29 +306,64 @@ class PatchKNN:
         else:
             self.pca_ = PCA.from_moments(acc, float(self.config.pca_variance))
             bank = np.empty((filled, self.pca_.n_components), dtype=np.float32)
-            step = 65536
+            step = 8192  # small chunks: the centred copy of a chunk is a temporary (60 MB here)
             for i in range(0, filled, step):
                 bank[i : i + step] = self.pca_.transform(raw[i : i + step]).numpy()
             del raw
-        if self.config.k > bank.shape[0]:
-            raise ConfigError(f"k={self.config.k} is larger than the memory bank ({bank.shape[0]} patches)")
-        self.index_ = MemoryBankIndex().build(bank)
+        t_pca = time.perf_counter()
+        kept: np.ndarray | None = None  # coreset: the kept rows of the full bank
+        if self.config.coreset_ratio < 1.0:
+            kept = np.sort(
+                greedy_coreset(bank, self.config.coreset_ratio, self.config.coreset_dim, self.config.seed)
+            )
+        t_core = time.perf_counter()
+        index_bank = bank if kept is None else bank[kept]
+        if self.config.k > index_bank.shape[0]:
+            raise ConfigError(f"k={self.config.k} is larger than the memory bank ({index_bank.shape[0]} patches)")
+        self.index_ = self._build_index(index_bank)
         t_end = time.perf_counter()
         self.fit_info_ = {
             "n_train_images": filled // grid_cells,
             "n_skipped": len(self.skipped_),
-            "bank_size": int(bank.shape[0]),
+            "bank_size": int(index_bank.shape[0]),
+            "bank_size_full": int(bank.shape[0]),
+            "pca_seconds": round(t_pca - t_feat, 3),
+            "coreset_seconds": round(t_core - t_pca, 3),
+            "index_seconds": round(t_end - t_core, 3),
             "feature_dim": int(dim),
             "n_components": int(bank.shape[1]),
             "fit_seconds": round(t_end - t0, 3),
             "feature_seconds": round(t_feat - t0, 3),
             "weights_id": str(getattr(ext.backbone, "weights_id", "unknown")),
         }
+        self._calibrate_threshold(bank, filled // grid_cells, kept)
         return self
+
+    def _calibrate_threshold(
+        self, bank: np.ndarray, n_images: int, bank_rows: np.ndarray | None = None
+    ) -> None:
+        """Set ``threshold_`` from held-out normal scores (see :mod:`patchknn.threshold`).
+
+        ``bank`` is the full bank before any subsampling (rows ``[i*G*G, (i+1)*G*G)`` = image
+        ``i``); with a coreset pass the kept row numbers as ``bank_rows``.
+        """
+        self.threshold_ = None
+        if self.config.threshold_method == "none":
+            return
+        from patchknn.threshold import calibrate
+
+        index_bank = None if bank_rows is None else self.index_.bank  # type: ignore[union-attr]
+        cal = calibrate(self, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
+        self.threshold_ = cal.threshold
+        self.fit_info_["calibration"] = cal.info
 
     # ---------------------------------------------------------------------------- predicting
     def predict(
-        self, images: Sequence[Any] | str | Path, output_size: OutputSize = None
+        self,
+        images: Sequence[Any] | str | Path,
+        output_size: OutputSize = None,
+        *,
+        threshold: float | None = None,
     ) -> list[Prediction]:
         """Score ``images``; one :class:`Prediction` per input, in order.
 
@@ -317,14 +371,22 @@ class PatchKNN:
             images: paths, a folder, PIL images or arrays.
             output_size: size of the anomaly maps: ``None``/``"input"`` = ``image_size``;
                 ``"original"`` = each image's own size; an int or ``(H, W)`` = that size.
+            threshold: decision threshold for these predictions (verdict and mask); ``None`` =
+                the model's own ``threshold_`` (calibrated by :meth:`fit`; set
+                ``model.threshold_`` to change it for good, or to ``None`` for no decision).
         """
-        return list(self.predict_iter(images, output_size=output_size))
+        return list(self.predict_iter(images, output_size=output_size, threshold=threshold))
 
     def predict_iter(
-        self, images: Sequence[Any] | str | Path, output_size: OutputSize = None
+        self,
+        images: Sequence[Any] | str | Path,
+        output_size: OutputSize = None,
+        *,
+        threshold: float | None = None,
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, but yields results as batches finish (constant memory)."""
         self._check_fitted()
+        decision = self.threshold_ if threshold is None else float(threshold)
         sources = _as_sources(images)
         batches = iter_batches(
             sources,
@@ -332,6 +394,7 @@ class PatchKNN:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             on_error=self.on_error,
+            max_pixels=self.max_pixels,
         )
         names = [_source_name(s, i) for i, s in enumerate(sources)]
         reported = 0
@@ -344,7 +407,13 @@ class PatchKNN:
                     out = _resolve_size(output_size, self.config.image_size, batch.sizes[j])
                     amap = self.grid_to_map(grids[j], out)
                     score = self.image_score(grids[j], amap, float(weights[j]))
-                    yield Prediction(names[i], amap, score, self.threshold_)
+                    if not (np.isfinite(score) and np.isfinite(amap).all()):  # never a silent NaN
+                        reason = _NON_FINITE
+                        if self.on_error == "stop":
+                            raise PatchKNNError(f"{names[i]}: {reason}")
+                        yield Prediction(names[i], None, None, None, error=reason)
+                        continue
+                    yield Prediction(names[i], amap, score, decision)
                 bar.update(len(batch.indices))
         yield from self._errors_before(batches, names, reported, len(sources))
 
@@ -388,6 +457,9 @@ class PatchKNN:
         rows_np = rows.numpy()
         dist = self.index_.search(rows_np, self.config.k)  # type: ignore[union-attr]
         scores = dist.mean(axis=1, dtype=np.float64).astype(np.float32)
+        # faiss answers a NaN/Inf query with a huge finite distance: mark such patches NaN instead,
+        # so predict reports them rather than returning a meaningless score
+        scores[~np.isfinite(rows_np).all(axis=1)] = np.nan
         g = self.config.grid_size
         return scores.reshape(b, g, g), rows_np.reshape(b, p, -1)
 
@@ -467,13 +539,12 @@ class PatchKNN:
         except ConfigError as e:
             raise ModelFileError(f"{path}: the saved configuration is not usable here: {e}") from e
         model = cls.from_config(config, **{"weights": "random", **runtime})
-        tensors, backbone_sd = groups.get("tensors"), groups.get("backbone")
-        if tensors is None or backbone_sd is None or "bank" not in tensors:
-            raise ModelFileError(f"{path}: tensors are missing from the model")
+        check_model_contents(path, doc, groups, config)  # types, shapes, finiteness -> ModelFileError
+        tensors, backbone_sd = groups["tensors"], groups["backbone"]
         net = build_backbone(config.backbone, config.resolved_layers, "random")
         try:
             net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in backbone_sd.items()}, strict=True)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError, ValueError) as e:
             raise ModelFileError(f"{path}: backbone weights do not fit {config.backbone}: {e}") from e
         model._extractor = model._make_extractor(net)
         if "pca_components" in tensors:
@@ -482,7 +553,7 @@ class PatchKNN:
             )
             if model.pca_.components.shape[0] != tensors["bank"].shape[1]:
                 raise ModelFileError(f"{path}: PCA and memory bank dimensions disagree")
-        model.index_ = MemoryBankIndex().build(tensors["bank"])
+        model.index_ = model._build_index(tensors["bank"])
         thr = doc.get("threshold")
         model.threshold_ = None if thr is None else float(thr)
         model.fit_info_ = dict(doc.get("fit_info") or {})
@@ -490,6 +561,12 @@ class PatchKNN:
         return model
 
     # ------------------------------------------------------------------------------- helpers
+    def _build_index(self, bank: np.ndarray) -> MemoryBankIndex:
+        """The configured search index (kind, parameters, seed) of ``bank`` on this device."""
+        return build_index(
+            bank, self.config.index, IndexParams.from_config(self.config), self.config.seed, self.device
+        )
+
     def _check_fitted(self) -> None:
         if self.index_ is None:
             raise NotFittedError("this PatchKNN is not fitted yet; call fit(images) or PatchKNN.load(path)")

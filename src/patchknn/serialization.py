@@ -6,25 +6,36 @@ A saved model is a directory::
       patchknn.json                     format, versions, configuration, fitted values, file checksums
       tensors-<sha256[:16]>.safetensors memory bank, PCA, ... (named by their content hash)
       backbone-<sha256[:16]>.safetensors the truncated backbone's weights (the model is self-contained)
+      .patchknn.lock                    empty; serialises concurrent saves into the same directory
 
 Saving is atomic: the tensor files are written first under content-addressed names (temporary
 name, fsync, rename), then ``patchknn.json`` is replaced in one ``os.replace``. A crash at any
 point leaves either the previous model or the new one, never a mix; files no longer referenced
-are removed last. Loading verifies the format, the versions and the SHA-256 of every file before
-reading it, and only ever parses JSON and safetensors (no pickle, no code execution).
+(and temporary files of an earlier, interrupted save) are removed last. Only files named like the
+ones this module writes are ever removed, so saving into a folder never deletes other files.
+
+Loading verifies the format, the versions, the size and the SHA-256 of every file before parsing
+it, and only ever parses JSON and safetensors (no pickle, no code execution).
+:func:`check_model_contents` then checks the types and shapes of what was read, so a damaged or
+hand-edited model fails with :class:`~patchknn.errors.ModelFileError`, never another exception.
+The checksums detect damage (truncation, bit rot, partial copies, edits that forget to update
+them); they are not a signature: whoever can write ``patchknn.json`` can update them too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -34,6 +45,14 @@ from patchknn.errors import ModelFileError
 FORMAT_NAME = "patchknn-model"
 FORMAT_VERSION = 1
 META_FILE = "patchknn.json"
+LOCK_FILE = ".patchknn.lock"
+
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_]+")
+_TENSOR_FILE = re.compile(r"[A-Za-z0-9_]+-[0-9a-f]{16}\.safetensors")
+"""Names of the tensor files this module writes (the only ``.safetensors`` files it removes)."""
+_TEMP_FILE = re.compile(r"\.(patchknn\.json|[A-Za-z0-9_]+-[0-9a-f]{16}\.safetensors)\.[^/]+\.tmp")
+"""Names of its temporary files (left behind only when a save was killed)."""
+_LOAD_ATTEMPTS = 3
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,57 +82,136 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save_model(
-    path: str | Path, meta: dict[str, Any], groups: dict[str, dict[str, np.ndarray]]
-) -> Path:
+@contextmanager
+def _dir_lock(root: Path) -> Iterator[None]:
+    """Exclusive lock on ``root/.patchknn.lock`` while saving (POSIX; a no-op where unavailable).
+
+    Two processes saving into the same directory take turns instead of deleting each other's files.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # read-only or odd file system: save without the lock
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove(path: Path) -> None:
+    with suppress(OSError):
+        path.unlink()
+
+
+def save_model(path: str | Path, meta: dict[str, Any], groups: dict[str, dict[str, np.ndarray]]) -> Path:
     """Write ``groups`` (file stem -> {name: array}) and ``meta`` as a model directory.
 
-    Returns the directory path.
+    ``meta`` must hold JSON types (numpy scalars and arrays are converted); NaN or infinity inside it
+    is stored as ``null``, except a non-finite ``threshold``, which is refused. All of this is
+    checked before anything is written.
+
+    Returns:
+        The directory path.
+
+    Raises:
+        ModelFileError: ``path`` is a file, a group name is not a plain name, or ``meta`` cannot be
+            stored as strict JSON.
     """
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise ModelFileError(f"{root}: exists and is not a model directory")
-    root.mkdir(parents=True, exist_ok=True)
+    bad = [stem for stem in groups if not isinstance(stem, str) or not _GROUP_NAME.fullmatch(stem)]
+    if bad:
+        raise ModelFileError(f"{root}: tensor group names must be letters, digits or '_', got {bad}")
+    reserved = {"format", "format_version", "patchknn_version", "files"} & set(meta)
+    if reserved:
+        raise ModelFileError(f"{root}: metadata keys {sorted(reserved)} are reserved for the file format")
+    thr = meta.get("threshold")
+    if isinstance(thr, float | np.floating) and not math.isfinite(float(thr)):
+        raise ModelFileError(f"{root}: the threshold is {thr}; set a finite threshold (or None) before saving")
+    try:
+        meta = _json_safe(meta)
+        json.dumps(meta, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ModelFileError(f"{root}: the model's metadata cannot be stored as JSON ({e})") from e
+    blobs: dict[str, bytes] = {
+        stem: st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}) for stem, tensors in groups.items()
+    }
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _dir_lock(root):
+            _write_locked(root, meta, blobs)
+    except OSError as e:  # disk full, permissions, a file where a folder should be, ...
+        raise ModelFileError(
+            f"{root}: the model could not be written ({e.strerror or e}); a model saved there before is unchanged"
+        ) from e
+    return root
+
+
+def _write_locked(root: Path, meta: dict[str, Any], blobs: dict[str, bytes]) -> None:
+    """The writing part of :func:`save_model`, under the directory lock. Until the final
+    ``os.replace`` of ``patchknn.json`` nothing the previous model uses is touched."""
+    for leftover in root.iterdir():
+        if _TEMP_FILE.fullmatch(leftover.name):
+            _remove(leftover)  # from a save that was killed; nobody else writes here now
     files: dict[str, dict[str, str]] = {}
-    for stem, tensors in groups.items():
-        blob = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    for stem, blob in blobs.items():
         digest = hashlib.sha256(blob).hexdigest()
         name = f"{stem}-{digest[:16]}.safetensors"
         target = root / name
-        if not (target.exists() and _sha256_file(target) == digest):
+        if not (target.is_file() and target.stat().st_size == len(blob) and _sha256_file(target) == digest):
             _atomic_write(target, blob)
         files[stem] = {"file": name, "sha256": digest, "bytes": str(len(blob))}
     document = {
+        **meta,
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "patchknn_version": __version__,
         "files": files,
-        **meta,
     }
-    _atomic_write(root / META_FILE, json.dumps(document, indent=2, sort_keys=True).encode())
-    keep = {f["file"] for f in files.values()} | {META_FILE}
-    for old in root.glob("*.safetensors"):
-        if old.name not in keep:
-            old.unlink(missing_ok=True)
-    return root
+    _atomic_write(root / META_FILE, json.dumps(document, indent=2, sort_keys=True, allow_nan=False).encode())
+    # the new model is in place; what is left is housekeeping, whose failure must not fail the save
+    keep = {f["file"] for f in files.values()}
+    with suppress(OSError):
+        for old in list(root.iterdir()):
+            if _TENSOR_FILE.fullmatch(old.name) and old.name not in keep:
+                _remove(old)
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """Read and check ``patchknn.json`` of a model directory (no tensors are read)."""
-    root = Path(path)
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays -> Python, tuples -> lists, NaN/inf -> null."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _parse_meta(root: Path, raw: bytes) -> dict[str, Any]:
     meta_path = root / META_FILE
-    if not root.exists():
-        raise ModelFileError(f"{root}: no such model")
-    if not meta_path.is_file():
-        raise ModelFileError(f"{root}: not a patchknn model directory (no {META_FILE})")
     try:
-        doc = json.loads(meta_path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ModelFileError(f"{meta_path}: not valid JSON ({e}); the file is damaged") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{meta_path}: not a patchknn model file")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ModelFileError(
             f"{root}: model format version {version!r} is not supported by patchknn {__version__} "
             f"(supports {FORMAT_VERSION}); re-fit the model or use the patchknn version that saved it "
@@ -124,36 +222,185 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ModelFileError(
             f"{root}: saved by patchknn {saved_by}, newer than this patchknn {__version__}; upgrade patchknn"
         )
-    if not isinstance(doc.get("files"), dict):
+    files = doc.get("files")
+    if not isinstance(files, dict):
         raise ModelFileError(f"{meta_path}: the list of tensor files is missing")
+    for stem, entry in files.items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("file"), str)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise ModelFileError(f"{meta_path}: damaged file entry for {stem!r}")
+        name = entry["file"]
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ModelFileError(f"{root}: file name {name!r} for {stem!r} is not a plain name")
+        if "bytes" in entry and _parse_size(entry["bytes"]) is None:
+            raise ModelFileError(f"{meta_path}: damaged size {entry['bytes']!r} for {stem!r}")
     return doc
 
 
-def load_model(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """Read a model directory written by :func:`save_model`, verifying every checksum."""
+def _parse_size(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and value.isdigit() and len(value) < 20:
+        size = int(value)
+    else:
+        return None
+    return size if size >= 0 else None
+
+
+def _read_meta_bytes(root: Path) -> bytes:
+    meta_path = root / META_FILE
+    if not root.exists():
+        raise ModelFileError(f"{root}: no such model")
+    if not meta_path.is_file():
+        raise ModelFileError(f"{root}: not a patchknn model directory (no {META_FILE})")
+    try:
+        return meta_path.read_bytes()
+    except OSError as e:
+        raise ModelFileError(f"{meta_path}: cannot be read ({e.strerror or e})") from e
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Read and check ``patchknn.json`` of a model directory (no tensors are read)."""
     root = Path(path)
-    doc = read_meta(root)
+    return _parse_meta(root, _read_meta_bytes(root))
+
+
+class _Vanished(ModelFileError):
+    """A referenced file is missing (maybe replaced by a concurrent save: worth one more try)."""
+
+
+def _read_groups(root: Path, doc: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     groups: dict[str, dict[str, np.ndarray]] = {}
     for stem, entry in doc["files"].items():
-        try:
-            name, digest = str(entry["file"]), str(entry["sha256"])
-        except (KeyError, TypeError) as e:
-            raise ModelFileError(f"{root}: damaged file entry for {stem!r}") from e
-        if Path(name).name != name:
-            raise ModelFileError(f"{root}: file name {name!r} for {stem!r} is not a plain name")
+        name, digest = entry["file"], entry["sha256"]
         file = root / name
-        if not file.is_file():
-            raise ModelFileError(f"{file}: missing; the model directory is incomplete")
-        blob = file.read_bytes()
-        if hashlib.sha256(blob).hexdigest() != digest:
+        try:
+            size = file.stat().st_size if file.is_file() else None
+        except OSError:
+            size = None
+        if size is None:
+            raise _Vanished(f"{file}: missing; the model directory is incomplete")
+        expected = _parse_size(entry.get("bytes"))
+        if expected is not None and size != expected:
             raise ModelFileError(
-                f"{file}: checksum mismatch; the file was truncated or modified after saving"
+                f"{file}: {size} bytes where {expected} were saved; the file was truncated or modified"
             )
         try:
-            groups[stem] = st_load(blob)
-        except (SafetensorError, ValueError, OSError) as e:
-            raise ModelFileError(f"{file}: not a valid safetensors file ({e})") from e
-    return doc, groups
+            blob = file.read_bytes()
+        except FileNotFoundError:
+            raise _Vanished(f"{file}: missing; the model directory is incomplete") from None
+        except OSError as e:
+            raise ModelFileError(f"{file}: cannot be read ({e.strerror or e})") from e
+        if hashlib.sha256(blob).hexdigest() != digest:
+            raise ModelFileError(f"{file}: checksum mismatch; the file was truncated or modified after saving")
+        try:
+            groups[str(stem)] = st_load(blob)
+        except Exception as e:  # noqa: BLE001 - safetensors' error types on malformed data vary
+            raise ModelFileError(f"{file}: not a valid safetensors file ({type(e).__name__}: {e})") from e
+    return groups
+
+
+def load_model(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Read a model directory written by :func:`save_model`, verifying every size and checksum.
+
+    If a referenced file disappears because another process saved a new model into the same
+    directory meanwhile, the new model is read instead (a few attempts).
+
+    Raises:
+        ModelFileError: missing, damaged, tampered with, or of an unsupported format.
+    """
+    root = Path(path)
+    for attempt in range(_LOAD_ATTEMPTS):
+        raw = _read_meta_bytes(root)
+        doc = _parse_meta(root, raw)
+        try:
+            return doc, _read_groups(root, doc)
+        except _Vanished as e:
+            replaced = (root / META_FILE).is_file() and _read_meta_bytes(root) != raw
+            if not replaced or attempt == _LOAD_ATTEMPTS - 1:
+                raise ModelFileError(str(e)) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -------------------------------------------------------------------------------------------------
+# content checks of a loaded PatchKNN model
+# -------------------------------------------------------------------------------------------------
+_COUNT_KEYS = ("n_train_images", "n_skipped", "bank_size", "feature_dim", "n_components")
+
+
+def check_model_contents(path: str | Path, doc: dict[str, Any], groups: dict[str, Any], config: Any) -> None:
+    """Check what :func:`load_model` read for a :class:`~patchknn.model.PatchKNN` against its
+    configuration, so that a damaged or hand-edited model fails here with a clear message.
+
+    Checks: ``threshold`` is a finite number or null; ``fit_info`` is an object whose counts are
+    non-negative integers; the ``tensors`` and ``backbone`` groups exist; the bank is a non-empty,
+    finite, floating-point ``(N, d)`` matrix with ``N >= k``; the PCA tensors come together, are
+    finite and agree with each other, with the bank and with the backbone's feature size (without
+    PCA the bank has the feature size); every backbone tensor is finite. Extra tensors are allowed.
+
+    Raises:
+        ModelFileError: naming ``path`` and the problem.
+    """
+    from patchknn.backbones import backbone_class
+
+    def fail(reason: str) -> ModelFileError:
+        return ModelFileError(f"{path}: {reason}")
+
+    thr = doc.get("threshold")
+    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, int | float) or not math.isfinite(thr)):
+        raise fail(f"the threshold must be a finite number or null, got {thr!r}")
+    info = doc.get("fit_info", {})
+    if info is None:
+        info = {}
+    if not isinstance(info, dict):
+        raise fail(f"fit_info must be a JSON object, got {type(info).__name__}")
+    for key in _COUNT_KEYS:
+        value = info.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise fail(f"fit_info.{key} must be a non-negative integer, got {value!r}")
+
+    tensors, backbone = groups.get("tensors"), groups.get("backbone")
+    if not isinstance(tensors, dict) or not isinstance(backbone, dict) or "bank" not in tensors:
+        raise fail("tensors are missing from the model (need the memory bank and the backbone weights)")
+    bank = tensors["bank"]
+    if bank.ndim != 2 or bank.shape[0] < 1 or bank.shape[1] < 1 or bank.dtype.kind != "f":
+        raise fail(f"the memory bank must be a non-empty float (N, d) matrix, got {bank.dtype} {bank.shape}")
+    if config.k > bank.shape[0]:
+        raise fail(f"k={config.k} is larger than the memory bank ({bank.shape[0]} patches)")
+    cls = backbone_class(config.backbone)
+    feature_dim = sum(cls.layer_info(n).channels for n in config.resolved_layers)
+    pca_keys = ("pca_mean", "pca_components", "pca_explained_variance_ratio")
+    present = [k for k in pca_keys if k in tensors]
+    if present:
+        if len(present) != len(pca_keys):
+            raise fail(f"incomplete PCA: has {present}, needs {list(pca_keys)}")
+        mean, comps, ratio = (tensors[k] for k in pca_keys)
+        if comps.ndim != 2 or comps.shape[1] != feature_dim or comps.shape[0] < 1:
+            raise fail(
+                f"PCA components have shape {comps.shape}, expected (d, {feature_dim}) for the "
+                f"{config.backbone} layers {list(config.resolved_layers)}"
+            )
+        if mean.shape != (feature_dim,) or ratio.shape != (comps.shape[0],):
+            raise fail(f"PCA mean {mean.shape} / variance ratios {ratio.shape} disagree with components {comps.shape}")
+        if bank.shape[1] != comps.shape[0]:
+            raise fail(f"PCA and memory bank dimensions disagree ({comps.shape[0]} vs {bank.shape[1]})")
+        for k in pca_keys:
+            _check_finite(fail, k, tensors[k])
+    elif bank.shape[1] != feature_dim:
+        raise fail(f"the memory bank has {bank.shape[1]} dimensions, the backbone's features {feature_dim}")
+    _check_finite(fail, "the memory bank", bank)
+    for name, value in backbone.items():
+        _check_finite(fail, f"backbone tensor {name!r}", value)
+
+
+def _check_finite(fail: Any, what: str, value: np.ndarray) -> None:
+    if value.dtype.kind in "fc" and not np.isfinite(value).all():
+        raise fail(f"{what} contains NaN or infinite values")
 
 
 def _sha256_file(path: Path) -> str:
@@ -168,5 +415,5 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     out = []
     for part in v.split("."):
         digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
+        out.append(int(digits[:18]) if digits else 0)
     return tuple(out)

@@ -141,10 +141,14 @@ def bearer_token(authorization: str | bytes | None) -> str | bytes | None:
     if not authorization:
         return None
     if isinstance(authorization, bytes):
-        scheme, _, token_b = authorization.strip().partition(b" ")
-        return token_b.strip() or None if scheme.lower() == b"bearer" else None
+        scheme_b, _, token_b = authorization.strip().partition(b" ")
+        if scheme_b.lower() != b"bearer":
+            return None
+        return token_b.strip() or None
     scheme, _, token = authorization.strip().partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
 
 
 def is_loopback(host: str) -> bool:

@@ -1,0 +1,156 @@
+"""Memory-bank reduction: greedy k-center coreset subsampling (PatchCore, Roth et al. 2022).
+
+The coreset keeps ``ceil(ratio * N)`` patches chosen so that every dropped patch is close to a kept
+one: start from a random patch (seeded), then repeatedly add the patch farthest from everything
+kept so far. Distances for the selection are computed after a Gaussian random projection to
+``projection_dim`` dimensions (Johnson-Lindenstrauss: distances are roughly preserved, the
+selection is cheaper); the kept patches themselves are the original rows.
+
+Each step is one matrix-vector product over the projected bank plus an element-wise minimum
+(the incremental min-distance update), with torch on the CPU; the projection is done in chunks,
+so the only extra memory is the projected bank (``N x projection_dim`` float32) and two vectors.
+
+Example:
+    >>> import numpy as np
+    >>> bank = np.random.default_rng(0).normal(size=(1000, 16)).astype(np.float32)
+    >>> idx = greedy_coreset(bank, ratio=0.05, projection_dim=8, seed=0)
+    >>> len(idx), len(set(idx.tolist()))
+    (50, 50)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from patchknn.errors import ConfigError
+
+_CHUNK = 65536
+
+
+def coreset_size(n: int, ratio: float) -> int:
+    """Number of patches a coreset of ``ratio`` keeps out of ``n``: ``ceil(ratio * n)``, in [1, n]."""
+    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"coreset ratio must be in (0, 1], got {ratio!r}")
+    # guard float round-off such as 0.07 * 100 = 7.000000000000001
+    m = math.ceil(round(float(ratio) * n, 9))
+    return int(min(max(m, 1), n))
+
+
+def random_projection(
+    bank: np.ndarray, projection_dim: int, seed: int = 0
+) -> torch.Tensor:
+    """``bank @ R`` with ``R`` Gaussian ``(d, projection_dim) / sqrt(projection_dim)`` (seeded).
+
+    When ``projection_dim >= d`` the bank is returned unprojected (as a tensor sharing memory).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+    n, d = x.shape
+    if projection_dim >= d:
+        return x
+    gen = np.random.default_rng(seed)
+    r = torch.from_numpy(
+        (gen.standard_normal((d, projection_dim)) / math.sqrt(projection_dim)).astype(np.float32)
+    )
+    out = torch.empty((n, projection_dim), dtype=torch.float32)
+    for i in range(0, n, _CHUNK):
+        torch.matmul(x[i : i + _CHUNK], r, out=out[i : i + _CHUNK])
+    return out
+
+
+@torch.inference_mode()
+def greedy_coreset(
+    bank: np.ndarray, ratio: float, projection_dim: int = 128, seed: int = 0
+) -> np.ndarray:
+    """Indices of a greedy k-center coreset of ``bank`` (in the order they were selected).
+
+    Args:
+        bank: ``(N, d)`` float32 memory bank.
+        ratio: share of the rows to keep, in ``(0, 1]``; ``ceil(ratio * N)`` rows are kept.
+        projection_dim: dimension of the random projection used for the distances
+            (no projection when it is ``>= d``).
+        seed: seeds the projection and the first centre.
+
+    Returns:
+        ``int64`` array of ``ceil(ratio * N)`` distinct row indices. ``ratio == 1`` returns
+        ``arange(N)``.
+
+    Raises:
+        ConfigError: a bad ratio, projection dimension or bank.
+    """
+    bank = np.asarray(bank)
+    if bank.ndim != 2 or bank.shape[0] == 0:
+        raise ConfigError(f"coreset needs a non-empty (N, d) bank, got shape {bank.shape}")
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+        raise ConfigError(f"projection_dim must be a positive integer, got {projection_dim!r}")
+    n = int(bank.shape[0])
+    m = coreset_size(n, ratio)
+    if m >= n:
+        return np.arange(n, dtype=np.int64)
+    z = random_projection(bank, projection_dim, seed)
+    first = int(np.random.default_rng([seed, 1]).integers(n))
+    return _lazy_greedy(z, m, first)
+
+
+def _lazy_greedy(z: torch.Tensor, m: int, first: int, candidates: int = 8192) -> np.ndarray:
+    """Greedy k-center selection of ``m`` rows of ``z``, starting at row ``first``.
+
+    The plain algorithm updates every row's distance to the selected set after each selection: one
+    pass over the whole bank per selected row, bound by memory bandwidth. Here the update is lazy
+    and exact: the selection runs on the ``candidates`` rows with the largest distances; the other
+    rows' stored distances are upper bounds, all at most ``tau``. While the best candidate's
+    (exact) distance is at least ``tau`` it is the true farthest row; otherwise the selections
+    made since the last refresh are applied to every row in one matrix product (read the bank
+    once for many centres, compute-bound) and the candidates are chosen again.
+    """
+    n = z.shape[0]
+    norms = (z * z).sum(1)
+    min_d = torch.full((n,), math.inf, dtype=torch.float32)
+    selected = np.empty(m, dtype=np.int64)
+    selected[0] = first
+    pending = [first]
+    count = 1
+    t = min(n, max(candidates, 1))
+    while count < m:
+        _apply_centres(z, norms, min_d, pending)
+        pending = []
+        if t < n:
+            top_d, top = torch.topk(min_d, t + 1)
+            cand_d, cand, tau = top_d[:t].clone(), top[:t], float(top_d[t])
+        else:
+            cand_d, cand, tau = min_d.clone(), torch.arange(n), -math.inf
+        zc, nc = z[cand], norms[cand]
+        cand_list = cand.tolist()
+        dist = torch.empty_like(cand_d)
+        while count < m:
+            jl = int(torch.argmax(cand_d))
+            if not float(cand_d[jl]) >= tau:
+                break  # a row outside the candidates may be farther: refresh
+            j = cand_list[jl]
+            selected[count] = j
+            count += 1
+            pending.append(j)
+            min_d[j] = -math.inf
+            torch.addmv(nc, zc, z[j], alpha=-2.0, out=dist)
+            dist.add_(norms[j])
+            torch.minimum(cand_d, dist, out=cand_d)
+            cand_d[jl] = -math.inf
+    return selected
+
+
+def _apply_centres(z: torch.Tensor, norms: torch.Tensor, min_d: torch.Tensor, centres: list[int]) -> None:
+    """``min_d = min(min_d, squared distance to each centre)``, chunked over rows (in place)."""
+    if not centres:
+        return
+    idx = torch.as_tensor(centres, dtype=torch.long)
+    c, cn = z[idx], norms[idx]
+    rows = max(1024, (1 << 22) // len(centres))
+    for i in range(0, z.shape[0], rows):
+        block = torch.addmm(cn[None, :], z[i : i + rows], c.T, alpha=-2.0)
+        best = block.min(dim=1).values.add_(norms[i : i + rows])
+        torch.minimum(min_d[i : i + rows], best, out=min_d[i : i + rows])
+
+
+__all__ = ["coreset_size", "greedy_coreset", "random_projection"]

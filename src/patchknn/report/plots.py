@@ -1,0 +1,195 @@
+"""The report's plots, drawn with matplotlib's Agg canvas (no display, no global pyplot state).
+
+Each function takes the category data of :mod:`patchknn.report.collect` and returns PNG bytes,
+or ``None`` when the data for that plot is undefined (e.g. no defective test image).
+
+Example:
+    >>> png = colorbar_png(0.0, 3.0, threshold=2.0)
+    >>> png[:4] == b"\\x89PNG"
+    True
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from patchknn.visualize import COLORMAP
+
+GOOD_COLOR = "#2b8cbe"
+BAD_COLOR = "#e34a33"
+HELD_OUT_COLOR = "#636363"
+THRESHOLD_COLOR = "#111111"
+F1_COLOR = "#31a354"
+SIZE = (4.6, 3.4)
+DPI = 110
+
+
+def _figure(size: tuple[float, float] = SIZE) -> tuple[Figure, Any]:
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.grid(True, color="#e5e5e5", linewidth=0.6)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig, ax
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _arr(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _operating_point(x: np.ndarray, y: np.ndarray, thresholds: np.ndarray, threshold: float | None):
+    """The curve point whose threshold is the closest to ``threshold`` (``None`` if none)."""
+    if threshold is None or thresholds.size == 0:
+        return None
+    finite = np.isfinite(thresholds)
+    if not finite.any():
+        return None
+    idx = np.flatnonzero(finite)
+    j = idx[np.argmin(np.abs(thresholds[idx] - threshold))]
+    return float(x[j]), float(y[j])
+
+
+def pr_png(data: dict[str, Any]) -> bytes | None:
+    """Pixel-level precision-recall curve, with the calibrated threshold's operating point."""
+    curve = (data.get("curves") or {}).get("pr")
+    if not curve:
+        return None
+    m = data.get("metrics", {})
+    p, r = _arr(curve["precision"]), _arr(curve["recall"])
+    fig, ax = _figure()
+    ax.plot(r, p, color=BAD_COLOR, linewidth=1.8, label=f"pixel AUPRC {_f(m.get('pixel_auprc'))}")
+    paper = m.get("paper_pixel_auprc")
+    if paper is not None:
+        ax.plot([], [], " ", label=f"paper (Table 2) {paper:.3f}")
+    base = m.get("pixel_positive_rate")
+    if base is None:
+        base = _positive_rate(data)
+    if base is not None:
+        ax.axhline(base, color="#999999", linestyle=":", linewidth=1, label=f"chance {base:.3f}")
+    # thresholds are one shorter than the curve (the final (1, 0) point has none)
+    point = _operating_point(r[:-1], p[:-1], _arr(curve["thresholds"]), data.get("threshold"))
+    if point is not None:
+        ax.plot(*point, "o", color=THRESHOLD_COLOR, markersize=6, label="calibrated threshold")
+    ax.set(xlabel="recall (defective pixels found)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title("Pixel precision-recall", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    return _png(fig)
+
+
+def roc_png(data: dict[str, Any]) -> bytes | None:
+    """Pixel-level ROC curve (and the image-level one), with the calibrated operating point."""
+    curves = data.get("curves") or {}
+    curve = curves.get("roc")
+    if not curve:
+        return None
+    m = data.get("metrics", {})
+    fpr, tpr = _arr(curve["fpr"]), _arr(curve["tpr"])
+    fig, ax = _figure()
+    ax.plot(fpr, tpr, color=BAD_COLOR, linewidth=1.8, label=f"pixel AUROC {_f(m.get('pixel_auroc'))}")
+    image = curves.get("image_roc")
+    if image:
+        ax.plot(_arr(image["fpr"]), _arr(image["tpr"]), color=GOOD_COLOR, linewidth=1.2, linestyle="--",
+                drawstyle="steps-post", label=f"image AUROC {_f(m.get('image_auroc'))}")
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1)
+    point = _operating_point(fpr, tpr, _arr(curve["thresholds"]), data.get("threshold"))
+    if point is not None:
+        ax.plot(*point, "o", color=THRESHOLD_COLOR, markersize=6, label="calibrated threshold (pixels)")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title("ROC", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    return _png(fig)
+
+
+def pro_png(data: dict[str, Any], fpr_limit: float = 0.3) -> bytes | None:
+    """Per-region overlap (PRO) curve; the AUPRO integration range is shaded."""
+    curve = (data.get("curves") or {}).get("pro")
+    if not curve:
+        return None
+    m = data.get("metrics", {})
+    fpr, pro = _arr(curve["fpr"]), _arr(curve["pro"])
+    fig, ax = _figure()
+    ax.axvspan(0, fpr_limit, color="#f0f0f0", zorder=0)
+    ax.plot(fpr, pro, color=BAD_COLOR, linewidth=1.8, label=f"AUPRO@{fpr_limit:g} {_f(m.get('aupro'))}")
+    ax.axvline(fpr_limit, color="#999999", linestyle=":", linewidth=1)
+    ax.set(xlabel="false-positive rate (normal pixels)", ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title("Per-region overlap (PRO)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    return _png(fig)
+
+
+def histogram_png(data: dict[str, Any]) -> bytes | None:
+    """Image scores of good vs defective test images (and the held-out normal training images),
+    with the calibrated and the F1-optimal thresholds marked."""
+    images = data.get("images") or []
+    if not images:
+        return None
+    scores = np.array([x["score"] for x in images], dtype=np.float64)
+    labels = np.array([x["label"] for x in images])
+    held_out = np.array((data.get("calibration") or {}).get("image_scores") or [], dtype=np.float64)
+    thr, f1_thr = data.get("threshold"), data.get("f1_threshold")
+    every = np.concatenate([scores, held_out, [v for v in (thr, f1_thr) if v is not None]])
+    lo, hi = float(every.min()), float(every.max())
+    bins = np.linspace(lo, hi + 1e-9 if hi == lo else hi, 31)
+    fig, ax = _figure()
+    if (labels == 0).any():
+        ax.hist(scores[labels == 0], bins=bins, color=GOOD_COLOR, alpha=0.6,
+                label=f"good test ({int((labels == 0).sum())})")
+    if (labels > 0).any():
+        ax.hist(scores[labels > 0], bins=bins, color=BAD_COLOR, alpha=0.6,
+                label=f"defective test ({int((labels > 0).sum())})")
+    if held_out.size:
+        ax.hist(held_out, bins=bins, histtype="step", color=HELD_OUT_COLOR, linewidth=1.4,
+                label=f"held-out train ({held_out.size})")
+    if thr is not None:
+        ax.axvline(thr, color=THRESHOLD_COLOR, linewidth=1.6, label=f"calibrated {thr:.3g}")
+    if f1_thr is not None:
+        ax.axvline(f1_thr, color=F1_COLOR, linewidth=1.6, linestyle="--", label=f"F1-optimal {f1_thr:.3g}")
+    ax.set(xlabel="image score", ylabel="images")
+    ax.set_title("Image scores", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    return _png(fig)
+
+
+def colorbar_png(vmin: float, vmax: float, threshold: float | None = None, *, width: float = 4.6) -> bytes:
+    """A horizontal colour bar of the gallery's heat-map scale, the threshold marked."""
+    fig = Figure(figsize=(width, 0.62), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap=COLORMAP, extent=(vmin, vmax, 0, 1))
+    ax.set_yticks([])
+    ax.tick_params(labelsize=7)
+    if threshold is not None and vmin <= threshold <= vmax:
+        ax.axvline(threshold, color="#00ffff", linewidth=2)
+        ax.text(threshold, 1.05, "threshold", color="#333333", fontsize=7, ha="center", va="bottom",
+                transform=ax.get_xaxis_transform())
+    ax.set_xlabel("anomaly score (colours clip at both ends)", fontsize=7)
+    return _png(fig)
+
+
+def _positive_rate(data: dict[str, Any]) -> float | None:
+    """Share of defective pixels, read off the PR curve's first point (recall 1 at the lowest
+    threshold, where every pixel is predicted defective)."""
+    curve = (data.get("curves") or {}).get("pr")
+    if not curve or not curve["precision"] or curve["recall"][0] != 1.0:
+        return None
+    return curve["precision"][0]
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+__all__ = ["colorbar_png", "histogram_png", "pr_png", "pro_png", "roc_png"]

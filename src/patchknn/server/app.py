@@ -1,0 +1,741 @@
+"""The FastAPI application: endpoints, limits, errors, authentication and metrics wiring.
+
+Endpoints (all but ``/healthz`` need ``Authorization: Bearer KEY`` when keys are configured):
+
+* ``POST /v1/models/{name}/predict[?map=none|png|heatmap]``: one image, as a multipart upload in
+  the field ``file`` or as the raw request body; answers the score, the verdict (``OK``/``NG`` with
+  the model's threshold, ``null`` without one), the model's name and version, timings and
+  optionally the anomaly map as a base64 PNG.
+* ``GET /v1/models``, ``GET /v1/models/{name}``: the served models, their configuration and threshold.
+* ``GET /healthz`` (liveness, no key), ``GET /readyz`` (models loaded, batchers running).
+* ``GET /metrics``: Prometheus text format.
+* ``GET /docs``, ``/redoc``, ``/openapi.json``: OpenAPI documentation.
+
+Every error answer is JSON ``{"error": {"code": ..., "message": ...}}``; see :data:`ERROR_CODES`.
+
+Example:
+    >>> from patchknn.server.settings import ServerSettings, load_models  # doctest: +SKIP
+    >>> app = create_app(load_models(["bottle=models/bottle"]), ServerSettings())  # doctest: +SKIP
+    >>> run(app, ServerSettings(port=8000))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from patchknn.data import DECODE_FORMATS, load_image, resize_image
+from patchknn.errors import ImageError
+from patchknn.model import Prediction
+from patchknn.server.auth import KeyChecker, bearer_token
+from patchknn.server.batching import MicroBatcher, ScoredImage
+from patchknn.server.metrics import CONTENT_TYPE, Metrics
+from patchknn.server.settings import ServedModel, ServerSettings
+
+__all__ = ["ERROR_CODES", "ApiError", "create_app", "run", "sniff_format"]
+
+log = logging.getLogger("patchknn.server")
+
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "malformed request (e.g. a bad Content-Length)"),
+    "empty_body": (400, "no image in the request"),
+    "invalid_multipart": (400, "the multipart body cannot be parsed"),
+    "unauthorized": (401, "no API key, or not a valid one"),
+    "not_found": (404, "no such endpoint"),
+    "model_not_found": (404, "no model of that name is served"),
+    "method_not_allowed": (405, "wrong HTTP method for the endpoint"),
+    "request_timeout": (408, "the request body did not arrive within the request timeout"),
+    "payload_too_large": (413, "the request body is larger than --max-upload-mb"),
+    "image_too_large": (413, "the image has more pixels than --max-pixels (decompression-bomb guard)"),
+    "unsupported_media_type": (415, "the content is not an accepted image type (checked by content)"),
+    "invalid_image": (422, "an accepted type, but the image is truncated, corrupt or unusable"),
+    "missing_file": (422, "a multipart upload without the field 'file'"),
+    "unscorable_image": (422, "the model produced NaN/Inf for this image; no score"),
+    "validation_error": (422, "a bad query parameter"),
+    "internal_error": (500, "an unexpected server error (logged)"),
+    "server_busy": (503, "all processing slots and the wait queue are taken; retry after Retry-After s"),
+    "not_ready": (503, "the server is starting or stopping"),
+    "timeout": (504, "the answer was not ready within the request timeout"),
+}
+"""Error code -> (HTTP status, meaning)."""
+
+MapKind = Literal["none", "png", "heatmap"]
+
+# Magic numbers of the formats load_image decodes (patchknn.data.DECODE_FORMATS).
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"MM\x00+", "TIFF"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+_PPM = re.compile(rb"^P[1-6]\s")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the first bytes of ``data`` (PNG, JPEG, ...), or ``None``.
+
+    Example:
+        >>> sniff_format(b"\\x89PNG\\r\\n\\x1a\\n...."), sniff_format(b"hello")
+        ('PNG', None)
+    """
+    head = bytes(data[:16])
+    found: str | None = None
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            found = name
+            break
+    if found is None and len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        found = "WEBP"
+    if found is None and _PPM.match(head):
+        found = "PPM"
+    return found if found in DECODE_FORMATS else None
+
+
+class ApiError(Exception):
+    """An error answer: ``status``, ``code`` (see :data:`ERROR_CODES`), ``message``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+# ----------------------------------------------------------------------------- response schemas
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable error code.", examples=["unsupported_media_type"])
+    message: str = Field(description="What went wrong and what is accepted.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class AnomalyMap(BaseModel):
+    kind: Literal["png", "heatmap"] = Field(
+        description="png: 16-bit grayscale, score = pixel / 65535 * vmax; heatmap: colour image for people"
+    )
+    media_type: str = "image/png"
+    encoding: str = "base64"
+    width: int
+    height: int
+    vmin: float
+    vmax: float
+    data: str = Field(description="The PNG file, base64-encoded.")
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="The model's name.")
+    model_version: str = Field(description="Content fingerprint of the saved model.")
+    score: float = Field(description="Image anomaly score (as PatchKNN.predict).")
+    threshold: float | None = Field(description="The model's decision threshold, or null.")
+    verdict: Literal["OK", "NG"] | None = Field(description="NG when score >= threshold; null without one.")
+    image: dict[str, int] = Field(description="The uploaded image's width and height.")
+    batch_size: int = Field(description="Images in the backbone call this one shared.")
+    timing_ms: dict[str, float] = Field(description="total, read, decode, queue, inference (ms).")
+    anomaly_map: AnomalyMap | None = None
+
+
+_ERROR_DOCS = {
+    status: {"model": ErrorResponse, "description": "; ".join(m for c, (s, m) in ERROR_CODES.items() if s == status)}
+    for status in sorted({s for s, _ in ERROR_CODES.values()})
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _json(status: int, content: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    base = {"Cache-Control": "no-store"}
+    return JSONResponse(content, status_code=status, headers={**base, **(headers or {})})
+
+
+def _route_label(path: str) -> str:
+    if path in ("/healthz", "/readyz", "/metrics", "/v1/models", "/docs", "/redoc", "/openapi.json"):
+        return path
+    if re.fullmatch(r"/v1/models/[^/]+/predict", path):
+        return "/v1/models/{name}/predict"
+    if re.fullmatch(r"/v1/models/[^/]+", path):
+        return "/v1/models/{name}"
+    return "other"
+
+
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+
+
+class _Admission:
+    """At most ``max_concurrency`` requests in progress, ``max_queue`` more waiting, the rest 503."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, retry_after_s: int) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.active = 0
+        self.waiting = 0
+        self._sem: asyncio.Semaphore | None = None
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        if self.active >= self.max_concurrency and self.waiting >= self.max_queue:
+            raise ApiError(
+                503,
+                "server_busy",
+                f"the server is at capacity ({self.active} requests in progress, {self.waiting} waiting); "
+                f"retry in {self.retry_after_s} s",
+                {"Retry-After": str(self.retry_after_s)},
+            )
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._sem.release()
+
+
+@dataclass
+class _State:
+    models: dict[str, ServedModel]
+    settings: ServerSettings
+    metrics: Metrics
+    admission: _Admission
+    batchers: dict[str, MicroBatcher] = field(default_factory=dict)
+    expected: dict[str, int] = field(default_factory=dict)
+    decode_pool: ThreadPoolExecutor | None = None
+    score_pool: ThreadPoolExecutor | None = None
+    ready: bool = False
+
+
+def _parse_multipart(body: bytes, content_type: str, max_parts: int = 16) -> bytes:
+    """The bytes of the part named ``file`` of a ``multipart/form-data`` body."""
+    try:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+    except ImportError:  # python-multipart < 0.0.13
+        from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "invalid_multipart", "multipart/form-data without a boundary parameter")
+    parts: list[dict[str, Any]] = []
+    hdr = {"field": bytearray(), "value": bytearray()}
+
+    def on_part_begin() -> None:
+        if len(parts) >= max_parts:
+            raise ApiError(400, "invalid_multipart", f"more than {max_parts} parts in the multipart body")
+        parts.append({"headers": {}, "data": bytearray()})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        hdr["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        hdr["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        parts[-1]["headers"][bytes(hdr["field"]).lower()] = bytes(hdr["value"])
+        hdr["field"], hdr["value"] = bytearray(), bytearray()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["data"] += data[start:end]
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except ApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
+        raise ApiError(400, "invalid_multipart", f"the multipart body cannot be parsed ({exc})") from None
+    for part in parts:
+        disposition = part["headers"].get(b"content-disposition", b"")
+        _, opts = parse_options_header(disposition)
+        if opts.get(b"name") == b"file":
+            return bytes(part["data"])
+    raise ApiError(
+        422, "missing_file", "the multipart upload has no field named 'file'; send the image as -F file=@image.png"
+    )
+
+
+def _prepare(data: bytes, image_size: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode and resize exactly as :class:`patchknn.data.ImageDataset` does for ``predict``."""
+    image = load_image(data, max_pixels=max_pixels)
+    resized = resize_image(image, image_size)
+    tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+    return tensor, (int(image.shape[0]), int(image.shape[1]))
+
+
+def _image_error(exc: ImageError, max_pixels: int) -> ApiError:
+    reason = exc.reason
+    if "max_pixels" in reason or "decompression" in reason or "memory" in reason:
+        return ApiError(
+            413,
+            "image_too_large",
+            f"the image is too large: {reason} (this server accepts at most {max_pixels:,} pixels)",
+        )
+    # The first bytes named an accepted format (checked before), so anything else is a damaged image.
+    return ApiError(422, "invalid_image", f"the image cannot be used: {reason}")
+
+
+def _encode_map(amap: np.ndarray, kind: str, threshold: float | None) -> dict[str, Any]:
+    from PIL import Image
+
+    h, w = amap.shape
+    buf = io.BytesIO()
+    if kind == "png":
+        vmax = float(amap.max())
+        vmax = vmax if vmax > 0 and math.isfinite(vmax) else 1.0
+        pixels = np.clip(np.rint(amap.astype(np.float64) / vmax * 65535.0), 0, 65535).astype(np.uint16)
+        Image.fromarray(pixels).save(buf, format="PNG")
+    else:
+        from patchknn.visualize import colorize
+
+        vmax = 2.0 * threshold if threshold else float(amap.max()) or 1.0
+        Image.fromarray(colorize(amap, 0.0, vmax)).save(buf, format="PNG")
+    return {
+        "kind": kind,
+        "media_type": "image/png",
+        "encoding": "base64",
+        "width": int(w),
+        "height": int(h),
+        "vmin": 0.0,
+        "vmax": float(vmax),
+        "data": base64.b64encode(buf.getvalue()).decode("ascii"),
+    }
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    buf = bytearray()
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise ApiError(
+                    413, "payload_too_large", f"the request body is larger than the limit of {limit:,} bytes"
+                )
+    except ClientDisconnect:
+        raise ApiError(400, "bad_request", "the client disconnected before sending the whole body") from None
+    return bytes(buf)
+
+
+# ----------------------------------------------------------------------------- middleware
+class _MetricsMiddleware:
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            method = scope.get("method", "GET")
+            self.metrics.observe_request(
+                _route_label(scope.get("path", "")),
+                method if method in _METHODS else "other",
+                status,
+                time.perf_counter() - start,
+            )
+
+
+class _AuthMiddleware:
+    """401 for every path but the public ones when keys are configured; keys are never logged."""
+
+    def __init__(self, app: Any, checker: KeyChecker, public: frozenset[str], metrics: Metrics) -> None:
+        self.app = app
+        self.checker = checker
+        self.public = public
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.checker.enabled or scope.get("path") in self.public:
+            await self.app(scope, receive, send)
+            return
+        values = [v for k, v in scope.get("headers", []) if k == b"authorization"]
+        token = bearer_token(values[0]) if len(values) == 1 else None
+        if token is None:
+            message = "missing API key: send the header 'Authorization: Bearer <key>'"
+        elif not self.checker.check(token):
+            message = "invalid API key"
+        else:
+            await self.app(scope, receive, send)
+            return
+        self.metrics.count_error("unauthorized")
+        response = _json(
+            401,
+            {"error": {"code": "unauthorized", "message": message}},
+            {"WWW-Authenticate": 'Bearer realm="patchknn"'},
+        )
+        await response(scope, receive, send)
+
+
+# ----------------------------------------------------------------------------- the app
+def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | None = None) -> FastAPI:
+    """Build the application for already-loaded ``models`` (name -> :class:`ServedModel`)."""
+    settings = settings or ServerSettings()
+    if not models:
+        raise ValueError("create_app needs at least one model")
+    metrics = Metrics()
+    state = _State(
+        models=dict(models),
+        settings=settings,
+        metrics=metrics,
+        admission=_Admission(settings.max_concurrency, settings.max_queue, settings.retry_after_s),
+        expected={name: 0 for name in models},
+    )
+    for served in state.models.values():
+        metrics.add_model_info(served.name, served.version, str(served.model.config.backbone))
+    metrics.gauge(
+        "patchknn_requests_in_progress", "Requests holding a processing slot.", lambda: state.admission.active
+    )
+    metrics.gauge(
+        "patchknn_requests_queued", "Requests waiting for a processing slot.", lambda: state.admission.waiting
+    )
+    metrics.gauge(
+        "patchknn_batch_queue_images",
+        "Decoded images waiting for a backbone call.",
+        lambda: sum(b.queued for b in state.batchers.values()),
+    )
+    metrics.gauge("patchknn_ready", "1 when the server accepts predictions.", lambda: float(state.ready))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="patchknn-decode")
+        state.score_pool = ThreadPoolExecutor(1, thread_name_prefix="patchknn-score")
+        for name, served in state.models.items():
+            batcher = MicroBatcher(
+                name,
+                served.model,
+                max_batch=settings.max_batch,
+                max_delay_s=settings.max_delay_ms / 1000.0,
+                executor=state.score_pool,
+                expected=lambda name=name: state.expected[name],
+                on_batch=lambda n, s, name=name: metrics.observe_batch(name, n, s),
+            )
+            await batcher.start()
+            state.batchers[name] = batcher
+        state.ready = True
+        log.info(
+            "patchknn server ready: models %s; auth %s",
+            ", ".join(f"{m.name} ({m.version})" for m in state.models.values()),
+            f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "off (loopback only)",
+        )
+        try:
+            yield
+        finally:
+            state.ready = False
+            for batcher in state.batchers.values():
+                await batcher.stop()
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            state.score_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="patchknn inspection server",
+        version=_version(),
+        description=(
+            "Anomaly scores for images from saved patchknn models. Send `Authorization: Bearer <key>` "
+            "on every endpoint but `/healthz` when the server has API keys. Errors are JSON "
+            '`{"error": {"code": ..., "message": ...}}`.'
+        ),
+        lifespan=lifespan,
+    )
+    app.state.patchknn = state
+
+    def error(exc: ApiError) -> JSONResponse:
+        metrics.count_error(exc.code)
+        return _json(exc.status, {"error": {"code": exc.code, "message": exc.message}}, exc.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal_error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint {request.method} {request.url.path[:200]}; see /docs"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path[:200]}"
+        return error(ApiError(exc.status_code, code, message, getattr(exc, "headers", None) or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+        return error(ApiError(422, "validation_error", f"invalid request: {problems}"[:1000]))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path[:200])
+        return error(ApiError(500, "internal_error", "unexpected server error; it has been logged"))
+
+    public = {"/healthz"}
+    if settings.public_docs:
+        public |= {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
+    app.add_middleware(
+        _AuthMiddleware, checker=KeyChecker(settings.api_keys), public=frozenset(public), metrics=metrics
+    )
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    def lookup(name: str) -> ServedModel:
+        served = state.models.get(name)
+        if served is None:
+            names = ", ".join(sorted(state.models))
+            raise ApiError(404, "model_not_found", f"no model named {name[:100]!r}; served models: {names}")
+        return served
+
+    # ------------------------------------------------------------------------- endpoints
+    @app.post(
+        "/v1/models/{name}/predict",
+        response_model=PredictResponse,
+        responses=_ERROR_DOCS,
+        summary="Score one image",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                            "required": ["file"],
+                        }
+                    },
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def predict(
+        name: str,
+        request: Request,
+        map: MapKind = Query(
+            "none", description="Also return the anomaly map: png (16-bit scores) or heatmap (colour)."
+        ),
+    ) -> Response:
+        """Score one image: a multipart upload in the field ``file``, or the raw body (any type).
+
+        The image type is recognised from its content (PNG, JPEG, BMP, TIFF, WEBP, GIF, PPM), not from
+        its name or Content-Type header.
+        """
+        t0 = time.perf_counter()
+        served = lookup(name)
+        if not state.ready:
+            raise ApiError(503, "not_ready", "the server is not ready", {"Retry-After": "1"})
+        limit = settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, "bad_request", "Content-Length is not a number")
+            if int(declared) > limit:
+                raise ApiError(
+                    413,
+                    "payload_too_large",
+                    f"the request body ({int(declared):,} bytes) is larger than the limit of {limit:,} bytes",
+                )
+        timings: dict[str, float] = {}
+        phase = "queue"
+        state.expected[name] += 1
+        submitted = False
+        try:
+            async with asyncio.timeout(settings.request_timeout_s), state.admission.slot():
+                phase = "read"
+                t_read = time.perf_counter()
+                body = await _read_body(request, limit)
+                content_type = request.headers.get("content-type", "")
+                if content_type.lower().startswith("multipart/form-data"):
+                    data = _parse_multipart(body, content_type)
+                else:
+                    data = body
+                del body
+                if not data:
+                    raise ApiError(
+                        400,
+                        "empty_body",
+                        "no image: send it as multipart field 'file' (-F file=@img.png) or as the raw body",
+                    )
+                phase = "decode"
+                t_decode = time.perf_counter()
+                timings["read"] = t_decode - t_read
+                fmt = sniff_format(data)
+                if fmt is None:
+                    accepted = ", ".join(DECODE_FORMATS)
+                    raise ApiError(
+                        415,
+                        "unsupported_media_type",
+                        f"the content is not an accepted image type (recognised by its first bytes; accepted: "
+                        f"{accepted})",
+                    )
+                loop = asyncio.get_running_loop()
+                try:
+                    tensor, (h, w) = await loop.run_in_executor(
+                        state.decode_pool, _prepare, data, served.image_size, settings.max_pixels
+                    )
+                except ImageError as exc:
+                    raise _image_error(exc, settings.max_pixels) from None
+                del data
+                timings["decode"] = time.perf_counter() - t_decode
+                phase = "score"
+                state.expected[name] -= 1
+                submitted = True
+                result: ScoredImage = await state.batchers[name].submit(tensor)
+                if not (math.isfinite(result.score) and np.isfinite(result.anomaly_map).all()):
+                    raise ApiError(
+                        422,
+                        "unscorable_image",
+                        "the anomaly map contains NaN or infinite values (numerical overflow in the backbone, "
+                        "or a damaged model); no score is given",
+                    )
+                threshold = served.threshold
+                anomaly_map = None
+                if map != "none":
+                    anomaly_map = await loop.run_in_executor(
+                        state.decode_pool, _encode_map, result.anomaly_map, map, threshold
+                    )
+        except TimeoutError:
+            if phase == "read":
+                raise ApiError(
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive within {settings.request_timeout_s:g} s",
+                ) from None
+            raise ApiError(
+                504,
+                "timeout",
+                f"no answer within the request timeout of {settings.request_timeout_s:g} s "
+                f"(while in the {phase} stage)",
+            ) from None
+        finally:
+            if not submitted:
+                state.expected[name] -= 1
+        score = result.score
+        verdict = Prediction(name, result.anomaly_map, score, threshold).verdict  # the same rule as predict
+        metrics.count_prediction(name, verdict)
+        timings["queue"] = result.queue_s
+        timings["inference"] = result.inference_s
+        timings["total"] = time.perf_counter() - t0
+        content = {
+            "model": name,
+            "model_version": served.version,
+            "score": score,
+            "threshold": threshold,
+            "verdict": verdict,
+            "image": {"width": w, "height": h},
+            "batch_size": result.batch_size,
+            "timing_ms": {k: round(v * 1000.0, 3) for k, v in timings.items()},
+        }
+        if anomaly_map is not None:
+            content["anomaly_map"] = anomaly_map
+        return _json(200, content)
+
+    @app.get("/v1/models", summary="The served models", responses=_ERROR_DOCS)
+    async def list_models() -> dict[str, Any]:
+        return {"models": [m.describe() for m in state.models.values()], "limits": settings.public()}
+
+    @app.get("/v1/models/{name}", summary="One served model", responses=_ERROR_DOCS)
+    async def get_model(name: str) -> dict[str, Any]:
+        return lookup(name).describe()
+
+    @app.get("/healthz", summary="Liveness (no key needed)")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: models loaded and batchers running", responses=_ERROR_DOCS)
+    async def readyz() -> Response:
+        running = all(b.running for b in state.batchers.values()) and len(state.batchers) == len(state.models)
+        if not (state.ready and running):
+            raise ApiError(503, "not_ready", "the server is starting or stopping", {"Retry-After": "1"})
+        return _json(200, {"status": "ready", "models": sorted(state.models)})
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key of the server."}
+            }
+            if settings.api_keys:
+                schema["security"] = [{"bearerAuth": []}]
+                schema["paths"]["/healthz"]["get"]["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _version() -> str:
+    from patchknn._version import __version__
+
+    return __version__
+
+
+def run(app: FastAPI, settings: ServerSettings, *, log_level: str = "info", access_log: bool = True) -> None:
+    """Serve ``app`` with uvicorn on ``settings.host:settings.port`` until interrupted."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=access_log,
+        server_header=False,
+        timeout_keep_alive=5,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()

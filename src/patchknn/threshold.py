@@ -1,0 +1,425 @@
+"""A decision threshold calibrated from normal images only, and the statistics of normal scores.
+
+Every training image is in the memory bank, so scoring a training image against the bank gives
+(nearly) zero: the threshold must come from images the bank has not seen. :func:`calibrate`
+scores up to ``calibration_images`` training images by cross-validation, without losing any
+image to the bank: the chosen images are split into a few groups, and each group is scored
+against a temporary exact (flat) index over the bank rows of *all the other* training images.
+The held-out maps and image scores are formed exactly as :meth:`PatchKNN.predict` forms them
+(:meth:`~patchknn.model.PatchKNN.grid_to_map`, :meth:`~patchknn.model.PatchKNN.image_score`).
+
+* ``threshold_method="quantile"``: threshold = the ``threshold_quantile`` quantile of the
+  held-out normal image scores (linear interpolation; with 16 images, 0.99 is close to the max).
+* ``threshold_method="sigma"``: threshold = mean + ``threshold_sigma`` x standard deviation.
+* ``threshold_method="none"``: no threshold (and no calibration work).
+
+Scoring every held-out patch exactly would cost as much as predicting the images; the search is
+pruned without changing any score (see :func:`_score_group`), which makes calibration several
+times cheaper than predicting the same images.
+
+The statistics (image-score mean/std/quantiles, quantiles of held-out normal patch scores) are
+stored in ``model.fit_info_["calibration"]`` and saved with the model; :func:`color_scale` turns
+them into a colour range that means the same on every image of the model.
+
+Example:
+    >>> import numpy as np
+    >>> threshold_from_scores(np.array([1.0, 2.0, 3.0]), "quantile", quantile=0.5)
+    2.0
+    >>> round(threshold_from_scores(np.array([1.0, 2.0, 3.0]), "sigma", sigma=2.0), 3)
+    4.0
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from patchknn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from patchknn.model import PatchKNN
+
+#: Number of cross-validation groups the calibration images are split into.
+N_GROUPS = 4
+IMAGE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
+PATCH_QUANTILES = (0.5, 0.9, 0.99, 0.999)
+#: Upper bounds come from every STRIDE-th held-out bank row; exact patch statistics from a random
+#: 1/STRIDE of the patches (see :func:`_score_group`).
+STRIDE = 8
+#: The reference value (the threshold) sits at this fraction of the colour range.
+REFERENCE_POSITION = 2.0 / 3.0
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration was impossible (e.g. a single training image); the model has no threshold."""
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` found.
+
+    Attributes:
+        threshold: the decision threshold (``None`` when it could not be calibrated).
+        method: ``"quantile"`` or ``"sigma"``.
+        image_scores: the held-out normal image scores, in the order of ``images``.
+        images: indices (into the fitted images) of the calibration images.
+        info: JSON-ready summary stored as ``fit_info_["calibration"]``.
+    """
+
+    threshold: float | None
+    method: str
+    image_scores: np.ndarray
+    images: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def threshold_from_scores(
+    scores: np.ndarray, method: str, *, quantile: float = 0.99, sigma: float = 3.0
+) -> float:
+    """The threshold from held-out normal image ``scores`` (see the module docstring)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.size == 0:
+        raise ConfigError("threshold calibration needs at least one held-out score")
+    if method == "quantile":
+        return float(np.quantile(scores, quantile))
+    if method == "sigma":
+        std = float(scores.std(ddof=1)) if scores.size > 1 else 0.0
+        return float(scores.mean() + sigma * std)
+    raise ConfigError(f"threshold_method must be 'quantile' or 'sigma' to calibrate, got {method!r}")
+
+
+def select_images(n_images: int, max_images: int, seed: int) -> list[int]:
+    """Which fitted images to calibrate on: all, or ``max_images`` of them picked at random."""
+    if max_images >= n_images:
+        return list(range(n_images))
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_images, size=max_images, replace=False))
+
+
+def calibrate(
+    model: PatchKNN,
+    bank: np.ndarray,
+    n_images: int,
+    *,
+    bank_rows: np.ndarray | None = None,
+    index_bank: np.ndarray | None = None,
+    progress: bool = True,
+    exact: bool = False,
+) -> Calibration:
+    """Calibrate ``model``'s threshold by cross-validation over its own training images.
+
+    Args:
+        model: the model being fitted (its config, :meth:`grid_to_map`, :meth:`image_score`).
+        bank: the *full* memory bank before any subsampling, ``(n_images * grid**2, d)``, in the
+            space of the index (after PCA); the rows of fitted image ``i`` are
+            ``[i * grid**2, (i + 1) * grid**2)``.
+        n_images: the number of fitted images.
+        bank_rows: when the searched bank is a subset of ``bank`` (coreset), the row numbers (in
+            ``bank``) of the rows kept, in the order of ``index_bank``; ``None`` = all rows kept.
+        index_bank: the rows that are searched at predict time when ``bank_rows`` is given
+            (defaults to ``bank[bank_rows]``).
+        progress: show a progress bar (only when ``model.progress`` and stderr is a terminal).
+        exact: search every held-out patch exactly instead of pruning (same scores, slower; for
+            tests). Pruning is used only where it is exact (``image_score`` ``max``/``topk_mean``).
+
+    Returns:
+        A :class:`Calibration`; its ``threshold`` is ``None`` (with a :class:`CalibrationWarning`)
+        when there are fewer than two fitted images or ``calibration_images`` is 0.
+    """
+    cfg = model.config
+    method = cfg.threshold_method
+    cells = cfg.grid_size**2
+    if method not in ("quantile", "sigma"):
+        raise ConfigError(f"calibrate needs threshold_method 'quantile' or 'sigma', got {method!r}")
+    if bank.shape[0] != n_images * cells:
+        raise ConfigError(f"calibrate: the bank has {bank.shape[0]} rows, expected {n_images} x {cells}")
+    if n_images < 2 or cfg.calibration_images < 1:
+        why = (
+            "calibration_images is 0"
+            if cfg.calibration_images < 1
+            else f"only {n_images} training image (the threshold needs images the bank has not seen)"
+        )
+        warnings.warn(
+            f"no decision threshold: {why}; set one with model.threshold_ = ... or --threshold",
+            CalibrationWarning,
+            stacklevel=3,
+        )
+        return Calibration(None, method, np.empty(0), [], {"method": method, "threshold": None, "reason": why})
+
+    t0 = time.perf_counter()
+    chosen = select_images(n_images, cfg.calibration_images, cfg.seed)
+    n_groups = min(N_GROUPS, len(chosen))
+    groups = [chosen[g::n_groups] for g in range(n_groups)]
+    if bank_rows is not None:
+        bank_rows = np.asarray(bank_rows, dtype=np.int64)
+        if index_bank is None:
+            index_bank = bank[bank_rows]
+        row_image = bank_rows // cells
+    size = (cfg.image_size, cfg.image_size)
+    scores = np.empty(len(chosen), dtype=np.float64)
+    position = {img: j for j, img in enumerate(chosen)}
+    patch_samples: list[np.ndarray] = []
+    rng = np.random.default_rng(cfg.seed)
+    with _bar(len(chosen), "fit: calibrate", model.progress and progress) as bar:
+        for group in groups:
+            if bank_rows is None:
+                index = _flat_index_without(bank, group, cells)
+            else:
+                keep = ~np.isin(row_image, group)
+                index = _flat_index(np.ascontiguousarray(index_bank[keep]))  # type: ignore[index]
+            if index.ntotal < cfg.k:
+                continue
+            queries = np.ascontiguousarray(
+                np.concatenate([bank[i * cells : (i + 1) * cells] for i in group]), dtype=np.float32
+            )
+            group_scores, patches = _score_group(model, index, queries, len(group), rng, exact=exact)
+            for img, score in zip(group, group_scores):
+                scores[position[img]] = score
+            patch_samples.append(patches)
+            bar.update(len(group))
+            del index
+    if not patch_samples:
+        warnings.warn("no decision threshold: the held-out banks are smaller than k", CalibrationWarning, stacklevel=3)
+        return Calibration(None, method, np.empty(0), [], {"method": method, "threshold": None, "reason": "k too large"})
+    patches = np.concatenate(patch_samples)
+    threshold = threshold_from_scores(
+        scores, method, quantile=float(cfg.threshold_quantile), sigma=float(cfg.threshold_sigma)
+    )
+    info = {
+        "method": method,
+        "threshold": threshold,
+        "quantile": float(cfg.threshold_quantile),
+        "sigma": float(cfg.threshold_sigma),
+        "n_images": len(chosen),
+        "n_groups": n_groups,
+        "image_scores": [round(float(s), 6) for s in scores],
+        "image": _summary(scores, IMAGE_QUANTILES),
+        "patch": _summary(patches, PATCH_QUANTILES),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return Calibration(threshold, method, scores, chosen, info)
+
+
+# ---------------------------------------------------------------------------------- colour scale
+def color_scale(
+    fit_info: dict[str, Any] | None, threshold: float | None = None
+) -> tuple[float, float] | None:
+    """A colour range ``(vmin, vmax)`` that means the same on every image of a model.
+
+    ``vmin`` is the median patch score of held-out normal images (typical normal texture is
+    dark); the reference value, the decision threshold (``threshold`` when given, else the
+    calibrated one, else the 99th percentile of held-out normal image scores), sits at 2/3 of the
+    range, so the predicted defect outline is always drawn at the same colour. Without
+    calibration statistics: ``(0, 1.5 * threshold)`` when a threshold is given, else ``None``
+    (the caller must fall back to a per-image scale and say so).
+    """
+    cal = (fit_info or {}).get("calibration") or {}
+    patch, image = cal.get("patch") or {}, cal.get("image") or {}
+    ref = threshold if threshold is not None else cal.get("threshold")
+    if ref is None:
+        ref = image.get("q99")
+    if ref is None:
+        return None
+    vmin = float(patch.get("q50", 0.0))
+    if not vmin < ref:
+        vmin = 0.0 if ref > 0 else float(ref) - 1.0
+    vmax = vmin + (float(ref) - vmin) / REFERENCE_POSITION
+    return vmin, vmax
+
+
+# ------------------------------------------------------------------------------- decision metrics
+def threshold_metrics(
+    maps: np.ndarray | None,
+    masks: np.ndarray | None,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    threshold: float | None,
+) -> dict[str, float | None]:
+    """Image-level precision/recall/F1 and pooled pixel F1 of the decision ``score >= threshold``.
+
+    Every value is ``None`` without a threshold; precision is ``None`` when nothing is predicted
+    defective; recall and F1 are ``None`` without defective images (pixels).
+
+    Example:
+        >>> m = threshold_metrics(None, None, np.array([0.1, 0.5, 0.9]), np.array([0, 1, 1]), 0.6)
+        >>> m["threshold_image_precision"], m["threshold_image_recall"]
+        (1.0, 0.5)
+    """
+    keys = ("threshold_image_precision", "threshold_image_recall", "threshold_image_f1", "threshold_pixel_f1")
+    out: dict[str, float | None] = dict.fromkeys(keys)
+    if threshold is None:
+        return out
+    pred = np.asarray(scores) >= threshold
+    truth = np.asarray(labels) > 0
+    p, r, f = _prf(int((pred & truth).sum()), int(pred.sum()), int(truth.sum()))
+    out |= {"threshold_image_precision": p, "threshold_image_recall": r, "threshold_image_f1": f}
+    if maps is not None and masks is not None:
+        tp = fp = pos = 0
+        for amap, mask in zip(maps, masks):  # one image at a time: no (N, H, W) bool temporaries
+            hit = amap >= threshold
+            gt = mask > 0
+            tp += int(np.count_nonzero(hit & gt))
+            fp += int(np.count_nonzero(hit & ~gt))
+            pos += int(np.count_nonzero(gt))
+        out["threshold_pixel_f1"] = _prf(tp, tp + fp, pos)[2]
+    return out
+
+
+def _prf(tp: int, predicted: int, positive: int) -> tuple[float | None, float | None, float | None]:
+    precision = tp / predicted if predicted else None
+    recall = tp / positive if positive else None
+    if positive == 0:
+        return precision, recall, None
+    f1 = 2 * tp / (predicted + positive)
+    return precision, recall, float(f1)
+
+
+# -------------------------------------------------------------------------------------- helpers
+def _summary(values: np.ndarray, quantiles: tuple[float, ...]) -> dict[str, float]:
+    values = np.asarray(values, dtype=np.float64)
+    qs = np.quantile(values, quantiles)
+    out = {
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+    out |= {_qname(q): float(v) for q, v in zip(quantiles, qs)}
+    return out
+
+
+def _qname(q: float) -> str:
+    """0.5 -> 'q50', 0.99 -> 'q99', 0.999 -> 'q999'."""
+    text = f"{q:.4f}".rstrip("0").split(".")[1]
+    return "q" + (text if len(text) > 1 else text + "0")
+
+
+def _flat_index(rows: np.ndarray) -> Any:
+    import faiss
+
+    index = faiss.IndexFlatL2(rows.shape[1])
+    index.add(np.ascontiguousarray(rows, dtype=np.float32))
+    return index
+
+
+def _flat_index_without(bank: np.ndarray, excluded: list[int], cells: int) -> Any:
+    """A flat index over ``bank`` minus the row blocks of the ``excluded`` images (no bank copy)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(bank.shape[1])
+    start = 0
+    for img in sorted(excluded) + [bank.shape[0] // cells]:
+        stop = img * cells
+        if stop > start:
+            index.add(np.ascontiguousarray(bank[start:stop], dtype=np.float32))
+        start = (img + 1) * cells
+    return index
+
+
+def _score_group(
+    model: PatchKNN, index: Any, queries: np.ndarray, n: int, rng: np.random.Generator, *, exact: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores of ``n`` held-out images (``queries`` = their patches) against ``index``, and
+    a sample of their exact patch scores.
+
+    Scoring every patch exactly costs as much as predicting the images. Instead (unless ``exact``
+    or the score is not monotone in the patch scores), every patch first gets an *upper bound*:
+    the mean distance to its k nearest rows among every :data:`STRIDE`-th held-out row (the i-th
+    nearest distance in a subset is never below the i-th nearest in the whole set). Maps and
+    image scores are monotone in the patch scores (bilinear resizing and Gaussian smoothing have
+    non-negative weights; max and top-k mean are monotone), so an image's score computed with
+    upper bounds for the patches not yet searched exactly is an upper bound, and with zeros for
+    them a lower bound. The patches with the highest bounds are searched exactly, twice as many
+    each round, until the two scores are equal: the result is the exact score. A random
+    1/STRIDE of the patches is searched exactly from the start for unbiased patch statistics.
+    """
+    cfg = model.config
+    cells, g, k = cfg.grid_size**2, cfg.grid_size, cfg.k
+    size = (cfg.image_size, cfg.image_size)
+    shape = (n, g, g)
+
+    def search(idx: Any, q: np.ndarray) -> np.ndarray:
+        sq, _ = idx.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        return np.sqrt(np.maximum(sq, 0.0)).mean(axis=1, dtype=np.float64).astype(np.float32)
+
+    def score(grid: np.ndarray, weight: float = 1.0) -> float:
+        amap = model.grid_to_map(grid, size)
+        return model.image_score(grid, amap, weight) if weight != 1.0 else model.image_score(grid, amap)
+
+    monotone = cfg.image_score in ("max", "topk_mean")
+    rows = _rows_of(index)
+    subset = rows[::STRIDE]
+    if exact or not monotone or subset.shape[0] < k or n * cells <= 4 * STRIDE:
+        values = search(index, queries).reshape(shape)
+        weights = np.ones(n)
+        if cfg.image_score == "reweighted":
+            weights = _reweight(model, values, queries.reshape(n, cells, -1), rows)
+        return np.array([score(v, float(w)) for v, w in zip(values, weights)]), values.ravel()
+
+    values = search(_flat_index(subset), queries)  # upper bounds, (n * cells,)
+    known = np.zeros(n * cells, dtype=bool)
+    sample = rng.choice(n * cells, size=max(1, n * cells // STRIDE), replace=False)
+    todo = np.sort(sample)
+    scores = np.full(n, np.nan)
+    per_image = 16
+    while True:
+        values[todo] = search(index, queries[todo])
+        known[todo] = True
+        grids, known_grid = values.reshape(shape), known.reshape(shape)
+        pending = []
+        for j in range(n):
+            if not np.isnan(scores[j]):
+                continue
+            upper = score(grids[j])
+            lower = score(np.where(known_grid[j], grids[j], 0.0).astype(np.float32))
+            if lower >= upper or known_grid[j].all():
+                scores[j] = upper
+            else:
+                pending.append(j)
+        if not pending:
+            break
+        picks = []
+        for j in pending:  # the not-yet-exact patches with the highest upper bounds
+            flat = np.where(known_grid[j].ravel(), -np.inf, grids[j].ravel())
+            top = np.argsort(-flat, kind="stable")[:per_image]
+            picks.append(j * cells + top[np.isfinite(flat[top])])
+        todo = np.unique(np.concatenate(picks))
+        per_image *= 2
+    return scores, values[sample]
+
+
+def _rows_of(index: Any) -> np.ndarray:
+    """The vectors stored in a flat faiss index, as an ``(n, d)`` array (a view, no copy)."""
+    import faiss
+
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+def _reweight(model: PatchKNN, grids: np.ndarray, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """The model's ``image_score="reweighted"`` weights, computed against the held-out bank."""
+    from types import SimpleNamespace
+
+    holder = SimpleNamespace(config=model.config, index_=SimpleNamespace(bank=others))
+    return np.asarray(type(model)._reweight(holder, grids, rows), dtype=np.float64)  # type: ignore[arg-type]
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or not sys.stderr.isatty(), leave=False)
+
+
+__all__ = [
+    "Calibration",
+    "CalibrationWarning",
+    "calibrate",
+    "color_scale",
+    "select_images",
+    "threshold_from_scores",
+    "threshold_metrics",
+]

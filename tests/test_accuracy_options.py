@@ -1,0 +1,246 @@
+"""The accuracy options of issue #8 (aggregation, layer norm, smoothing, resolution, re-weighted image
+score, flip TTA, backbone ensembles, the ``best`` preset) on tiny random-weight models.
+
+Options that act after the search (smoothing, image score, TTA) are tried on copies of one fitted
+model (:func:`_with`), which keeps the file fast."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, tiny_model
+from typer.testing import CliRunner
+
+from patchknn import PatchKNN
+from patchknn.backbones import build_backbone
+from patchknn.config import PRESETS, preset
+from patchknn.ensemble import EnsemblePatchKNN, _loo_stats
+from patchknn.errors import ConfigError, ModelFileError, NotFittedError
+from patchknn.features import PatchFeatureExtractor
+
+RUNTIME = {k: v for k, v in TINY.items() if k in ("weights", "progress")}
+SMALL = {k: v for k, v in TINY.items() if k not in ("weights", "progress")}
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
+    # normal images: small variations of one pattern; the test image has a bright square defect
+    train = [
+        np.clip(base.astype(int) + rng.integers(-8, 8, base.shape), 0, 255).astype(np.uint8) for _ in range(6)
+    ]
+    test = train[0].copy()
+    test[20:32, 24:36] = 255
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def fitted(images):
+    """One plain tiny model fitted on the normal images."""
+    return tiny_model(threshold_method="none").fit(images[0])
+
+
+def _with(model: PatchKNN, **options) -> PatchKNN:
+    """A copy of a fitted model with prediction-time options changed (they need no refit)."""
+    out = copy.copy(model)
+    out.config = model.config.replace(**options)
+    return out
+
+
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+
+
+def _symmetric(img: np.ndarray) -> np.ndarray:
+    """Make ``img`` equal to its horizontal and vertical mirror images."""
+    h, w = img.shape[:2]
+    top = img[: h // 2, : w // 2]
+    upper = np.concatenate([top, top[:, ::-1]], axis=1)
+    return np.ascontiguousarray(np.concatenate([upper, upper[::-1]], axis=0))
+
+
+# ------------------------------------------------------------------------------------ features
+def test_aggregation_averages_neighbourhoods_and_layer_norm_gives_unit_norms():
+    net = build_backbone("resnet50", weights="random")
+    x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = PatchFeatureExtractor(net, 8)(x).reshape(8, 8, -1)
+    agg = PatchFeatureExtractor(net, 8, aggregation=3)(x).reshape(8, 8, -1)
+    assert agg.shape == plain.shape and not torch.allclose(agg, plain)
+
+    def step(f: torch.Tensor) -> torch.Tensor:
+        return (f[1:] - f[:-1]).abs().mean()
+
+    assert step(agg) < step(plain)  # local averaging makes neighbouring cells more alike
+    feats = PatchFeatureExtractor(net, 8, layer_norm=True)(x)
+    start = 0
+    for name in net.layers:
+        c = net.layer_info(name).channels
+        norms = feats[0, :, start : start + c].norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
+        start += c
+
+
+# ----------------------------------------------------------------------------------- smoothing
+def test_smoothing_reduces_variance_and_keeps_mean(fitted):
+    grid = np.random.default_rng(0).random((8, 8)).astype(np.float32)
+    raw = fitted.grid_to_map(grid, (64, 64))
+    smooth = _with(fitted, smoothing_sigma=1.0).grid_to_map(grid, (64, 64))
+    assert smooth.shape == raw.shape == (64, 64)
+    assert smooth.var() < 0.5 * raw.var()
+    assert smooth.mean() == pytest.approx(raw.mean(), rel=0.05)
+    # sigma is in grid cells: at twice the output size it blurs the same share of the image
+    big = _with(fitted, smoothing_sigma=1.0).grid_to_map(grid, (128, 128))
+    assert big[::2, ::2].var() == pytest.approx(smooth.var(), rel=0.1)
+
+
+def test_higher_resolution_with_proportional_grid(images):
+    train, test = images
+    model = tiny_model(image_size=96, grid_size=12, threshold_method="none").fit(train[:2])
+    assert model.predict([test])[0].anomaly_map.shape == (96, 96)
+    assert model.fit_info_["bank_size"] == 2 * 144
+
+
+# -------------------------------------------------------------------------------- image scores
+def test_reweighted_image_score(images, fitted):
+    _, test = images
+    rew = _with(fitted, image_score="reweighted", image_score_topk=9)
+    p, r = fitted.predict([test])[0], rew.predict([test])[0]
+    np.testing.assert_array_equal(p.anomaly_map, r.anomaly_map)  # the map is untouched
+    _, weights = rew.score_batch(_tensor(test))
+    # m* is the nearest of its neighbourhood, so 1 - 1/b <= w <= 1
+    assert 1 - 1 / 9 - 1e-9 <= weights[0] <= 1.0
+    assert r.score == pytest.approx(p.score * weights[0], rel=1e-6)
+    with pytest.raises(ConfigError, match="image_score"):
+        preset("paper", image_score="weighted")
+
+
+# ----------------------------------------------------------------------------------------- TTA
+def test_tta_map_of_symmetric_input_is_symmetric(images, fitted):
+    sym = _symmetric(images[1])
+    plain = fitted.predict([sym])[0].anomaly_map
+    h = _with(fitted, tta=("hflip",)).predict([sym])[0].anomaly_map
+    v = _with(fitted, tta=("vflip",)).predict([sym])[0].anomaly_map
+    # a CNN is not mirror-symmetric, so the plain map of a mirror-symmetric input is not ...
+    assert not np.allclose(plain, plain[:, ::-1], atol=1e-4)
+    assert not np.allclose(plain, plain[::-1, :], atol=1e-4)
+    # ... but the map averaged with its flipped view is, about that flip's axis
+    np.testing.assert_allclose(h, h[:, ::-1], atol=1e-4)
+    np.testing.assert_allclose(v, v[::-1, :], atol=1e-4)
+
+
+def test_tta_is_flip_equivariant_and_averages_views(images, fitted):
+    _, test = images
+    model = _with(fitted, tta=("hflip",))
+    a = model.predict([test])[0].anomaly_map
+    b = model.predict([np.ascontiguousarray(test[:, ::-1])])[0].anomaly_map
+    np.testing.assert_allclose(b, a[:, ::-1], rtol=1e-5, atol=1e-5)
+    # the averaged grid is the mean of the plain grid and the flipped-back grid of the mirror image
+    x = _tensor(test)
+    g0 = fitted.score_grid(x)
+    g1 = fitted.score_grid(torch.flip(x, dims=(3,)))[:, :, ::-1]
+    np.testing.assert_allclose(model.score_grid(x), (g0 + g1) / 2, rtol=1e-5, atol=1e-6)
+    # both flips: three views averaged
+    both = _with(fitted, tta=("hflip", "vflip")).score_grid(x)
+    g2 = fitted.score_grid(torch.flip(x, dims=(2,)))[:, ::-1, :]
+    np.testing.assert_allclose(both, (g0 + g1 + g2) / 3, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="tta"):
+        preset("paper", tta=("rot90",))
+
+
+# ------------------------------------------------------------------------------------ ensemble
+def _ensemble(**config):
+    cfg = preset("paper", **{**SMALL, "threshold_method": "none", **config})
+    return EnsemblePatchKNN(["resnet50", "efficientnet-lite2"], cfg, **RUNTIME)
+
+
+@pytest.fixture(scope="module")
+def ensemble(images):
+    return _ensemble(aggregation=3, smoothing_sigma=0.5).fit(images[0])
+
+
+def test_ensemble_averages_normalised_member_maps(images, ensemble):
+    _, test = images
+    ens = ensemble
+    assert ens.norm_.shape == (2, 2) and (ens.norm_[:, 1] > 0).all()
+    x = _tensor(test)
+    expected = np.mean([(m.score_grid(x) - mu) / sd for m, (mu, sd) in zip(ens.members, ens.norm_)], axis=0)
+    np.testing.assert_allclose(ens.score_grid(x), expected, rtol=1e-5, atol=1e-5)
+    pred = ens.predict([test])[0]
+    assert pred.anomaly_map.shape == (64, 64) and np.isfinite(pred.anomaly_map).all()
+    assert [m.config.backbone for m in ens.members] == ["resnet50", "efficientnet-lite2"]
+    assert ens.members[1].config.layers == ("stage2", "stage3", "stage4")
+    assert ens.members[1].config.aggregation == 3
+
+
+def test_ensemble_save_load_round_trip(images, ensemble, fitted, tmp_path):
+    train, test = images
+    before = ensemble.predict([test, train[1]])
+    ensemble.save(tmp_path / "ens")
+    assert (tmp_path / "ens" / "patchknn.json").is_file()
+    assert list((tmp_path / "ens").glob("*.safetensors"))
+    loaded = EnsemblePatchKNN.load(tmp_path / "ens", progress=False)
+    after = loaded.predict([test, train[1]])
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+        assert a.score == b.score
+    assert loaded.config == ensemble.config
+    np.testing.assert_array_equal(loaded.norm_, ensemble.norm_)
+    # a single model directory is not an ensemble
+    fitted.save(tmp_path / "single")
+    with pytest.raises(ModelFileError, match="not an ensemble"):
+        EnsemblePatchKNN.load(tmp_path / "single")
+
+
+def test_ensemble_checks():
+    cfg = preset("paper", **SMALL)
+    with pytest.raises(ConfigError, match="two distinct"):
+        EnsemblePatchKNN(["resnet50"], cfg, **RUNTIME)
+    with pytest.raises(ConfigError, match="two distinct"):
+        EnsemblePatchKNN(["resnet50", "resnet50"], cfg, **RUNTIME)
+    with pytest.raises(NotFittedError):
+        _ensemble().predict([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_leave_one_out_calibration_excludes_own_patches(images, fitted):
+    train, _ = images
+    # scored against the full bank a training image is at distance ~0; without its own patches not
+    assert fitted.predict([train[2]])[0].score < 1e-2
+    mu, sd = _loo_stats(fitted, [train[2]])
+    assert mu > 0.1 and sd > 0
+
+
+# --------------------------------------------------------------------------------- best preset
+def test_best_preset_is_training_free_and_category_agnostic():
+    best = preset("best")
+    assert "best" in PRESETS and best != preset("paper")
+    assert best.backbone == "resnet50-caffe" and best.layers == ("layer1", "layer2", "layer3")
+    assert best.tta == ()  # flips are category-dependent: never in a preset for unseen categories
+    assert best.aggregation == 3 and best.smoothing_sigma > 0
+
+
+def test_best_preset_runs_with_tiny_overrides(images):
+    train, test = images
+    model = PatchKNN.from_preset("best", **SMALL, **RUNTIME).fit(train)
+    pred = model.predict([test])[0]
+    assert pred.anomaly_map.shape == (64, 64) and np.isfinite(pred.score)
+    full = len(train) * 64
+    assert model.fit_info_["bank_size"] == int(np.ceil(preset("best").coreset_ratio * full))
+
+
+def test_evaluate_cli_best_preset(synthetic_root, tmp_path):
+    from patchknn.cli import app
+
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--data-root", str(synthetic_root), "--category", "synthetic", "--preset", "best",
+         "--backbone", "resnet50", "--weights", "random", "--image-size", "64", "--grid-size", "8",
+         "--output", str(out), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["config"]["aggregation"] == 3 and doc["config"]["smoothing_sigma"] > 0
+    assert 0 <= doc["categories"]["synthetic"]["pixel_auprc"] <= 1

@@ -1,0 +1,160 @@
+"""The HTML report of `patchknn evaluate --report` and `patchknn report`."""
+
+import base64
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from patchknn.cli import app
+from patchknn.report import select_gallery
+from patchknn.report.html import TABLE_COLUMNS
+
+runner = CliRunner()
+TINY_FLAGS = ["--backbone", "resnet50", "--weights", "random", "--image-size", "64", "--grid-size", "8", "-q"]
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.metrics: dict[str, tuple[str, str]] = {}  # "cat/key" -> (data-value, shown text)
+        self._cell: str | None = None
+        self._value = ""
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a["src"])
+        if tag == "td" and "data-metric" in a:
+            self._cell, self._value, self._text = a["data-metric"], a["data-value"], []
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.metrics[self._cell] = (self._value, "".join(self._text))
+            self._cell = None
+
+
+def check_page(html: Path, results: dict) -> _Page:
+    """Every image the page references exists; every metric shown equals results.json's."""
+    page = _Page()
+    page.feed(html.read_text(encoding="utf-8"))
+    assert page.images, "the page has no image"
+    for src in page.images:
+        if src.startswith("data:"):
+            assert src.startswith("data:image/png;base64,")
+            assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+        else:
+            assert not src.startswith(("http:", "https:", "/")), src  # offline, relative
+            assert (html.parent / src).is_file(), src
+    rows = {**results["categories"], "mean": results["mean"]}
+    expected = {f"{c}/{k}" for c in results["categories"] for k, _, _ in TABLE_COLUMNS}
+    assert expected <= set(page.metrics)
+    for cell, (value, shown) in page.metrics.items():
+        category, key = cell.split("/")
+        truth = rows[category].get(key)
+        if truth is None:
+            assert value == "null" and shown == "–", cell
+        else:
+            assert float(value) == pytest.approx(truth, rel=0, abs=0), cell
+            assert float(shown) == pytest.approx(truth, rel=5e-3, abs=5e-4), cell
+    return page
+
+
+@pytest.fixture(scope="module")
+def synthetic_report(synthetic_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("report")
+    out = base / "report"
+    r = runner.invoke(
+        app, ["evaluate", "--data-root", str(synthetic_root), "-c", "synthetic", "--report", str(out), *TINY_FLAGS]
+    )
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_evaluate_report_page(synthetic_report):
+    results = json.loads((synthetic_report / "results.json").read_text())
+    page = check_page(synthetic_report / "index.html", results)
+    files = [s for s in page.images if not s.startswith("data:")]
+    assert files and all(s.startswith("assets/synthetic/") for s in files)
+    text = (synthetic_report / "index.html").read_text()
+    for part in ("Configuration", "paper (Table 2)", "Pixel precision-recall", "Worst false positives",
+                 "Worst misses", "Best detections", "calibrated threshold"):
+        assert part in text, part
+    assert "<script" not in text and "http://" not in text and "https://" not in text
+    data = json.loads((synthetic_report / "assets" / "synthetic.json").read_text())
+    assert data["threshold"] == results["categories"]["synthetic"]["threshold"] is not None
+    assert data["curves"]["pr"] and data["curves"]["roc"] and data["curves"]["pro"]
+    assert len(data["images"]) == results["categories"]["synthetic"]["n_test"]
+    assert sum(x["label"] == 0 for x in data["images"]) == 3
+    row = results["categories"]["synthetic"]
+    for key in ("image_f1_threshold", "threshold_image_precision", "threshold_image_recall",
+                "threshold_image_f1", "threshold_pixel_f1"):
+        assert key in row
+
+
+def test_report_command_rebuilds_elsewhere(synthetic_report, tmp_path):
+    results_path = synthetic_report / "results.json"
+    page_path = tmp_path / "sub" / "page.html"
+    r = runner.invoke(app, ["report", str(results_path), "--output", str(page_path), "-q"])
+    assert r.exit_code == 0, r.output
+    page = check_page(page_path, json.loads(results_path.read_text()))
+    assert any(s.startswith("../") for s in page.images)  # relative to the new page
+
+
+def test_report_without_assets_has_the_table(synthetic_report, tmp_path):
+    results = json.loads((synthetic_report / "results.json").read_text())
+    bare = tmp_path / "results.json"
+    bare.write_text(json.dumps(results))
+    r = runner.invoke(app, ["report", str(bare), "-q"])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "index.html").read_text()
+    assert "No curves or gallery stored" in text
+    page = _Page()
+    page.feed(text)
+    assert page.metrics["synthetic/pixel_auprc"][0] == repr(results["categories"]["synthetic"]["pixel_auprc"])
+
+
+def test_report_rejects_a_non_results_file(tmp_path):
+    (tmp_path / "x.json").write_text('{"hello": 1}')
+    from patchknn.report import ReportError, write_report
+
+    with pytest.raises(ReportError, match="not a patchknn results file"):
+        write_report(tmp_path / "x.json")
+
+
+def test_select_gallery():
+    scores = np.array([0.9, 0.2, 0.8, 0.1, 0.7, 0.95])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    iou = np.array([0, 0, 0, 0.0, 0.5, 0.2])
+    g = select_gallery(scores, labels, iou, 2)
+    assert g["false_positives"] == [0, 2]
+    assert g["misses"] == [3, 4]
+    assert g["detections"] == [5]  # 3 and 4 are already misses
+
+
+@pytest.mark.mvtec
+def test_bottle_report(bottle_evaluation):
+    """The report for the real bottle category: every image exists, metrics equal results.json."""
+    ev = bottle_evaluation
+    results = ev.results
+    assert json.loads((ev.report_dir / "results.json").read_text()) == results
+    page = check_page(ev.html, results)
+    row = results["categories"]["bottle"]
+    assert row["pixel_auprc"] >= 0.75 and row["paper_pixel_auprc"] == 0.773
+    assert row["threshold"] is not None and row["image_f1_threshold"] is not None
+    # calibrated on normal images only, it should still separate most of bottle's test set
+    assert row["threshold_image_f1"] >= 0.8
+    gallery = [s for s in page.images if not s.startswith("data:")]
+    assert len(gallery) >= 8
+    data = json.loads((ev.report_dir / "assets" / "bottle.json").read_text())
+    assert data["color_scale"]["source"] == "model"
+    assert data["calibration"]["n_images"] == 16

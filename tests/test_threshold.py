@@ -1,0 +1,147 @@
+"""Threshold calibration from normal images only (cross-validated against the memory bank)."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+from patchknn import PatchKNN
+from patchknn.index import MemoryBankIndex
+from patchknn.threshold import (
+    CalibrationWarning,
+    color_scale,
+    select_images,
+    threshold_from_scores,
+    threshold_metrics,
+)
+
+
+@pytest.fixture(scope="module")
+def train(synthetic_root):
+    return sorted((synthetic_root / "synthetic" / "train" / "good").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def fitted(train):
+    return tiny_model().fit(train)
+
+
+def test_threshold_from_scores():
+    s = np.array([1.0, 2.0, 3.0, 4.0])
+    assert threshold_from_scores(s, "quantile", quantile=1.0) == 4.0
+    assert threshold_from_scores(s, "quantile", quantile=0.5) == 2.5
+    assert threshold_from_scores(s, "sigma", sigma=1.0) == pytest.approx(2.5 + s.std(ddof=1))
+    assert threshold_from_scores(np.array([2.0]), "sigma", sigma=3.0) == 2.0
+
+
+def test_select_images_is_seeded_and_bounded():
+    assert select_images(5, 16, 0) == [0, 1, 2, 3, 4]
+    a, b = select_images(100, 16, 0), select_images(100, 16, 0)
+    assert a == b and len(a) == 16 and len(set(a)) == 16 and a == sorted(a)
+    assert select_images(100, 16, 1) != a
+
+
+def test_fit_calibrates_on_held_out_images(fitted, train):
+    cal = fitted.fit_info_["calibration"]
+    assert cal["method"] == "quantile" and cal["n_images"] == len(train) and cal["n_groups"] == 4
+    held_out = np.array(cal["image_scores"])
+    assert fitted.threshold_ == pytest.approx(np.quantile(held_out, 0.99), rel=1e-5)
+    # held out: far from the ~0 a training image gets against the full bank
+    own = fitted.predict(train[:1])[0].score
+    assert own < 1e-2 < held_out.min()
+    assert cal["image"]["max"] == pytest.approx(held_out.max(), rel=1e-5)
+    assert 0 < cal["patch"]["q50"] < cal["patch"]["q999"] <= cal["patch"]["max"]
+
+
+def test_held_out_score_matches_a_model_without_that_image(fitted, train):
+    """The cross-validated score of an image is what a model fitted without its group gives it."""
+    cal = fitted.fit_info_["calibration"]
+    group = [i for i in range(len(train)) if i % 4 == 0]  # the first of 4 groups: images 0 and 4
+    bank = fitted.index_.bank.reshape(len(train), -1, fitted.index_.bank.shape[1])
+    kept = [i for i in range(len(train)) if i not in group]
+    sub = copy.copy(fitted)  # same backbone and PCA, bank without the group
+    sub.index_ = MemoryBankIndex().build(bank[kept].reshape(-1, bank.shape[2]))
+    expected = sub.predict([train[0], train[4]])
+    assert cal["image_scores"][0] == pytest.approx(expected[0].score, rel=1e-4)
+    assert cal["image_scores"][4] == pytest.approx(expected[1].score, rel=1e-4)
+
+
+def test_sigma_method_and_none(train):
+    sigma = tiny_model(threshold_method="sigma", threshold_sigma=2.0).fit(train)
+    s = np.array(sigma.fit_info_["calibration"]["image_scores"])
+    assert sigma.threshold_ == pytest.approx(s.mean() + 2.0 * s.std(ddof=1), rel=1e-5)
+    none = tiny_model(threshold_method="none").fit(train)
+    assert none.threshold_ is None and "calibration" not in none.fit_info_
+    assert none.predict(train[:1])[0].verdict is None
+
+
+def test_calibration_images_limits_the_work(train):
+    model = tiny_model(calibration_images=3).fit(train)
+    cal = model.fit_info_["calibration"]
+    assert cal["n_images"] == 3 and cal["n_groups"] == 3 and len(cal["image_scores"]) == 3
+
+
+def test_one_training_image_warns_and_has_no_threshold(train):
+    with pytest.warns(CalibrationWarning, match="only 1 training image"):
+        model = tiny_model().fit(train[:1])
+    assert model.threshold_ is None
+    pred = model.predict(train[1:2])[0]
+    assert pred.verdict is None and pred.mask is None
+
+
+def test_threshold_is_saved_and_overridable(fitted, train, synthetic_root, tmp_path):
+    fitted.save(tmp_path / "m")
+    loaded = PatchKNN.load(tmp_path / "m")
+    assert loaded.threshold_ == fitted.threshold_
+    assert loaded.fit_info_["calibration"] == fitted.fit_info_["calibration"]
+    test = sorted((synthetic_root / "synthetic" / "test").glob("*/*.png"))[:2]
+    pred = loaded.predict(test)[0]
+    assert pred.threshold == fitted.threshold_ and pred.verdict in ("OK", "NG")
+    np.testing.assert_array_equal(pred.mask, pred.anomaly_map >= fitted.threshold_)
+    low = loaded.predict(test, threshold=0.0)[0]
+    assert low.threshold == 0.0 and low.verdict == "NG" and low.mask.all()
+    assert loaded.threshold_ == fitted.threshold_  # the override is per call
+    loaded.threshold_ = 1e9
+    assert loaded.predict(test)[0].verdict == "OK"
+
+
+def test_reweighted_and_topk_scores_calibrate(train):
+    for score in ("topk_mean", "reweighted"):
+        model = tiny_model(image_score=score).fit(train)
+        assert model.threshold_ is not None and np.isfinite(model.threshold_), score
+
+
+def test_color_scale():
+    info = {"calibration": {"threshold": 4.0, "patch": {"q50": 1.0}, "image": {"q99": 3.0}}}
+    vmin, vmax = color_scale(info)
+    assert vmin == 1.0 and (4.0 - vmin) / (vmax - vmin) == pytest.approx(2 / 3)
+    assert color_scale(info, threshold=7.0)[1] == pytest.approx(1.0 + 6.0 * 1.5)
+    assert color_scale({}, threshold=2.0) == (0.0, 3.0)
+    assert color_scale({}) is None and color_scale(None) is None
+    no_thr = {"calibration": {"threshold": None, "patch": {"q50": 1.0}, "image": {"q99": 2.5}}}
+    assert color_scale(no_thr) == (1.0, pytest.approx(3.25))
+
+
+def test_threshold_metrics():
+    scores = np.array([0.1, 0.7, 0.5, 0.9])
+    labels = np.array([0, 0, 1, 1])
+    maps = np.zeros((4, 2, 2))
+    maps[3, 0, 0] = 1.0
+    maps[1, 1, 1] = 1.0
+    masks = np.zeros((4, 2, 2), bool)
+    masks[3, 0] = True
+    m = threshold_metrics(maps, masks, scores, labels, 0.6)
+    assert m["threshold_image_precision"] == 0.5 and m["threshold_image_recall"] == 0.5
+    assert m["threshold_image_f1"] == 0.5
+    assert m["threshold_pixel_f1"] == pytest.approx(2 * 1 / (2 + 2))  # tp=1, predicted=2, positive=2
+    assert set(threshold_metrics(maps, masks, scores, labels, None).values()) == {None}
+    none_flagged = threshold_metrics(None, None, scores, labels, 5.0)
+    assert none_flagged["threshold_image_precision"] is None and none_flagged["threshold_image_f1"] == 0.0
+
+
+def test_no_warning_for_normal_fit(train):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        tiny_model(calibration_images=2).fit(train[:2])
