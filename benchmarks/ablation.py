@@ -69,6 +69,7 @@ VARIANTS: dict[str, Variant] = {
     # the preset, and one more option at a time on top of it
     "best": ("best", {}, {}),
     "best-coreset": ("best", {"coreset_ratio": 1.0}, {}),
+    "best+agg3": ("best", {"aggregation": 3}, {}),
     "best+smooth1": ("best", {"smoothing_sigma": 1.0}, {}),
     "best+layer_norm": ("best", {"layer_norm": True}, {}),
     "best+layers23": ("best", {"layers": ("layer2", "layer3")}, {}),
@@ -76,6 +77,8 @@ VARIANTS: dict[str, Variant] = {
     "best+reweighted": ("best", {"image_score": "reweighted", "image_score_topk": 9}, {}),
     "best+topk": ("best", {"image_score": "topk_mean", "image_score_topk": 10}, {}),
     "best+res320": ("best", {"image_size": 320, "grid_size": 40}, {}),
+    "best+pca99": ("best", {"pca_variance": 0.99}, {}),
+    "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}, {}),
     "best+tta": ("best", {"tta": TTA}, {}),
     "best+bankflip": ("best", {}, {"bankflip": True}),
     "best+tta+bankflip": ("best", {"tta": TTA}, {"bankflip": True}),

@@ -257,7 +257,8 @@ def _print(out: dict[str, Any]) -> None:
         f"train images {out['n_train_images']}  test images {out['n_test_images']}  "
         f"threads {out['threads']}  workers {out['workers']}  batch {out['batch_size']}",
         f"fit: {out['fit_seconds']} s (cpu {out['fit_cpu_seconds']} s; features {out.get('fit_feature_seconds')}"
-        f" s, pca {out.get('fit_pca_seconds')} s, coreset {out.get('fit_coreset_seconds')} s, index {out.get('fit_index_seconds')} s)",
+        f" s, pca {out.get('fit_pca_seconds')} s, coreset {out.get('fit_coreset_seconds')} s,"
+        f" index {out.get('fit_index_seconds')} s)",
         f"bank: {out['bank_size']} patches (of {out['bank_size_full']}) x {out['n_components']} dims",
         f"predict: {out['predict_images_per_second']} images/s end to end",
         f"  per image (ms): backbone {ms['backbone']}  projection {ms['projection']}  search {ms['search']}  "

@@ -62,9 +62,7 @@ def test_lazy_selection_equals_textbook_greedy(bank):
 def test_greedy_covers_better_than_random(bank):
     idx = greedy_coreset(bank, 0.02, projection_dim=128, seed=0)  # 128 >= 24: no projection
     rng = np.random.default_rng(0)
-    random_radius = min(
-        _covering_radius(bank, rng.choice(len(bank), len(idx), replace=False)) for _ in range(5)
-    )
+    random_radius = min(_covering_radius(bank, rng.choice(len(bank), len(idx), replace=False)) for _ in range(5))
     assert _covering_radius(bank, idx) < 0.8 * random_radius
     # each new centre is the farthest point from the ones before it (k-center greedy property)
     b = bank.astype(np.float64)

@@ -134,3 +134,44 @@ def test_cuda_search_equals_cpu(data, kind):
         warnings.simplefilter("ignore", RuntimeWarning)  # IVF/HNSW may fall back to the CPU
         gpu = build_index(bank, kind, params, device="cuda")
     np.testing.assert_allclose(gpu.search(q, 2), brute(bank, q, 2), rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    rng = np.random.default_rng(5)
+    centres = rng.normal(scale=6.0, size=(40, 12))
+    bank = (centres[rng.integers(40, size=4000)] + rng.normal(size=(4000, 12))).astype(np.float32)
+    bank[:50] = bank[50:100]  # exact duplicates
+    q = (centres[rng.integers(40, size=300)] + rng.normal(size=(300, 12))).astype(np.float32)
+    q[:20] = rng.normal(scale=30.0, size=(20, 12))  # "anomalies" far from everything
+    q[20:30] = bank[200:210]  # queries on bank vectors: distance 0
+    return bank, q
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("nlist", [1, 16, 64])
+def test_pruned_flat_equals_brute_force(clustered, k, nlist):
+    from patchknn.index import PrunedFlatIndex
+
+    bank, q = clustered
+    index = PrunedFlatIndex(nlist=nlist, seed=0, threads=1).build(bank)
+    got = index.search(q, k)
+    np.testing.assert_allclose(got, brute(bank, q, k), rtol=1e-5, atol=1e-4)
+    if nlist == 64:
+        assert index.stats["pairs"] < 0.5 * len(q) * len(bank)  # most of the bank was skipped
+
+
+def test_pruned_flat_threads_and_factory(clustered, monkeypatch):
+    import patchknn.index as ix
+
+    bank, q = clustered
+    one = ix.PrunedFlatIndex(nlist=32, threads=1).build(bank).search(q, 3)
+    two = ix.PrunedFlatIndex(nlist=32, threads=2).build(bank)
+    np.testing.assert_array_equal(one, two.search(q, 3))  # each query's result is independent of the split
+    threads_before = torch.get_num_threads()
+    two.search(np.repeat(q, 4, axis=0), 1)
+    assert torch.get_num_threads() == threads_before
+    monkeypatch.setattr(ix, "PRUNED_MIN_BANK", 1000)
+    assert isinstance(build_index(bank, "flat"), ix.PrunedFlatIndex)
+    monkeypatch.setattr(ix, "PRUNED_MIN_BANK", 10**9)
+    assert type(build_index(bank, "flat")) is MemoryBankIndex

@@ -86,7 +86,7 @@ def test_evaluate_report_page(synthetic_report):
     files = [s for s in page.images if not s.startswith("data:")]
     assert files and all(s.startswith("assets/synthetic/") for s in files)
     text = (synthetic_report / "index.html").read_text()
-    for part in ("Configuration", "paper (Table 2)", "Pixel precision-recall", "Worst false positives",
+    for part in ("Configuration", "paper (Table 2)", "pixel precision-recall curve", "Worst false positives",
                  "Worst misses", "Best detections", "calibrated threshold"):
         assert part in text, part
     assert "<script" not in text and "http://" not in text and "https://" not in text

@@ -145,3 +145,54 @@ def test_no_warning_for_normal_fit(train):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
         tiny_model(calibration_images=2).fit(train[:2])
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"k": 3}, {"smoothing_sigma": 1.0}, {"image_score": "topk_mean", "image_score_topk": 5}]
+)
+def test_pruned_search_gives_the_exact_scores(options):
+    """The bound-and-refine search (used on real banks) changes no score."""
+    from patchknn.threshold import calibrate
+
+    model = tiny_model(**options)
+    rng = np.random.default_rng(0)
+    n_images, cells = 48, 64
+    # aligned "images": each position has its own mean, plus noise and a few outlier patches
+    bank = (rng.normal(size=(1, cells, 12)) * 3 + rng.normal(size=(n_images, cells, 12))).astype(np.float32)
+    bank[rng.integers(0, n_images, 20), rng.integers(0, cells, 20)] += 6.0
+    bank = bank.reshape(-1, 12)
+    fast = calibrate(model, bank, n_images)
+    slow = calibrate(model, bank, n_images, exact=True)
+    assert fast.images == slow.images and len(fast.images) == 16
+    np.testing.assert_allclose(fast.image_scores, slow.image_scores, rtol=1e-5)
+    assert fast.threshold == pytest.approx(slow.threshold, rel=1e-5)
+
+
+def test_predict_command_writes_verdicts_masks_and_scaled_overlays(fitted, synthetic_root, tmp_path):
+    import csv
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from patchknn.cli import app
+
+    fitted.save(tmp_path / "m")
+    out = tmp_path / "pred"
+    test_dir = synthetic_root / "synthetic" / "test" / "scratch"
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "m"), str(test_dir), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(x["threshold"]) == pytest.approx(fitted.threshold_) for x in rows)
+    for row in rows:
+        assert row["verdict"] == ("NG" if float(row["score"]) >= fitted.threshold_ else "OK")
+        mask = np.asarray(Image.open(out / row["mask"]))
+        amap = np.load(out / row["map"])
+        np.testing.assert_array_equal(mask == 255, amap >= fitted.threshold_)
+        assert np.asarray(Image.open(out / row["overlay"])).shape == (*amap.shape, 3)
+    # --threshold overrides: everything is NG, every mask full
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "m"), str(test_dir), "-o", str(out), "-q",
+                                 "--threshold", "0"])
+    assert r.exit_code == 0, r.output
+    with open(out / "scores.csv") as f:
+        assert {x["verdict"] for x in csv.DictReader(f)} == {"NG"}

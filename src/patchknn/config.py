@@ -219,7 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # More accurate, still training-free: only options with evidence over all 15 MVTec AD categories
     # (PatchCore's ablations), checked on bottle and on synthetic data; see docs/accuracy.md.
-    "best": {"aggregation": 3, "smoothing_sigma": 0.5, "coreset_ratio": 0.1},
+    "best": {"smoothing_sigma": 0.5, "coreset_ratio": 0.1},
     # The paper's method on a plain CPU: the memory bank cut to a greedy k-center coreset (PatchCore),
     # searched exactly; chosen from benchmarks/speed.py on bottle, see docs/speed.md.
     "fast": {"coreset_ratio": 0.05},

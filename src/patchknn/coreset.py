@@ -39,9 +39,7 @@ def coreset_size(n: int, ratio: float) -> int:
     return int(min(max(m, 1), n))
 
 
-def random_projection(
-    bank: np.ndarray, projection_dim: int, seed: int = 0
-) -> torch.Tensor:
+def random_projection(bank: np.ndarray, projection_dim: int, seed: int = 0) -> torch.Tensor:
     """``bank @ R`` with ``R`` Gaussian ``(d, projection_dim) / sqrt(projection_dim)`` (seeded).
 
     When ``projection_dim >= d`` the bank is returned unprojected (as a tensor sharing memory).
@@ -51,9 +49,7 @@ def random_projection(
     if projection_dim >= d:
         return x
     gen = np.random.default_rng(seed)
-    r = torch.from_numpy(
-        (gen.standard_normal((d, projection_dim)) / math.sqrt(projection_dim)).astype(np.float32)
-    )
+    r = torch.from_numpy((gen.standard_normal((d, projection_dim)) / math.sqrt(projection_dim)).astype(np.float32))
     out = torch.empty((n, projection_dim), dtype=torch.float32)
     for i in range(0, n, _CHUNK):
         torch.matmul(x[i : i + _CHUNK], r, out=out[i : i + _CHUNK])
@@ -61,9 +57,7 @@ def random_projection(
 
 
 @torch.inference_mode()
-def greedy_coreset(
-    bank: np.ndarray, ratio: float, projection_dim: int = 128, seed: int = 0
-) -> np.ndarray:
+def greedy_coreset(bank: np.ndarray, ratio: float, projection_dim: int = 128, seed: int = 0) -> np.ndarray:
     """Indices of a greedy k-center coreset of ``bank`` (in the order they were selected).
 
     Args:

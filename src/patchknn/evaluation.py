@@ -166,7 +166,12 @@ def evaluate(
     if not categories:
         raise DatasetError("no category to evaluate")
     rows: dict[str, dict[str, Any]] = {}
-    for name in categories:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    hide = len(categories) < 2 or not runtime.get("progress", True) or not sys.stderr.isatty()
+    for name in tqdm(categories, desc="evaluate", unit="category", disable=hide):
         ev = evaluate_category(root, name, config, resolution=resolution, fpr_limit=fpr_limit, **runtime)
         rows[name] = ev.metrics
         if on_category is not None:

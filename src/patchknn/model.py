@@ -30,10 +30,10 @@ from patchknn._version import __version__
 from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import PatchKNNConfig, preset
+from patchknn.coreset import greedy_coreset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
 from patchknn.features import PatchFeatureExtractor
-from patchknn.coreset import greedy_coreset
 from patchknn.index import IndexParams, MemoryBankIndex, build_index
 from patchknn.reduction import PCA, MomentAccumulator
 from patchknn.serialization import check_model_contents, load_model, save_model

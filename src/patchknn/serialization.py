@@ -288,7 +288,8 @@ def _read_groups(root: Path, doc: dict[str, Any]) -> dict[str, dict[str, np.ndar
         expected = _parse_size(entry.get("bytes"))
         if expected is not None and size != expected:
             raise ModelFileError(
-                f"{file}: {size} bytes where {expected} were saved; the file was truncated or modified"
+                f"{file}: checksum mismatch ({size} bytes where {expected} were saved); "
+                "the file was truncated or modified after saving"
             )
         try:
             blob = file.read_bytes()

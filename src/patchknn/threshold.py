@@ -48,9 +48,10 @@ if TYPE_CHECKING:
 N_GROUPS = 4
 IMAGE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 PATCH_QUANTILES = (0.5, 0.9, 0.99, 0.999)
-#: Upper bounds come from every STRIDE-th held-out bank row; exact patch statistics from a random
-#: 1/STRIDE of the patches (see :func:`_score_group`).
+#: Upper bounds come from a random 1/STRIDE of the held-out bank rows; the patch statistics from
+#: a random 1/SAMPLE of the patches, searched exactly (see :func:`_score_group`).
 STRIDE = 8
+SAMPLE = 32
 #: The reference value (the threshold) sits at this fraction of the colour range.
 REFERENCE_POSITION = 2.0 / 3.0
 
@@ -155,37 +156,33 @@ def calibrate(
     chosen = select_images(n_images, cfg.calibration_images, cfg.seed)
     n_groups = min(N_GROUPS, len(chosen))
     groups = [chosen[g::n_groups] for g in range(n_groups)]
-    if bank_rows is not None:
+    if bank_rows is None:
+        rows, row_image = bank, np.arange(bank.shape[0]) // cells
+    else:
         bank_rows = np.asarray(bank_rows, dtype=np.int64)
-        if index_bank is None:
-            index_bank = bank[bank_rows]
+        rows = bank[bank_rows] if index_bank is None else index_bank
         row_image = bank_rows // cells
-    size = (cfg.image_size, cfg.image_size)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    excluded = [np.isin(row_image, group) for group in groups]
+    if min(int((~ex).sum()) for ex in excluded) < cfg.k:
+        why = f"k={cfg.k} is larger than the memory bank without the held-out images"
+        warnings.warn(f"no decision threshold: {why}", CalibrationWarning, stacklevel=3)
+        return Calibration(None, method, np.empty(0), [], {"method": method, "threshold": None, "reason": why})
+    searcher = _ExactSearch(rows, cfg.k)
     scores = np.empty(len(chosen), dtype=np.float64)
     position = {img: j for j, img in enumerate(chosen)}
     patch_samples: list[np.ndarray] = []
     rng = np.random.default_rng(cfg.seed)
     with _bar(len(chosen), "fit: calibrate", model.progress and progress) as bar:
-        for group in groups:
-            if bank_rows is None:
-                index = _flat_index_without(bank, group, cells)
-            else:
-                keep = ~np.isin(row_image, group)
-                index = _flat_index(np.ascontiguousarray(index_bank[keep]))  # type: ignore[index]
-            if index.ntotal < cfg.k:
-                continue
+        for group, held_out in zip(groups, excluded):
             queries = np.ascontiguousarray(
                 np.concatenate([bank[i * cells : (i + 1) * cells] for i in group]), dtype=np.float32
             )
-            group_scores, patches = _score_group(model, index, queries, len(group), rng, exact=exact)
+            group_scores, patches = _score_group(model, searcher, held_out, queries, len(group), rng, exact=exact)
             for img, score in zip(group, group_scores):
                 scores[position[img]] = score
             patch_samples.append(patches)
             bar.update(len(group))
-            del index
-    if not patch_samples:
-        warnings.warn("no decision threshold: the held-out banks are smaller than k", CalibrationWarning, stacklevel=3)
-        return Calibration(None, method, np.empty(0), [], {"method": method, "threshold": None, "reason": "k too large"})
     patches = np.concatenate(patch_samples)
     threshold = threshold_from_scores(
         scores, method, quantile=float(cfg.threshold_quantile), sigma=float(cfg.threshold_sigma)
@@ -299,105 +296,127 @@ def _qname(q: float) -> str:
     return "q" + (text if len(text) > 1 else text + "0")
 
 
-def _flat_index(rows: np.ndarray) -> Any:
-    import faiss
-
-    index = faiss.IndexFlatL2(rows.shape[1])
-    index.add(np.ascontiguousarray(rows, dtype=np.float32))
-    return index
-
-
-def _flat_index_without(bank: np.ndarray, excluded: list[int], cells: int) -> Any:
-    """A flat index over ``bank`` minus the row blocks of the ``excluded`` images (no bank copy)."""
-    import faiss
-
-    index = faiss.IndexFlatL2(bank.shape[1])
-    start = 0
-    for img in sorted(excluded) + [bank.shape[0] // cells]:
-        stop = img * cells
-        if stop > start:
-            index.add(np.ascontiguousarray(bank[start:stop], dtype=np.float32))
-        start = (img + 1) * cells
-    return index
-
-
 def _score_group(
-    model: PatchKNN, index: Any, queries: np.ndarray, n: int, rng: np.random.Generator, *, exact: bool
+    model: PatchKNN,
+    searcher: _ExactSearch,
+    excluded: np.ndarray,
+    queries: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    exact: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores of ``n`` held-out images (``queries`` = their patches) against ``index``, and
-    a sample of their exact patch scores.
+    """Image scores of ``n`` held-out images (``queries`` = their patches) against the bank rows
+    of ``searcher`` not ``excluded``, and a sample of their exact patch scores.
 
     Scoring every patch exactly costs as much as predicting the images. Instead (unless ``exact``
     or the score is not monotone in the patch scores), every patch first gets an *upper bound*:
-    the mean distance to its k nearest rows among every :data:`STRIDE`-th held-out row (the i-th
-    nearest distance in a subset is never below the i-th nearest in the whole set). Maps and
-    image scores are monotone in the patch scores (bilinear resizing and Gaussian smoothing have
-    non-negative weights; max and top-k mean are monotone), so an image's score computed with
-    upper bounds for the patches not yet searched exactly is an upper bound, and with zeros for
-    them a lower bound. The patches with the highest bounds are searched exactly, twice as many
-    each round, until the two scores are equal: the result is the exact score. A random
-    1/STRIDE of the patches is searched exactly from the start for unbiased patch statistics.
+    the mean distance to its k nearest rows among a random 1/:data:`STRIDE` of the held-out rows
+    (the i-th nearest distance in a subset is never below the i-th nearest in the whole set).
+    Maps and image scores are monotone in the patch scores (bilinear resizing and Gaussian
+    smoothing have non-negative weights; max and top-k mean are monotone), so an image's score
+    computed with upper bounds for the patches not yet searched exactly is an upper bound, and
+    with zeros for them a lower bound. The patches whose bound exceeds the lower score, and
+    those around the peak of the map, are searched exactly, round after round, until the two
+    scores are equal: the result is the exact score. A random 1/:data:`SAMPLE` of the patches is
+    searched exactly from the start for unbiased patch statistics.
     """
     cfg = model.config
     cells, g, k = cfg.grid_size**2, cfg.grid_size, cfg.k
     size = (cfg.image_size, cfg.image_size)
     shape = (n, g, g)
 
-    def search(idx: Any, q: np.ndarray) -> np.ndarray:
-        sq, _ = idx.search(np.ascontiguousarray(q, dtype=np.float32), k)
-        return np.sqrt(np.maximum(sq, 0.0)).mean(axis=1, dtype=np.float64).astype(np.float32)
-
-    def score(grid: np.ndarray, weight: float = 1.0) -> float:
+    def score(grid: np.ndarray, weight: float = 1.0) -> tuple[float, np.ndarray]:
         amap = model.grid_to_map(grid, size)
-        return model.image_score(grid, amap, weight) if weight != 1.0 else model.image_score(grid, amap)
+        if weight != 1.0:
+            return model.image_score(grid, amap, weight), amap
+        return model.image_score(grid, amap), amap
 
+    keep = np.flatnonzero(~excluded)
+    n_subset = keep.size // STRIDE
     monotone = cfg.image_score in ("max", "topk_mean")
-    rows = _rows_of(index)
-    subset = rows[::STRIDE]
-    if exact or not monotone or subset.shape[0] < k or n * cells <= 4 * STRIDE:
-        values = search(index, queries).reshape(shape)
+    if exact or not monotone or n_subset < max(k, 64) or n * cells <= 4 * SAMPLE:
+        values = searcher(queries, excluded).reshape(shape)
         weights = np.ones(n)
         if cfg.image_score == "reweighted":
-            weights = _reweight(model, values, queries.reshape(n, cells, -1), rows)
-        return np.array([score(v, float(w)) for v, w in zip(values, weights)]), values.ravel()
+            others = np.ascontiguousarray(searcher.rows.numpy()[keep])
+            weights = _reweight(model, values, queries.reshape(n, cells, -1), others)
+        return np.array([score(v, float(w))[0] for v, w in zip(values, weights)]), values.ravel()
 
-    values = search(_flat_index(subset), queries)  # upper bounds, (n * cells,)
+    # upper bounds against a random 1/STRIDE of the held-out rows (random, not strided: the bank
+    # is ordered by image and position, a stride would keep some positions only)
+    subset = searcher.rows.numpy()[np.sort(rng.choice(keep, size=n_subset, replace=False))]
+    values = _ExactSearch(subset, k)(queries)  # (n * cells,)
     known = np.zeros(n * cells, dtype=bool)
-    sample = rng.choice(n * cells, size=max(1, n * cells // STRIDE), replace=False)
-    todo = np.sort(sample)
+    sample = np.sort(rng.choice(n * cells, size=max(1, n * cells // SAMPLE), replace=False))
+    reach = 1 + int(np.ceil(4 * cfg.smoothing_sigma))  # cells a pixel of the map depends on
     scores = np.full(n, np.nan)
-    per_image = 16
+    # first round: the sample and each image's highest bounds (they make the lower score tight)
+    top = np.argsort(-values.reshape(n, cells), axis=1)[:, :16] + (np.arange(n) * cells)[:, None]
+    todo = np.union1d(sample, top.ravel())
+    pending = list(range(n))
     while True:
-        values[todo] = search(index, queries[todo])
+        values[todo] = searcher(queries[todo], excluded)
         known[todo] = True
         grids, known_grid = values.reshape(shape), known.reshape(shape)
-        pending = []
-        for j in range(n):
-            if not np.isnan(scores[j]):
-                continue
-            upper = score(grids[j])
-            lower = score(np.where(known_grid[j], grids[j], 0.0).astype(np.float32))
+        picks = []
+        for j in list(pending):
+            upper, amap = score(grids[j])
+            lower, _ = score(np.where(known_grid[j], grids[j], 0.0).astype(np.float32))
             if lower >= upper or known_grid[j].all():
                 scores[j] = upper
-            else:
-                pending.append(j)
+                pending.remove(j)
+                continue
+            # refine: patches whose bound could still reach the score, and those around the peak
+            unknown = ~known_grid[j]
+            want = unknown & (grids[j] > lower)
+            py, px = np.unravel_index(int(np.argmax(amap)), amap.shape)
+            cy, cx = py * g // amap.shape[0], px * g // amap.shape[1]
+            window = np.zeros((g, g), dtype=bool)
+            window[max(0, cy - reach) : cy + reach + 1, max(0, cx - reach) : cx + reach + 1] = True
+            want |= unknown & window
+            if not want.any():
+                want = unknown
+            picks.append(j * cells + np.flatnonzero(want.ravel()))
         if not pending:
             break
-        picks = []
-        for j in pending:  # the not-yet-exact patches with the highest upper bounds
-            flat = np.where(known_grid[j].ravel(), -np.inf, grids[j].ravel())
-            top = np.argsort(-flat, kind="stable")[:per_image]
-            picks.append(j * cells + top[np.isfinite(flat[top])])
         todo = np.unique(np.concatenate(picks))
-        per_image *= 2
     return scores, values[sample]
 
 
-def _rows_of(index: Any) -> np.ndarray:
-    """The vectors stored in a flat faiss index, as an ``(n, d)`` array (a view, no copy)."""
-    import faiss
+def _mean_distance(sq: np.ndarray) -> np.ndarray:
+    """Squared distances ``(m, k)`` -> mean Euclidean distance per row, float32 (as predict does)."""
+    return np.sqrt(np.maximum(sq, 0.0)).mean(axis=1, dtype=np.float64).astype(np.float32)
 
-    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+class _ExactSearch:
+    """Exact k-nearest-neighbour distances to ``rows``, leaving out the rows flagged ``excluded``
+    (their squared norms are set to infinity: no copy of the bank per held-out group). A GEMM in
+    chunks of queries, like faiss's flat search, but without its fixed cost per call."""
+
+    def __init__(self, rows: np.ndarray, k: int, chunk: int = 128) -> None:
+        import torch
+
+        self.rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        self.norms = (self.rows * self.rows).sum(dim=1)
+        self.k, self.chunk = k, chunk
+
+    def __call__(self, queries: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
+        """Mean distance of each query to its k nearest rows, float32 ``(m,)``."""
+        import torch
+
+        norms = self.norms
+        if excluded is not None:
+            norms = norms.masked_fill(torch.from_numpy(np.asarray(excluded, dtype=bool)), float("inf"))
+        q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        out = np.empty((q_all.shape[0], self.k), dtype=np.float32)
+        with torch.inference_mode():
+            for i in range(0, q_all.shape[0], self.chunk):
+                q = q_all[i : i + self.chunk]
+                sq = torch.addmm(norms[None, :], q, self.rows.T, alpha=-2.0)
+                best = sq.min(dim=1).values[:, None] if self.k == 1 else sq.topk(self.k, dim=1, largest=False).values
+                out[i : i + q.shape[0]] = (best + (q * q).sum(dim=1, keepdim=True)).numpy()
+        return _mean_distance(out)
 
 
 def _reweight(model: PatchKNN, grids: np.ndarray, rows: np.ndarray, others: np.ndarray) -> np.ndarray:

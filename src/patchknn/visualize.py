@@ -70,8 +70,8 @@ def overlay(
     vmin: float = 0.0,
     vmax: float | None = None,
     threshold: float | None = None,
-    alpha: float = 0.6,
-    alpha_min: float | None = 0.2,
+    alpha: float = 0.65,
+    alpha_min: float | None = 0.0,
     contour_color: tuple[int, int, int] = PREDICTED_COLOR,
 ) -> np.ndarray:
     """Blend the colourised map over the image; outline ``amap >= threshold`` when given.

@@ -24,22 +24,25 @@ from typing import Any
 from patchknn.report import plots
 from patchknn.report.collect import ASSETS, GALLERY_KINDS, GALLERY_TITLES, ReportError, _safe, load_category_data
 
-#: (key, header, tooltip) of the metrics table, in order.
-TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+#: (key, header, tooltip) of the two metrics tables, in order.
+PROTOCOL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("pixel_auprc", "pixel AUPRC", "area under the pooled pixel precision-recall curve"),
     ("paper_pixel_auprc", "paper (Table 2)", "the paper's pixel AUPRC (ResNet kNN column)"),
     ("pixel_auroc", "pixel AUROC", "area under the pooled pixel ROC curve"),
     ("aupro", "AUPRO@0.3", "area under the per-region-overlap curve up to FPR 0.3, normalised"),
     ("image_auroc", "image AUROC", "area under the image-score ROC curve"),
     ("pixel_f1_max", "pixel F1-max", "best pooled pixel F1 over all thresholds"),
-    ("image_f1_max", "image F1-max", "best image F1 over all thresholds (at the F1-optimal threshold)"),
-    ("threshold", "calibrated threshold", "decision threshold calibrated on held-out normal training images"),
-    ("image_f1_threshold", "F1-optimal threshold", "image threshold with the best F1 (uses the test labels)"),
-    ("threshold_image_precision", "precision @cal.", "image precision at the calibrated threshold"),
-    ("threshold_image_recall", "recall @cal.", "image recall at the calibrated threshold"),
-    ("threshold_image_f1", "image F1 @cal.", "image F1 at the calibrated threshold"),
-    ("threshold_pixel_f1", "pixel F1 @cal.", "pooled pixel F1 of the mask map >= calibrated threshold"),
 )
+DECISION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("threshold", "calibrated threshold", "decision threshold calibrated on held-out normal training images"),
+    ("threshold_image_precision", "image precision", "image precision at the calibrated threshold"),
+    ("threshold_image_recall", "image recall", "image recall at the calibrated threshold"),
+    ("threshold_image_f1", "image F1", "image F1 at the calibrated threshold"),
+    ("threshold_pixel_f1", "pixel F1", "pooled pixel F1 of the mask map >= calibrated threshold"),
+    ("image_f1_threshold", "F1-optimal threshold", "image threshold with the best F1 (uses the test labels)"),
+    ("image_f1_max", "image F1 there", "image F1 at the F1-optimal threshold (the best possible)"),
+)
+TABLE_COLUMNS = PROTOCOL_COLUMNS + DECISION_COLUMNS
 THRESHOLD_KEYS = {"threshold", "image_f1_threshold"}
 
 CSS = """
@@ -67,7 +70,7 @@ tr.mean td { font-weight:600; background:#f7f7f7; }
 .facts { display:flex; flex-wrap:wrap; gap:10px; margin:8px 0 12px; }
 .fact { background:#fff; border:1px solid var(--line); padding:6px 10px; min-width:150px; }
 .fact b { display:block; font-size:16px; } .fact span { color:var(--muted); font-size:12px; }
-.plots { display:grid; grid-template-columns:repeat(auto-fill, minmax(480px, 1fr)); gap:10px; }
+.plots { display:grid; grid-template-columns:repeat(auto-fill, minmax(280px, 1fr)); gap:10px; }
 .plots img { width:100%; background:#fff; border:1px solid var(--line); }
 .gallery { display:flex; flex-wrap:wrap; gap:10px; }
 figure { margin:0; background:#fff; border:1px solid var(--line); padding:6px; }
@@ -76,7 +79,7 @@ figcaption { font-size:12px; color:var(--muted); margin-top:4px; max-width:560px
 .tag { display:inline-block; padding:0 6px; border-radius:3px; font-weight:600; font-size:11px; color:#fff; }
 .tag.NG { background:#b42318; } .tag.OK { background:#1a7f37; }
 .legend { color:var(--muted); font-size:12.5px; display:flex; align-items:center; gap:18px; flex-wrap:wrap; }
-.legend img { height:52px; }
+.legend img { height:64px; }
 .note { color:var(--muted); font-size:12.5px; }
 footer { color:var(--muted); font-size:12px; margin-top:40px; }
 """
@@ -157,11 +160,16 @@ def render(
         head,
         summary,
         '<h2 id="metrics">Metrics</h2>\n',
-        _metrics_table(results),
-        '<p class="note">Pixel metrics pool every pixel of every test image. The calibrated threshold '
-        "comes from normal training images only (held out from the memory bank by cross-validation); "
-        "the F1-optimal threshold is the best one in hindsight (it uses the test labels). "
-        "@cal. = at the calibrated threshold.</p>\n",
+        "<h3>Detection and segmentation (MVTec AD protocol)</h3>\n",
+        _metrics_table(results, PROTOCOL_COLUMNS, paper=True),
+        '<p class="note">Pixel metrics pool every pixel of every test image; the paper\'s Table 2 reports '
+        "pixel AUPRC.</p>\n",
+        "<h3>Decision threshold</h3>\n",
+        _metrics_table(results, DECISION_COLUMNS, paper=False),
+        '<p class="note">Precision, recall and F1 of the decision <i>score ≥ calibrated threshold</i> '
+        "(the pixel F1 of the mask <i>map ≥ threshold</i>). The calibrated threshold comes from normal "
+        "training images only, held out from the memory bank by cross-validation; the F1-optimal "
+        "threshold is the best one in hindsight (it uses the test labels).</p>\n",
         '<h2 id="config">Configuration</h2>\n',
         _config_block(results.get("config") or {}),
         *sections,
@@ -172,27 +180,29 @@ def render(
 
 
 # ------------------------------------------------------------------------------------ pieces
-def _metrics_table(results: dict[str, Any]) -> str:
-    head = "".join(f'<th title="{_e(tip)}">{_e(label)}</th>' for _, label, tip in TABLE_COLUMNS)
-    rows = [f'<div class="scroll"><table class="metrics">\n<tr><th>category</th>{head}<th>diff vs paper</th></tr>\n']
+def _metrics_table(results: dict[str, Any], columns: tuple[tuple[str, str, str], ...], *, paper: bool) -> str:
+    head = "".join(f'<th title="{_e(tip)}">{_e(label)}</th>' for _, label, tip in columns)
+    extra = "<th>diff vs paper</th>" if paper else ""
+    rows = [f'<div class="scroll"><table class="metrics">\n<tr><th>category</th>{head}{extra}</tr>\n']
     items = [*results["categories"].items()]
-    if len(items) > 1 or results.get("mean"):
+    if len(items) > 1:
         items.append(("mean", results.get("mean") or {}))
     for name, row in items:
         cls = ' class="mean"' if name == "mean" else ""
         label = _e(name) if name == "mean" else f'<a href="#cat-{_e(_safe(name))}">{_e(name)}</a>'
         cells = [f"<td>{label}</td>"]
-        for key, _, _ in TABLE_COLUMNS:
+        for key, _, _ in columns:
             if name == "mean" and key not in row:
                 cells.append("<td>–</td>")
                 continue
             cells.append(_metric_cell(name, key, row.get(key)))
-        ours, paper = row.get("pixel_auprc"), row.get("paper_pixel_auprc")
-        if ours is not None and paper is not None:
-            diff = ours - paper
-            cells.append(f'<td class="{"pos" if diff >= 0 else "neg"}">{diff:+.3f}</td>')
-        else:
-            cells.append("<td>–</td>")
+        if paper:
+            ours, ref = row.get("pixel_auprc"), row.get("paper_pixel_auprc")
+            if ours is not None and ref is not None:
+                diff = ours - ref
+                cells.append(f'<td class="{"pos" if diff >= 0 else "neg"}">{diff:+.3f}</td>')
+            else:
+                cells.append("<td>–</td>")
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>\n")
     rows.append("</table></div>\n")
     return "".join(rows)

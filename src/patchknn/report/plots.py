@@ -25,7 +25,7 @@ BAD_COLOR = "#e34a33"
 HELD_OUT_COLOR = "#636363"
 THRESHOLD_COLOR = "#111111"
 F1_COLOR = "#31a354"
-SIZE = (4.6, 3.4)
+SIZE = (3.9, 3.3)
 DPI = 110
 
 
@@ -85,7 +85,7 @@ def pr_png(data: dict[str, Any]) -> bytes | None:
         ax.plot(*point, "o", color=THRESHOLD_COLOR, markersize=6, label="calibrated threshold")
     ax.set(xlabel="recall (defective pixels found)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.set_title("Pixel precision-recall", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    ax.legend(fontsize=8, loc="lower left", frameon=False)
     return _png(fig)
 
 
