@@ -60,3 +60,12 @@ def test_bad_option_is_one_clear_line(tmp_path):
 def test_evaluate_needs_a_category(synthetic_root):
     r = runner.invoke(app, ["evaluate", "--data-root", str(synthetic_root), *TINY_FLAGS])
     assert r.exit_code != 0
+
+
+def test_set_parses_typed_values():
+    from patchknn.cli import method_options
+
+    c = method_options("paper", settings=["k=3", "pca_variance=none", "tta=hflip,vflip", "threshold_method=none",
+                                          "smoothing_sigma=0.5", "layer_norm=true"])
+    assert c.k == 3 and c.pca_variance is None and c.tta == ("hflip", "vflip")
+    assert c.threshold_method == "none" and c.smoothing_sigma == 0.5 and c.layer_norm is True

@@ -152,8 +152,8 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
         default = fields[name].default
         raw = raw.strip()
         value: Any
-        if raw.lower() in ("none", "null"):
-            value = None
+        if raw.lower() in ("none", "null") and name in ("pca_variance", "layers"):
+            value = None  # the options whose "off" value is None
         elif isinstance(default, bool):
             value = raw.lower() in ("1", "true", "yes", "on")
         elif isinstance(default, int) and not isinstance(default, bool):
