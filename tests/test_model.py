@@ -37,7 +37,7 @@ def test_inputs_paths_folder_pil_arrays_agree(synthetic_root):
     for a, b, c in zip(by_path, by_pil, by_arr):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
         np.testing.assert_array_equal(a.anomaly_map, c.anomaly_map)
-    assert by_arr[0].source == "<array 0>"
+    assert by_arr[0].source == "<array #0>"
 
 
 def test_output_sizes(rng_images):

@@ -172,7 +172,7 @@ def test_non_finite_features_never_give_a_score(fast, value):
     try:
         with pytest.raises(PatchKNNError, match="NaN or infinite") as info:
             fast.predict([noise(1), noise(2)])
-        assert "<array 0>" in str(info.value)
+        assert "<array #0>" in str(info.value)
         fast.on_error = "skip"
         preds = fast.predict([noise(1), noise(2)])
     finally:

@@ -143,7 +143,7 @@ def _apply_centres(z: torch.Tensor, norms: torch.Tensor, min_d: torch.Tensor, ce
     rows = max(1024, (1 << 22) // len(centres))
     for i in range(0, z.shape[0], rows):
         block = torch.addmm(cn[None, :], z[i : i + rows], c.T, alpha=-2.0)
-        best = block.min(dim=1).values.add_(norms[i : i + rows])
+        best = block.amin(dim=1).add_(norms[i : i + rows])
         torch.minimum(min_d[i : i + rows], best, out=min_d[i : i + rows])
 
 

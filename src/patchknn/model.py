@@ -31,7 +31,7 @@ from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import PatchKNNConfig, preset
 from patchknn.coreset import greedy_coreset
-from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches
+from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
 from patchknn.features import PatchFeatureExtractor
 from patchknn.index import IndexParams, MemoryBankIndex, build_index
@@ -256,7 +256,9 @@ class PatchKNN:
         ext = PatchFeatureExtractor(
             net, self.config.grid_size, self.config.aggregation, self.config.layer_norm
         )
-        return ext.to(self.device).eval()
+        # channels-last convolutions: about a third faster on CPUs (oneDNN); same values up to
+        # float round-off (the weights keep their logical layout, so saved files do not change)
+        return ext.to(self.device, memory_format=torch.channels_last).eval()
 
     def fit(self, images: Sequence[Any] | str | Path) -> PatchKNN:
         """Learn normality from defect-free ``images`` (paths, a folder, PIL images or arrays).
@@ -396,7 +398,7 @@ class PatchKNN:
             on_error=self.on_error,
             max_pixels=self.max_pixels,
         )
-        names = [_source_name(s, i) for i, s in enumerate(sources)]
+        names = [source_name(s, i) for i, s in enumerate(sources)]
         reported = 0
         with self._bar(len(sources), "predict") as bar:
             for batch in batches:
@@ -609,12 +611,7 @@ def _as_sources(images: Sequence[Any] | str | Path | Iterable[Any]) -> list[Any]
     return items
 
 
-def _source_name(source: Any, i: int) -> str:
-    if isinstance(source, str | Path):
-        return str(source)
-    if isinstance(source, np.ndarray):
-        return f"<array {i}>"
-    return f"<image {i}>"
+_source_name = source_name  # used by ensemble.py
 
 
 def _resolve_size(output_size: OutputSize, image_size: int, original: tuple[int, int]) -> tuple[int, int]:

@@ -25,14 +25,17 @@ BAD_COLOR = "#e34a33"
 HELD_OUT_COLOR = "#636363"
 THRESHOLD_COLOR = "#111111"
 F1_COLOR = "#31a354"
-SIZE = (3.9, 3.3)
-DPI = 110
+SIZE = (3.3, 2.8)
+DPI = 140
 
 
 def _figure(size: tuple[float, float] = SIZE) -> tuple[Figure, Any]:
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    ax.tick_params(labelsize=7)
+    ax.xaxis.label.set_size(8)
+    ax.yaxis.label.set_size(8)
     ax.grid(True, color="#e5e5e5", linewidth=0.6)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -85,7 +88,7 @@ def pr_png(data: dict[str, Any]) -> bytes | None:
         ax.plot(*point, "o", color=THRESHOLD_COLOR, markersize=6, label="calibrated threshold")
     ax.set(xlabel="recall (defective pixels found)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.set_title("Pixel precision-recall", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left", frameon=False)
+    ax.legend(fontsize=7, loc="lower left", frameon=False)
     return _png(fig)
 
 
@@ -109,7 +112,7 @@ def roc_png(data: dict[str, Any]) -> bytes | None:
         ax.plot(*point, "o", color=THRESHOLD_COLOR, markersize=6, label="calibrated threshold (pixels)")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.02))
     ax.set_title("ROC", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    ax.legend(fontsize=7, loc="lower right", frameon=False)
     return _png(fig)
 
 
@@ -126,7 +129,7 @@ def pro_png(data: dict[str, Any], fpr_limit: float = 0.3) -> bytes | None:
     ax.axvline(fpr_limit, color="#999999", linestyle=":", linewidth=1)
     ax.set(xlabel="false-positive rate (normal pixels)", ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
     ax.set_title("Per-region overlap (PRO)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    ax.legend(fontsize=7, loc="lower right", frameon=False)
     return _png(fig)
 
 
@@ -159,15 +162,15 @@ def histogram_png(data: dict[str, Any]) -> bytes | None:
         ax.axvline(f1_thr, color=F1_COLOR, linewidth=1.6, linestyle="--", label=f"F1-optimal {f1_thr:.3g}")
     ax.set(xlabel="image score", ylabel="images")
     ax.set_title("Image scores", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    ax.legend(fontsize=7, loc="best", frameon=True, framealpha=0.85, edgecolor="none")
     return _png(fig)
 
 
-def colorbar_png(vmin: float, vmax: float, threshold: float | None = None, *, width: float = 4.6) -> bytes:
+def colorbar_png(vmin: float, vmax: float, threshold: float | None = None, *, width: float = 4.0) -> bytes:
     """A horizontal colour bar of the gallery's heat-map scale, the threshold marked."""
-    fig = Figure(figsize=(width, 0.62), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, 0.75), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_axes((0.03, 0.5, 0.94, 0.3))
     ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap=COLORMAP, extent=(vmin, vmax, 0, 1))
     ax.set_yticks([])
     ax.tick_params(labelsize=7)
@@ -175,8 +178,10 @@ def colorbar_png(vmin: float, vmax: float, threshold: float | None = None, *, wi
         ax.axvline(threshold, color="#00ffff", linewidth=2)
         ax.text(threshold, 1.05, "threshold", color="#333333", fontsize=7, ha="center", va="bottom",
                 transform=ax.get_xaxis_transform())
-    ax.set_xlabel("anomaly score (colours clip at both ends)", fontsize=7)
-    return _png(fig)
+    ax.set_xlabel("anomaly score (colours clip at both ends)", fontsize=7, labelpad=1)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
 
 
 def _positive_rate(data: dict[str, Any]) -> float | None:
