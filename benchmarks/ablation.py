@@ -78,6 +78,8 @@ VARIANTS: dict[str, Variant] = {
     "best+topk": ("best", {"image_score": "topk_mean", "image_score_topk": 10}, {}),
     "best+res320": ("best", {"image_size": 320, "grid_size": 40}, {}),
     "best+pca99": ("best", {"pca_variance": 0.99}, {}),
+    "best+nopca": ("best", {"pca_variance": None}, {}),
+    "best+res320+layer_norm": ("best", {"image_size": 320, "grid_size": 40, "layer_norm": True}, {}),
     "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}, {}),
     "best+tta": ("best", {"tta": TTA}, {}),
     "best+bankflip": ("best", {}, {"bankflip": True}),
@@ -110,9 +112,11 @@ def cli_flags(name: str) -> str:
 class CachedBackbone(nn.Module):
     """Wraps a real backbone; maps of already-seen input images are read from disk (float16)."""
 
-    def __init__(self, real: nn.Module, layers: Sequence[str], folder: Path, stats: dict[str, float]):
+    def __init__(self, real: nn.Module, layers: Sequence[str], folder: Path, stats: dict[str, float],
+                 uncached: Callable[[], nn.Module]):
         super().__init__()
         self.real = real
+        self.uncached = uncached  # the plain backbone with exactly the asked layers (speed runs)
         self.layers = tuple(layers)
         self.layer_info = real.layer_info
         self.weights_id = real.weights_id
@@ -147,7 +151,9 @@ def install_cache(cache_dir: Path, stats: dict[str, float]) -> Callable[..., Any
     def cached_build(name: str, layers: Sequence[str] | None = None, weights: Any = None) -> nn.Module:
         real = real_build(name, None, weights)  # every default layer, so one cache serves all subsets
         wanted = layers or real.layers
-        return CachedBackbone(real, wanted, cache_dir / f"{name}", stats)
+        return CachedBackbone(
+            real, wanted, cache_dir / f"{name}", stats, lambda: real_build(name, wanted, weights)
+        )
 
     model_mod.build_backbone = cached_build
     ensemble_mod.build_backbone = cached_build
@@ -200,7 +206,7 @@ def run_variant(
     for member in getattr(model, "members", [model]):
         ext = member.extractor
         if isinstance(ext.backbone, CachedBackbone):
-            ext.backbone = ext.backbone.real
+            ext.backbone = ext.backbone.uncached()
     speed_paths = [str(s.path) for s in samples[:speed_images]]
     t2 = time.perf_counter()
     model.predict(speed_paths)

@@ -102,3 +102,28 @@ def test_random_projection_shapes():
     assert z.shape == (70_000, 4)
     np.testing.assert_array_equal(z.numpy(), random_projection(x, 4, seed=0).numpy())
     assert random_projection(x, 10, seed=0).shape == (70_000, 10)
+
+
+def test_model_fits_a_coreset_and_rebuilds_the_index_on_load(tmp_path):
+    from conftest import tiny_model
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    options = {"coreset_ratio": 0.25, "index": "ivf", "threshold_method": "none"}
+    model = tiny_model(**options).fit(images)
+    assert model.fit_info_["bank_size_full"] == 4 * 64
+    assert model.fit_info_["bank_size"] == model.index_.size == math.ceil(0.25 * 4 * 64)
+    assert model.index_.kind == "ivf"
+    before = [p.anomaly_map for p in model.predict(images[:2])]
+    loaded = type(model).load(model.save(tmp_path / "m"), progress=False)
+    assert loaded.index_.kind == "ivf" and loaded.index_.size == model.index_.size
+    for a, b in zip(before, [p.anomaly_map for p in loaded.predict(images[:2])]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_preset():
+    from patchknn.config import preset
+
+    fast = preset("fast")
+    assert fast.coreset_ratio < 0.1 and fast.index in ("flat", "ivf")
+    assert preset("paper").coreset_ratio == 1.0 and preset("paper").index == "flat"

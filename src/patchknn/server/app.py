@@ -51,6 +51,7 @@ from patchknn.server.auth import KeyChecker, bearer_token
 from patchknn.server.batching import MicroBatcher, ScoredImage
 from patchknn.server.metrics import CONTENT_TYPE, Metrics
 from patchknn.server.settings import ServedModel, ServerSettings
+from patchknn.visualize import model_scale
 
 __all__ = ["ERROR_CODES", "ApiError", "create_app", "run", "sniff_format"]
 
@@ -313,11 +314,12 @@ def _image_error(exc: ImageError, max_pixels: int) -> ApiError:
     return ApiError(422, "invalid_image", f"the image cannot be used: {reason}")
 
 
-def _encode_map(amap: np.ndarray, kind: str, threshold: float | None) -> dict[str, Any]:
+def _encode_map(amap: np.ndarray, kind: str, scale: tuple[float, float] | None) -> dict[str, Any]:
     from PIL import Image
 
     h, w = amap.shape
     buf = io.BytesIO()
+    vmin = 0.0
     if kind == "png":
         vmax = float(amap.max())
         vmax = vmax if vmax > 0 and math.isfinite(vmax) else 1.0
@@ -326,15 +328,16 @@ def _encode_map(amap: np.ndarray, kind: str, threshold: float | None) -> dict[st
     else:
         from patchknn.visualize import colorize
 
-        vmax = 2.0 * threshold if threshold else float(amap.max()) or 1.0
-        Image.fromarray(colorize(amap, 0.0, vmax)).save(buf, format="PNG")
+        # the model's fixed colour scale (the same as `patchknn predict` overlays and the report)
+        vmin, vmax = scale if scale is not None else (0.0, float(amap.max()) or 1.0)
+        Image.fromarray(colorize(amap, vmin, vmax)).save(buf, format="PNG")
     return {
         "kind": kind,
         "media_type": "image/png",
         "encoding": "base64",
         "width": int(w),
         "height": int(h),
-        "vmin": 0.0,
+        "vmin": float(vmin),
         "vmax": float(vmax),
         "data": base64.b64encode(buf.getvalue()).decode("ascii"),
     }
@@ -641,7 +644,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
                 anomaly_map = None
                 if map != "none":
                     anomaly_map = await loop.run_in_executor(
-                        state.decode_pool, _encode_map, result.anomaly_map, map, threshold
+                        state.decode_pool, _encode_map, result.anomaly_map, map, model_scale(served.model)
                     )
         except TimeoutError:
             if phase == "read":
