@@ -80,6 +80,8 @@ VARIANTS: dict[str, Variant] = {
     "best+pca99": ("best", {"pca_variance": 0.99}, {}),
     "best+nopca": ("best", {"pca_variance": None}, {}),
     "best+res320+layer_norm": ("best", {"image_size": 320, "grid_size": 40, "layer_norm": True}, {}),
+    "best+res320+ensemble": ("best", {"image_size": 320, "grid_size": 40}, ENS),
+    "best+layer_norm+ensemble": ("best", {"layer_norm": True}, ENS),
     "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}, {}),
     "best+tta": ("best", {"tta": TTA}, {}),
     "best+bankflip": ("best", {}, {"bankflip": True}),

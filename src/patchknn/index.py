@@ -122,6 +122,17 @@ def _faiss_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch's CPU operations on one thread inside the block (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def faiss_has_gpu() -> bool:
     """Whether this faiss build has GPU support and sees at least one GPU."""
     if not hasattr(faiss, "StandardGpuResources"):
@@ -589,4 +600,5 @@ __all__ = [
     "default_threads",
     "faiss_has_gpu",
     "set_search_threads",
+    "single_threaded",
 ]

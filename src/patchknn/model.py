@@ -34,7 +34,7 @@ from patchknn.coreset import greedy_coreset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
 from patchknn.features import PatchFeatureExtractor
-from patchknn.index import IndexParams, MemoryBankIndex, build_index
+from patchknn.index import IndexParams, MemoryBankIndex, build_index, single_threaded
 from patchknn.reduction import PCA, MomentAccumulator
 from patchknn.serialization import check_model_contents, load_model, save_model
 
@@ -306,7 +306,10 @@ class PatchKNN:
             self.pca_ = None
             bank = raw
         else:
-            self.pca_ = PCA.from_moments(acc, float(self.config.pca_variance))
+            # one thread: the eigensolver's many small parallel steps run up to 10x slower on 2
+            # threads than on one as soon as anything else wants the CPU
+            with single_threaded():
+                self.pca_ = PCA.from_moments(acc, float(self.config.pca_variance))
             bank = np.empty((filled, self.pca_.n_components), dtype=np.float32)
             step = 8192  # small chunks: the centred copy of a chunk is a temporary (60 MB here)
             for i in range(0, filled, step):
