@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -54,6 +53,9 @@ Variant = tuple[str, dict[str, Any], dict[str, Any]]
 SMOOTH = 0.5  # grid cells: PatchCore's sigma = 4 px at 224 px, one cell = 8 px at grid 28
 CORESET = 0.1  # PatchCore-10%: the bank subsampling the `best` preset uses for speed
 ENS = {"ensemble": ("resnet50-caffe", "efficientnet-lite2")}
+LNENS = {"ensemble": ({}, {"layer_norm": True})}  # one backbone pass, raw + L2-normalised layers
+ENS4 = {"ensemble": ({}, {"layer_norm": True}, "efficientnet-lite2",
+                     {"backbone": "efficientnet-lite2", "layer_norm": True})}  # 2 backbone passes
 TTA = ("hflip", "vflip")
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
@@ -82,6 +84,11 @@ VARIANTS: dict[str, Variant] = {
     "best+res320+layer_norm": ("best", {"image_size": 320, "grid_size": 40, "layer_norm": True}, {}),
     "best+res320+ensemble": ("best", {"image_size": 320, "grid_size": 40}, ENS),
     "best+layer_norm+ensemble": ("best", {"layer_norm": True}, ENS),
+    "best+ln_views": ("best", {}, LNENS),
+    "best+ens4": ("best", {}, ENS4),
+    "best+effnet": ("best", {"backbone": "efficientnet-lite2"}, {}),
+    "best+effnet+ln_views": ("best", {"backbone": "efficientnet-lite2"}, LNENS),
+    "best+res320+ln_views": ("best", {"image_size": 320, "grid_size": 40}, LNENS),
     "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}, {}),
     "best+tta": ("best", {"tta": TTA}, {}),
     "best+bankflip": ("best", {}, {"bankflip": True}),
@@ -106,7 +113,8 @@ def cli_flags(name: str) -> str:
     if extra.get("bankflip"):
         parts.append("(+ flipped train images in the bank: ablation only)")
     if extra.get("ensemble"):
-        parts.append(f"(EnsemblePatchKNN {'+'.join(extra['ensemble'])})")
+        desc = " + ".join(m if isinstance(m, str) else (json.dumps(m) if m else "{}") for m in extra["ensemble"])
+        parts.append(f"(EnsemblePatchKNN {desc})")
     return " ".join(parts)
 
 
@@ -209,6 +217,8 @@ def run_variant(
         ext = member.extractor
         if isinstance(ext.backbone, CachedBackbone):
             ext.backbone = ext.backbone.uncached()
+        elif isinstance(getattr(ext.backbone, "inner", None), CachedBackbone):  # shared by members
+            ext.backbone.inner = ext.backbone.inner.uncached()
     speed_paths = [str(s.path) for s in samples[:speed_images]]
     t2 = time.perf_counter()
     model.predict(speed_paths)

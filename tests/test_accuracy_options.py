@@ -181,7 +181,8 @@ def test_ensemble_save_load_round_trip(images, ensemble, fitted, tmp_path):
     ensemble.save(tmp_path / "ens")
     assert (tmp_path / "ens" / "patchknn.json").is_file()
     assert list((tmp_path / "ens").glob("*.safetensors"))
-    loaded = EnsemblePatchKNN.load(tmp_path / "ens", progress=False)
+    loaded = PatchKNN.load(tmp_path / "ens", progress=False)  # an ensemble directory loads as one
+    assert isinstance(loaded, EnsemblePatchKNN)
     after = loaded.predict([test, train[1]])
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
@@ -194,6 +195,27 @@ def test_ensemble_save_load_round_trip(images, ensemble, fitted, tmp_path):
         EnsemblePatchKNN.load(tmp_path / "single")
 
 
+def test_ensemble_as_a_configuration_option(images):
+    cfg = preset("paper", **SMALL, ensemble=("layer_norm=true", "backbone=efficientnet-lite2"))
+    assert [(c.backbone, c.layer_norm) for c in cfg.ensemble_members()] == [
+        ("resnet50", False), ("resnet50", True), ("efficientnet-lite2", False)
+    ]
+    assert cfg.ensemble_members()[2].layers == ("stage2", "stage3", "stage4")
+    assert preset("paper", **cfg.to_dict()) == cfg  # JSON round trip
+    model = PatchKNN.from_config(cfg, **RUNTIME)
+    assert isinstance(model, EnsemblePatchKNN) and model.config == cfg
+    assert len(model.members) == 3 and all(m.config.ensemble == () for m in model.members)
+    # the Python API and the configuration describe the same ensemble
+    api = EnsemblePatchKNN([{}, {"layer_norm": True}, "efficientnet-lite2"], preset("paper", **SMALL), **RUNTIME)
+    assert api.config == cfg
+    with pytest.raises(ConfigError, match="EnsemblePatchKNN"):
+        PatchKNN(**SMALL, ensemble=("layer_norm=true",))
+    for bad, match in [(("image_size=96",), "shared"), (("layer_norm=false",), "repeats"),
+                       (("layer_norm=maybe",), "true or false"), (("nope=1",), "NAME=VALUE")]:
+        with pytest.raises(ConfigError, match=match):
+            preset("paper", ensemble=bad)
+
+
 def test_ensemble_checks():
     cfg = preset("paper", **SMALL)
     with pytest.raises(ConfigError, match="two distinct"):
@@ -202,6 +224,28 @@ def test_ensemble_checks():
         EnsemblePatchKNN(["resnet50", "resnet50"], cfg, **RUNTIME)
     with pytest.raises(NotFittedError):
         _ensemble().predict([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_ensemble_of_views_shares_one_backbone_pass(images):
+    train, test = images
+    ens = EnsemblePatchKNN([{}, {"layer_norm": True}], preset("paper", **SMALL), **RUNTIME)
+    assert [m.config.layer_norm for m in ens.members] == [False, True]
+    assert [m.config.backbone for m in ens.members] == ["resnet50", "resnet50"]
+    # the same network object in both members (as with the same pretrained weights) runs once a batch
+    ens.members[1]._extractor = ens.members[1]._make_extractor(ens.members[0].extractor.backbone)
+    ens.fit(train)
+    calls = []
+    inner = ens.members[0].extractor.backbone.inner
+    handle = inner.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        grids = ens.score_grid(_tensor(test))
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and grids.shape == (1, 8, 8)
+    assert ens.members[1].extractor.backbone is ens.members[0].extractor.backbone
+    assert ens.threshold_ is not None and np.isfinite(ens.threshold_)
+    with pytest.raises(ConfigError, match="may not set"):
+        EnsemblePatchKNN([{}, {"image_size": 96}], preset("paper", **SMALL), **RUNTIME)
 
 
 def test_leave_one_out_calibration_excludes_own_patches(images, fitted):

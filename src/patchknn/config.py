@@ -66,6 +66,13 @@ class PatchKNNConfig:
         tta: test-time augmentations whose maps are averaged: a subset of ``("hflip", "vflip")``;
             empty = none (paper). Only for categories whose normal images are flip-invariant.
         seed: seeds every random choice (random projections, coreset start, index training).
+        ensemble: more members of an ensemble (see :mod:`patchknn.ensemble`), each given as the
+            options in which it differs from this configuration, ``"NAME=VALUE+NAME=VALUE"``
+            (e.g. ``"layer_norm=true"``, ``"backbone=efficientnet-lite2"``; a tuple value is
+            written ``a/b``). Each member is scored on its own memory bank; the maps of all members
+            (this configuration's first) are averaged after z-scoring each on held-out normal
+            patches. Members share image and grid size and the threshold options. Empty = one
+            model (paper).
     """
 
     backbone: str = "resnet50-caffe"
@@ -92,9 +99,10 @@ class PatchKNNConfig:
     calibration_images: int = 16
     tta: tuple[str, ...] = ()
     seed: int = 0
+    ensemble: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("layers", "tta"):  # a sequence of names; a bare string or a number is a mistake
+        for name in ("layers", "tta", "ensemble"):  # a sequence of names; a bare string or a number is a mistake
             value = getattr(self, name)
             if value is None and name == "layers":
                 continue
@@ -172,6 +180,8 @@ class PatchKNNConfig:
         if bad or len(set(self.tta)) != len(self.tta):
             raise ConfigError(f"tta must be distinct values from {TTA_KINDS}, got {list(self.tta)}")
         _check_int("seed", self.seed, 0, 2**32 - 1)
+        if self.ensemble:
+            self.ensemble_members()  # every member parses, validates and differs from the others
 
     @property
     def resolved_layers(self) -> tuple[str, ...]:
@@ -181,6 +191,30 @@ class PatchKNNConfig:
         cls = backbone_class(self.backbone)
         return tuple(cls.resolve_layers(self.layers or cls.default_layers))
 
+    def ensemble_members(self) -> list[PatchKNNConfig]:
+        """The configurations of the ensemble's members, this one (without ``ensemble``) first.
+
+        Example:
+            >>> [c.layer_norm for c in PatchKNNConfig(ensemble=("layer_norm=true",)).ensemble_members()]
+            [False, True]
+        """
+        base = dataclasses.replace(self, ensemble=())
+        members, seen = [base], {_config_key(base)}
+        for spec in self.ensemble:
+            opts = parse_member(spec)
+            if opts.get("backbone", base.backbone) != base.backbone and "layers" not in opts:
+                opts["layers"] = None  # another network: its own default layers
+            try:
+                member = dataclasses.replace(base, **opts)
+            except ConfigError as e:
+                raise ConfigError(f"ensemble member {spec!r}: {e}") from None
+            key = _config_key(member)
+            if key in seen:
+                raise ConfigError(f"ensemble member {spec!r} repeats another member; members must differ")
+            seen.add(key)
+            members.append(member)
+        return members
+
     def replace(self, **changes: Any) -> PatchKNNConfig:
         """A copy with some options changed (validated)."""
         return dataclasses.replace(self, **changes)
@@ -189,6 +223,7 @@ class PatchKNNConfig:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.resolved_layers)
         d["tta"] = list(self.tta)
+        d["ensemble"] = list(self.ensemble)
         return d
 
     @classmethod
@@ -200,19 +235,24 @@ class PatchKNNConfig:
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(names)}")
         data = dict(data)
-        for key in ("layers", "tta"):
+        for key in ("layers", "tta", "ensemble"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         return cls(**data)
 
 
-_EXAMPLES = {"layers": "['layer2', 'layer3']", "tta": "['hflip']"}
+_EXAMPLES = {"layers": "['layer2', 'layer3']", "tta": "['hflip']", "ensemble": "['layer_norm=true']"}
 _REAL_FIELDS = ("pca_variance", "smoothing_sigma", "coreset_ratio", "threshold_quantile", "threshold_sigma")
 
 IMAGE_SCORES = ("max", "topk_mean", "reweighted")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 THRESHOLD_METHODS = ("quantile", "sigma", "none")
 TTA_KINDS = ("hflip", "vflip")
+#: options every ensemble member shares with the main configuration
+ENSEMBLE_SHARED = (
+    "image_size", "grid_size", "ensemble", "threshold_method", "threshold_quantile", "threshold_sigma",
+    "calibration_images",
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper, exactly: the defaults of PatchKNNConfig.
@@ -238,6 +278,88 @@ def preset(name: str, **overrides: Any) -> PatchKNNConfig:
         raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
     values = {**PRESETS[name], **overrides}
     return PatchKNNConfig.from_dict(values)
+
+
+def parse_member(spec: str) -> dict[str, Any]:
+    """The options of one ensemble member: ``"backbone=efficientnet-lite2+layer_norm=true"`` -> dict.
+
+    Example:
+        >>> parse_member("backbone=efficientnet-lite2+layer_norm=true")
+        {'backbone': 'efficientnet-lite2', 'layer_norm': True}
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"an ensemble member must be a non-empty 'NAME=VALUE[+NAME=VALUE]' string, got {spec!r}")
+    fields = {f.name: f for f in dataclasses.fields(PatchKNNConfig)}
+    out: dict[str, Any] = {}
+    for part in spec.split("+"):
+        name, sep, raw = part.partition("=")
+        name, raw = name.strip().replace("-", "_"), raw.strip()
+        if not sep or name not in fields:
+            raise ConfigError(
+                f"ensemble member {spec!r}: expected NAME=VALUE[+NAME=VALUE...] with NAME an option, got {part!r}"
+            )
+        if name in ENSEMBLE_SHARED:
+            raise ConfigError(f"ensemble member {spec!r}: {name} is shared by all members and cannot differ")
+        default = fields[name].default
+        value: Any
+        if raw.lower() in ("none", "null"):
+            value = None
+        elif isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ConfigError(f"ensemble member {spec!r}: {name} must be true or false, got {raw!r}")
+            value = raw.lower() in ("true", "1", "yes", "on")
+        elif isinstance(default, tuple) or name == "layers":
+            value = tuple(x.strip() for x in raw.split("/") if x.strip())
+        elif isinstance(default, int | float) or name in _REAL_FIELDS:
+            kind = float if (isinstance(default, float) or name in _REAL_FIELDS) else int
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"ensemble member {spec!r}: {name}={raw!r} is not a valid {kind.__name__}") from None
+        else:
+            value = raw
+        out[name] = value
+    return out
+
+
+def member_spec(base: PatchKNNConfig, member: PatchKNNConfig) -> str:
+    """The ensemble-member string of ``member`` relative to ``base`` (inverse of :func:`parse_member`).
+
+    Example:
+        >>> member_spec(PatchKNNConfig(), PatchKNNConfig(backbone="efficientnet-lite2", layer_norm=True))
+        'backbone=efficientnet-lite2+layer_norm=true'
+    """
+    from patchknn.backbones import backbone_class
+
+    parts = []
+    for f in dataclasses.fields(PatchKNNConfig):
+        value = getattr(member, f.name)
+        if f.name == "ensemble" or value == getattr(base, f.name):
+            continue
+        if f.name in ENSEMBLE_SHARED:
+            raise ConfigError(f"ensemble members must share {f.name} ({getattr(base, f.name)!r} vs {value!r})")
+        if (
+            f.name == "layers"
+            and member.backbone != base.backbone
+            and tuple(value) == tuple(backbone_class(member.backbone).default_layers)
+        ):
+            continue  # the other network's default layers: implied by the backbone
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = "/".join(value)
+        else:
+            text = "none" if value is None else str(value)
+        parts.append(f"{f.name}={text}")
+    if not parts:
+        raise ConfigError("an ensemble member must differ from the main configuration")
+    return "+".join(parts)
+
+
+def _config_key(config: PatchKNNConfig) -> str:
+    import json
+
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:

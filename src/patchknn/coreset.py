@@ -6,9 +6,11 @@ kept so far. Distances for the selection are computed after a Gaussian random pr
 ``projection_dim`` dimensions (Johnson-Lindenstrauss: distances are roughly preserved, the
 selection is cheaper); the kept patches themselves are the original rows.
 
-Each step is one matrix-vector product over the projected bank plus an element-wise minimum
-(the incremental min-distance update), with torch on the CPU; the projection is done in chunks,
-so the only extra memory is the projected bank (``N x projection_dim`` float32) and two vectors.
+The selection is the textbook one (the incremental min-distance update, with torch on the CPU),
+computed lazily so that most updates are one large matrix product instead of a pass over the
+whole bank per selected patch (see :func:`_lazy_greedy`; tested equal to the textbook loop). The
+projection is done in chunks; the extra memory is the projected bank (``N x projection_dim``
+float32) and a few vectors.
 
 Example:
     >>> import numpy as np
@@ -91,13 +93,14 @@ def greedy_coreset(bank: np.ndarray, ratio: float, projection_dim: int = 128, se
 def _lazy_greedy(z: torch.Tensor, m: int, first: int, candidates: int = 8192) -> np.ndarray:
     """Greedy k-center selection of ``m`` rows of ``z``, starting at row ``first``.
 
-    The plain algorithm updates every row's distance to the selected set after each selection: one
-    pass over the whole bank per selected row, bound by memory bandwidth. Here the update is lazy
-    and exact: the selection runs on the ``candidates`` rows with the largest distances; the other
-    rows' stored distances are upper bounds, all at most ``tau``. While the best candidate's
-    (exact) distance is at least ``tau`` it is the true farthest row; otherwise the selections
-    made since the last refresh are applied to every row in one matrix product (read the bank
-    once for many centres, compute-bound) and the candidates are chosen again.
+    The textbook algorithm updates every row's distance to the selected set after each selection:
+    one pass over the whole bank per selected row, bound by memory bandwidth. Here the update is
+    lazy and exact: the selection runs on the ``candidates`` rows with the largest distances,
+    updated after each selection; the other rows' stored distances are upper bounds, all at most
+    ``tau``. While the best candidate's distance is at least ``tau`` it is the true farthest row;
+    otherwise the centres selected since the last refresh are applied to every row in one matrix
+    product (the bank is read once for many centres: compute-bound) and the candidates are chosen
+    again.
     """
     n = z.shape[0]
     norms = (z * z).sum(1)

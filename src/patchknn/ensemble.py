@@ -1,16 +1,25 @@
-"""Ensembles of backbones: one :class:`~patchknn.model.PatchKNN` per backbone, maps averaged after
-normalising each member's scores on normal data.
+"""Ensembles: several :class:`~patchknn.model.PatchKNN` members (different backbones, or the same
+backbone with different feature options), their maps averaged after normalising each member's
+scores on normal data.
 
-Distances of different backbones live on different scales (ResNet-50 layer1..3 patch distances are
-tens, EfficientNet-Lite2's a few units), so averaging raw maps would let one member dominate. At fit
-time each member scores ``calibration_images`` of its own training images *leave-one-image-out*
-(the image's own patches are taken out of the memory bank for it), and the mean and standard
-deviation of those normal patch scores become the member's z-score normalisation. The ensemble's map
-is the mean of the members' z-scored grids; smoothing, upsampling and the image score then follow the
-shared configuration exactly as for a single model.
+Distances of different members live on different scales (ResNet-50 layer1..3 patch distances are
+tens, EfficientNet-Lite2's a few units, L2-normalised layers below one), so averaging raw maps would
+let one member dominate. At fit time each member scores a few of its own training images
+*leave-one-image-out* (the image's own patches are taken out of the memory bank for it); the mean
+and standard deviation of those normal patch scores become the member's z-score normalisation. The
+ensemble's grid is the mean of the members' z-scored grids; upsampling, smoothing and the image score
+then follow the shared configuration exactly as for a single model. The same held-out ensemble
+scores calibrate the ensemble's decision threshold (``threshold_method``, as for one model).
 
-All members share the configuration (image size, grid, aggregation, ...), except the backbone and
-its default layers, so each image is decoded once per batch and every member sees the same pixels.
+Members share the input (image size and grid): each image is decoded once per batch, and members
+that use the same backbone network (same name, layers and weights) share one backbone pass.
+
+Members are given as backbone names or as dictionaries of options that replace the shared ones::
+
+    EnsemblePatchKNN(["resnet50-caffe", "efficientnet-lite2"])              # two backbones
+    EnsemblePatchKNN([{}, {"layer_norm": True}], preset("best"))            # one backbone, two views
+
+A member that changes the backbone gets that backbone's default layers unless it names ``layers``.
 
 Example:
     >>> from patchknn.ensemble import EnsemblePatchKNN
@@ -18,87 +27,134 @@ Example:
     >>> ens.fit("bottle/train/good").predict(["bottle/test/broken_large/000.png"])[0].score  # doctest: +SKIP
     >>> ens.save("bottle.ensemble"); EnsemblePatchKNN.load("bottle.ensemble")  # doctest: +SKIP
 
-Cost: the sum of the members' (backbone + search) per image, plus, at fit time, scoring the
+Cost per image: every distinct backbone pass plus every member's search; at fit time, scoring the
 calibration images once more per member.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from patchknn.backbones import build_backbone  # noqa: F401  (patched by benchmarks/ablation.py)
 from patchknn.backbones.base import WeightsArg
-from patchknn.config import PatchKNNConfig
+from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
 from patchknn.data import iter_batches
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
-from patchknn.model import OutputSize, PatchKNN, Prediction, _as_sources, _resolve_size, _source_name
+from patchknn.model import PatchKNN, _as_sources, _config_kwargs
 from patchknn.serialization import load_model, save_model
 
-__all__ = ["EnsemblePatchKNN"]
+__all__ = ["EnsemblePatchKNN", "member_configs"]
 
 ENSEMBLE_KIND = "ensemble"
+MemberSpec = str | Mapping[str, Any]
 
 
-class EnsemblePatchKNN:
-    """Several backbones, one memory bank each; their normalised maps are averaged.
+def member_configs(config: PatchKNNConfig, members: Sequence[MemberSpec]) -> list[PatchKNNConfig]:
+    """The configuration of each member: ``config`` with the member's options applied.
+
+    Example:
+        >>> from patchknn.config import preset
+        >>> [c.backbone for c in member_configs(preset("paper"), ["resnet50-caffe", "efficientnet-lite2"])]
+        ['resnet50-caffe', 'efficientnet-lite2']
+        >>> [c.layer_norm for c in member_configs(preset("paper"), [{}, {"layer_norm": True}])]
+        [False, True]
+    """
+    base = config.replace(ensemble=())
+    out = []
+    for spec in members:
+        opts = {"backbone": spec} if isinstance(spec, str) else dict(spec)
+        bad = sorted(set(opts) & set(ENSEMBLE_SHARED))
+        if bad:
+            raise ConfigError(f"ensemble members share {list(ENSEMBLE_SHARED)}; a member may not set {bad}")
+        if opts.get("backbone", base.backbone) != base.backbone and "layers" not in opts:
+            opts["layers"] = None  # another network: its own default layers
+        out.append(base.replace(**opts))
+    if len(out) < 2:
+        raise ConfigError(f"an ensemble needs at least two distinct members, got {list(members)}")
+    try:  # the main configuration with the others as `ensemble` strings checks they all differ
+        out[0].replace(ensemble=tuple(member_spec(out[0], c) for c in out[1:]))
+    except ConfigError as e:
+        raise ConfigError(f"an ensemble needs at least two distinct members: {e}") from None
+    return out
+
+
+class EnsemblePatchKNN(PatchKNN):
+    """Several members, one memory bank each; their normalised maps are averaged.
+
+    A :class:`~patchknn.model.PatchKNN` (same ``fit`` / ``predict`` / ``save`` / ``load``) whose
+    :attr:`config` is the first member's configuration with the others in ``config.ensemble``;
+    ``PatchKNN.from_config`` / ``from_preset`` / ``load`` return one for such configurations.
 
     Args:
-        backbones: registered backbone names, at least two, distinct.
-        config: the shared options (``backbone`` and ``layers`` are replaced per member by each
-            backbone and its default layers); default: the paper's.
-        weights: one weights argument for every member, or a list with one per backbone.
+        members: backbone names and/or dictionaries of options that replace ``config``'s (see the
+            module docstring); at least two, all different. ``None`` = ``config.ensemble_members()``.
+        config: the shared options (default: the paper's).
+        weights: one weights argument for every member, or a list with one per member.
         **runtime: keyword-only :class:`~patchknn.model.PatchKNN` options (device, batch_size, ...).
 
     Attributes:
-        members: the fitted :class:`PatchKNN` models, in ``backbones`` order.
+        members: the member :class:`PatchKNN` models, in order.
         norm_: ``(n_members, 2)`` mean and standard deviation of each member's leave-one-image-out
             normal patch scores.
+        threshold_: decision threshold on the ensemble's image score (``None`` = no decision).
     """
+
+    _is_ensemble = True
 
     def __init__(
         self,
-        backbones: Sequence[str] = ("resnet50-caffe", "efficientnet-lite2"),
+        members: Sequence[MemberSpec] | None = ("resnet50-caffe", "efficientnet-lite2"),
         config: PatchKNNConfig | None = None,
         *,
         weights: WeightsArg | Sequence[WeightsArg] = None,
         **runtime: Any,
     ) -> None:
-        backbones = list(backbones)
-        if len(backbones) < 2 or len(set(backbones)) != len(backbones):
-            raise ConfigError(f"an ensemble needs at least two distinct backbones, got {backbones}")
         config = config or PatchKNNConfig()
+        configs = config.ensemble_members() if members is None else member_configs(config, list(members))
+        if len(configs) < 2:
+            raise ConfigError("an ensemble needs at least two distinct members; the configuration has one")
         if isinstance(weights, list | tuple):
-            if len(weights) != len(backbones):
-                raise ConfigError(f"weights: {len(weights)} given for {len(backbones)} backbones")
+            if len(weights) != len(configs):
+                raise ConfigError(f"weights: {len(weights)} given for {len(configs)} members")
             member_weights = list(weights)
         else:
-            member_weights = [weights] * len(backbones)
-        self.config = config
-        self.backbones = backbones
+            member_weights = [weights] * len(configs)
+        full = configs[0].replace(ensemble=tuple(member_spec(configs[0], c) for c in configs[1:]))
+        super().__init__(**_config_kwargs(full), weights=member_weights[0], **runtime)
         self.runtime = dict(runtime)
+        # members need no threshold of their own: the ensemble calibrates one on its own scores
         self.members = [
-            PatchKNN.from_config(config.replace(backbone=name, layers=None), weights=w, **runtime)
-            for name, w in zip(backbones, member_weights)
+            PatchKNN.from_config(c.replace(threshold_method="none"), weights=w, **runtime)
+            for c, w in zip(configs, member_weights)
         ]
         self.norm_: np.ndarray | None = None
-        self.threshold_: float | None = None
-        self.fit_info_: dict[str, Any] = {}
 
-    def __repr__(self) -> str:
-        return f"EnsemblePatchKNN(backbones={self.backbones!r}, config={self.config!r})"
+    @classmethod
+    def from_config(cls, config: PatchKNNConfig, **runtime: Any) -> EnsemblePatchKNN:
+        """The ensemble of ``config.ensemble_members()``."""
+        return cls(None, config, **runtime)
+
+    @property
+    def backbones(self) -> list[str]:
+        return [m.config.backbone for m in self.members]
 
     @property
     def lead(self) -> PatchKNN:
-        """The first member: its configuration drives maps and image scores."""
+        """The first member (the main configuration)."""
         return self.members[0]
+
+    @property
+    def extractor(self) -> Any:
+        """The first member's backbone + grid resampling."""
+        return self.lead.extractor
 
     @property
     def is_fitted(self) -> bool:
@@ -106,83 +162,80 @@ class EnsemblePatchKNN:
 
     # ------------------------------------------------------------------------------- fitting
     def fit(self, images: Sequence[Any] | str | Path) -> EnsemblePatchKNN:
-        """Fit every member on the same normal images, then calibrate their normalisation."""
+        """Fit every member on the same normal images, then calibrate normalisation and threshold."""
+        t0 = time.perf_counter()
         sources = _as_sources(images)
-        for member in self.members:
-            member.fit(sources)
-        n_cal = min(self.config.calibration_images or 8, len(sources))
         if len(sources) < 2:
             raise ConfigError("an ensemble needs at least two normal images to calibrate its members")
-        n_cal = max(1, min(n_cal, len(sources) - 1))
-        picks = np.linspace(0, len(sources) - 1, n_cal).round().astype(int)
-        cal = [sources[i] for i in sorted(set(picks.tolist()))]
-        self.norm_ = np.array([_loo_stats(m, cal) for m in self.members], dtype=np.float64)
+        self._share_backbones()
+        for member in self.members:
+            member.fit(sources)
+        self.skipped_ = list(self.lead.skipped_)
+        skipped = {src for src, _ in self.skipped_}
+        usable = [s for s in sources if not (isinstance(s, str | Path) and str(s) in skipped)]
+        n_cal = max(1, min(self.config.calibration_images or 8, len(usable) - 1))
+        picks = sorted(set(np.linspace(0, len(usable) - 1, n_cal).round().astype(int).tolist()))
+        cal = [usable[i] for i in picks]
+        loo = [_loo_grids(m, cal) for m in self.members]  # each (n_cal, g, g)
+        self.norm_ = np.array([(g.mean(), max(g.std(), 1e-12)) for g in loo], dtype=np.float64)
+        z = np.mean([(g - mu) / sd for g, (mu, sd) in zip(loo, self.norm_)], axis=0).astype(np.float32)
+        size = (self.config.image_size, self.config.image_size)
+        scores = np.array([self.image_score(g, self.grid_to_map(g, size)) for g in z])
+        from patchknn.threshold import IMAGE_QUANTILES, PATCH_QUANTILES, _summary, threshold_from_scores
+
+        self.threshold_ = None
+        if self.config.threshold_method != "none":
+            self.threshold_ = threshold_from_scores(
+                scores, self.config.threshold_method,
+                quantile=self.config.threshold_quantile, sigma=self.config.threshold_sigma,
+            )
+        calibration = {
+            "method": self.config.threshold_method,
+            "threshold": self.threshold_,
+            "n_images": len(cal),
+            "units": "mean of the members' z-scores",
+            "image": _summary(scores, IMAGE_QUANTILES),
+            "patch": _summary(z.ravel(), PATCH_QUANTILES),
+        }
+        infos = [m.fit_info_ for m in self.members]
         self.fit_info_ = {
-            "members": [m.fit_info_ for m in self.members],
-            "calibration_images": len(cal),
-            "bank_size": sum(int(m.fit_info_["bank_size"]) for m in self.members),
-            "n_components": sum(int(m.fit_info_["n_components"]) for m in self.members),
-            "n_train_images": int(self.lead.fit_info_["n_train_images"]),
+            "n_train_images": int(infos[0]["n_train_images"]),
+            "n_skipped": len(self.skipped_),
+            "bank_size": sum(int(i["bank_size"]) for i in infos),
+            "n_components": sum(int(i["n_components"]) for i in infos),
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+            "members": infos,
+            "calibration": calibration,
+            "weights_id": [str(i.get("weights_id", "unknown")) for i in infos],
         }
         return self
 
     # ---------------------------------------------------------------------------- predicting
-    def predict(self, images: Sequence[Any] | str | Path, output_size: OutputSize = None) -> list[Prediction]:
-        """Score ``images``; one :class:`~patchknn.model.Prediction` per input, in order."""
-        return list(self.predict_iter(images, output_size=output_size))
-
-    def predict_iter(
-        self, images: Sequence[Any] | str | Path, output_size: OutputSize = None
-    ) -> Iterator[Prediction]:
-        """Like :meth:`predict`, yielding results as batches finish."""
-        self._check_fitted()
-        lead = self.lead
-        sources = _as_sources(images)
-        batches = iter_batches(
-            sources,
-            image_size=self.config.image_size,
-            batch_size=lead.batch_size,
-            num_workers=lead.num_workers,
-            on_error=lead.on_error,
-        )
-        names = [_source_name(s, i) for i, s in enumerate(sources)]
-        reported = 0
-        disable = not lead.progress or not sys.stderr.isatty()
-        with tqdm(total=len(sources), desc="predict", unit="img", disable=disable, leave=False) as bar:
-            for batch in batches:
-                grids, weights = self.score_batch(batch.images)
-                for j, i in enumerate(batch.indices):
-                    yield from PatchKNN._errors_before(batches, names, reported, i)
-                    reported = i + 1
-                    out = _resolve_size(output_size, self.config.image_size, batch.sizes[j])
-                    amap = lead.grid_to_map(grids[j], out)
-                    score = lead.image_score(grids[j], amap, float(weights[j]))
-                    yield Prediction(names[i], amap, score, self.threshold_)
-                bar.update(len(batch.indices))
-        yield from PatchKNN._errors_before(batches, names, reported, len(sources))
-
     @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 ``(B, 3, S, S)`` -> mean of the members' z-scored grids, and mean image weights."""
+        """uint8 ``(B, 3, S, S)`` -> mean of the members' z-scored grids, and mean image weights.
+
+        :meth:`predict` / :meth:`predict_iter` (inherited) turn them into maps and scores exactly
+        as for one model."""
         self._check_fitted()
+        self._share_backbones()
         total: np.ndarray | None = None
         weight_sum: np.ndarray | None = None
-        for member, (mu, sd) in zip(self.members, self.norm_):  # type: ignore[arg-type]
-            grids, weights = member.score_batch(images)
-            z = (grids.astype(np.float64) - mu) / sd
-            total = z if total is None else total + z
-            weight_sum = weights if weight_sum is None else weight_sum + weights
+        try:
+            for member, (mu, sd) in zip(self.members, self.norm_):  # type: ignore[arg-type]
+                grids, weights = member.score_batch(images)
+                z = (grids.astype(np.float64) - mu) / sd
+                total = z if total is None else total + z
+                weight_sum = weights if weight_sum is None else weight_sum + weights
+        finally:
+            _SharedBackbone.forget_all(self.members)
         n = len(self.members)
         return (total / n).astype(np.float32), weight_sum / n  # type: ignore[operator]
 
-    def score_grid(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 ``(B, 3, S, S)`` -> ``(B, grid, grid)`` ensemble scores (z-score units)."""
-        return self.score_batch(images)[0]
-
     # ------------------------------------------------------------------------------- storage
     def save(self, path: str | Path) -> Path:
-        """Save as a directory: ``patchknn.json`` + normalisation (safetensors) + one model per member
-        in ``member-<i>/`` (each a complete :meth:`PatchKNN.save` directory)."""
+        """Save as a directory: ``patchknn.json`` (kind ``ensemble``) + the normalisation
+        (safetensors) + one complete :meth:`PatchKNN.save` directory per member, ``member-<i>/``."""
         self._check_fitted()
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
@@ -191,7 +244,7 @@ class EnsemblePatchKNN:
         meta = {
             "kind": ENSEMBLE_KIND,
             "config": self.config.to_dict(),
-            "backbones": list(self.backbones),
+            "backbones": self.backbones,
             "members": [f"member-{i}" for i in range(len(self.members))],
             "threshold": self.threshold_,
             "fit_info": self.fit_info_,
@@ -212,42 +265,97 @@ class EnsemblePatchKNN:
             norm = np.asarray(groups["ensemble"]["norm"], dtype=np.float64)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"{root}: the ensemble description is missing or damaged ({e})") from e
-        if len(folders) != len(backbones) or norm.shape != (len(backbones), 2):
-            raise ModelFileError(f"{root}: members, backbones and normalisation disagree")
+        except ConfigError as e:
+            raise ModelFileError(f"{root}: the saved configuration is not usable here: {e}") from e
+        expected = config.ensemble_members() if config.ensemble else []
+        if not (len(folders) == len(backbones) == len(expected)) or norm.shape != (len(folders), 2):
+            raise ModelFileError(f"{root}: members, configuration and normalisation disagree")
         if any(Path(f).name != f for f in folders):
             raise ModelFileError(f"{root}: member folder names must be plain names")
-        ens = cls.__new__(cls)
-        ens.config = config
-        ens.backbones = backbones
-        ens.runtime = dict(runtime)
-        ens.members = [PatchKNN.load(root / f, **runtime) for f in folders]
-        for name, member in zip(backbones, ens.members):
-            if member.config.backbone != name:
-                raise ModelFileError(f"{root}: member {member.config.backbone!r} where {name!r} was expected")
+        members = [PatchKNN.load(root / f, **runtime) for f in folders]
+        for m, want in zip(members, expected):
+            if m.config != want.replace(threshold_method="none"):
+                raise ModelFileError(f"{root}: member {m.config.backbone!r} does not match the ensemble's options")
+        ens = cls(None, config, **{"weights": "random", **runtime})
+        ens.members = members
         ens.norm_ = norm
         thr = doc.get("threshold")
         ens.threshold_ = None if thr is None else float(thr)
         ens.fit_info_ = dict(doc.get("fit_info") or {})
         return ens
 
+    # ------------------------------------------------------------------------------- helpers
     def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise NotFittedError("this EnsemblePatchKNN is not fitted yet; call fit(images) or load(path)")
 
+    def _share_backbones(self) -> None:
+        """Members with the same backbone network use one module that remembers its last batch."""
+        seen: dict[tuple[Any, ...], _SharedBackbone] = {}
+        for m in self.members:
+            ext = m.extractor
+            net = ext.backbone
+            inner = net.inner if isinstance(net, _SharedBackbone) else net
+            key = (m.config.backbone, tuple(m.config.resolved_layers), repr(m.weights), _state_key(inner))
+            if key in seen:
+                ext.backbone = seen[key]
+            else:
+                shared = net if isinstance(net, _SharedBackbone) else _SharedBackbone(inner)
+                ext.backbone = seen[key] = shared
 
-# ----------------------------------------------------------------------------------- helpers
+
+class _SharedBackbone(nn.Module):
+    """A backbone that returns its previous result when called again on the very same tensor."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["inner"], name)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        last = self._last
+        if last is not None and last[0] is images:
+            return last[1]
+        out = self.inner(images)
+        self._last = (images, out)
+        return out
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # saved like the plain network
+        return self.inner.state_dict(*args, **kwargs)
+
+    @staticmethod
+    def forget_all(members: Sequence[PatchKNN]) -> None:
+        for m in members:
+            net = m.extractor.backbone
+            if isinstance(net, _SharedBackbone):
+                net._last = None
+
+
+def _state_key(net: nn.Module) -> tuple[Any, ...]:
+    """Identity of a network's weights: same object, or the same weights provenance."""
+    wid = str(getattr(net, "weights_id", "") or "")
+    return (wid,) if wid and not wid.startswith("random") else (id(net),)
+
+
 @torch.inference_mode()
-def _loo_stats(member: PatchKNN, images: Sequence[Any]) -> tuple[float, float]:
-    """Mean and std of ``member``'s patch scores on its own training ``images``, each image scored
-    without its own patches.
+def _loo_grids(member: PatchKNN, images: Sequence[Any]) -> np.ndarray:
+    """``member``'s patch-score grids of its own training ``images``, each image scored without its
+    own patches: ``(n, grid, grid)``.
 
     An image's own patches are found in the bank as exact matches (distance ~ 0) of its patch
     vectors, so this holds whatever subsampling built the bank (a coreset keeps some of them).
     """
     bank = member.index_.bank  # type: ignore[union-attr]
     k = member.config.k
+    g = member.config.grid_size
     depth = min(bank.shape[0], k + 48)
-    scores: list[np.ndarray] = []
+    grids: list[np.ndarray] = []
     for batch in iter_batches(images, image_size=member.config.image_size, batch_size=member.batch_size):
         feats = member._features(batch.images)
         for rows in feats:
@@ -256,17 +364,21 @@ def _loo_stats(member: PatchKNN, images: Sequence[Any]) -> tuple[float, float]:
             dist, ids = faiss.knn(q, bank, depth)
             dist = np.sqrt(np.maximum(dist, 0))
             tol = 1e-2 * max(float(np.median(dist[:, -1])), 1e-12)  # float error of faiss' L2
-            own = set(ids[dist[:, 0] <= tol, 0].tolist())
-            keep = ~np.isin(ids, list(own)) if own else np.ones_like(ids, dtype=bool)
+            own = np.unique(ids[dist[:, 0] <= tol, 0])
+            keep = ~np.isin(ids, own)
             out = np.empty(q.shape[0], dtype=np.float64)
             for r in range(q.shape[0]):
                 d = dist[r][keep[r]][:k]
                 if d.shape[0] < k:  # all near neighbours were the image's own: search the rest exactly
                     mask = np.ones(bank.shape[0], dtype=bool)
-                    mask[list(own)] = False
-                    full = np.sqrt(((bank[mask] - q[r]) ** 2).sum(axis=1))
-                    d = np.sort(full)[:k]
+                    mask[own] = False
+                    d = np.sort(np.sqrt(((bank[mask] - q[r]) ** 2).sum(axis=1)))[:k]
                 out[r] = d.mean()
-            scores.append(out)
-    allv = np.concatenate(scores)
-    return float(allv.mean()), float(max(allv.std(), 1e-12))
+            grids.append(out.reshape(g, g))
+    return np.stack(grids)
+
+
+def _loo_stats(member: PatchKNN, images: Sequence[Any]) -> tuple[float, float]:
+    """Mean and standard deviation of :func:`_loo_grids`."""
+    grids = _loo_grids(member, images)
+    return float(grids.mean()), float(max(grids.std(), 1e-12))

@@ -97,8 +97,11 @@ class PatchKNN:
         backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
             smoothing_sigma, image_score, image_score_topk, index, index_nlist, index_nprobe,
             hnsw_m, hnsw_ef_search, coreset_ratio, coreset_dim, threshold_method,
-            threshold_quantile, threshold_sigma, calibration_images, tta, seed: the method's
-            options, see :class:`~patchknn.config.PatchKNNConfig` (defaults = the paper).
+            threshold_quantile, threshold_sigma, calibration_images, tta, seed, ensemble: the
+            method's options, see :class:`~patchknn.config.PatchKNNConfig` (defaults = the paper).
+            A configuration with ``ensemble`` members makes an
+            :class:`~patchknn.ensemble.EnsemblePatchKNN`: build it with :meth:`from_config` /
+            :meth:`from_preset` (which return one) or that class.
         weights: backbone weights: ``None`` = the backbone's pretrained default, a file path, or
             ``"random"`` (tests only).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
@@ -146,6 +149,7 @@ class PatchKNN:
         calibration_images: int = 16,
         tta: Sequence[str] = (),
         seed: int = 0,
+        ensemble: Sequence[str] = (),
         *,
         weights: WeightsArg = None,
         device: str = "cpu",
@@ -180,7 +184,13 @@ class PatchKNN:
             calibration_images=calibration_images,
             tta=tta,  # type: ignore[arg-type]
             seed=seed,
+            ensemble=ensemble,  # type: ignore[arg-type]
         )
+        if self.config.ensemble and not self._is_ensemble:
+            raise ConfigError(
+                "a configuration with ensemble members makes an EnsemblePatchKNN: use "
+                "PatchKNN.from_config / PatchKNN.from_preset, or patchknn.ensemble.EnsemblePatchKNN"
+            )
         self.weights = weights
         self.device = _check_device(device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -208,9 +218,18 @@ class PatchKNN:
         self.fit_info_: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------- constructors
+    _is_ensemble = False  # EnsemblePatchKNN (a subclass) sets it
+
     @classmethod
     def from_config(cls, config: PatchKNNConfig, **runtime: Any) -> PatchKNN:
-        """Build from a :class:`PatchKNNConfig`; ``runtime`` are the keyword-only options."""
+        """Build from a :class:`PatchKNNConfig`; ``runtime`` are the keyword-only options.
+
+        A configuration with ``ensemble`` members gives an :class:`~patchknn.ensemble.EnsemblePatchKNN`.
+        """
+        if config.ensemble and not cls._is_ensemble:
+            from patchknn.ensemble import EnsemblePatchKNN
+
+            return EnsemblePatchKNN.from_config(config, **runtime)
         return cls(**_config_kwargs(config), **runtime)
 
     @classmethod
@@ -535,8 +554,15 @@ class PatchKNN:
 
     @classmethod
     def load(cls, path: str | Path, **runtime: Any) -> PatchKNN:
-        """Load a model saved by :meth:`save`; ``runtime`` = keyword-only options (device, ...)."""
+        """Load a model saved by :meth:`save`; ``runtime`` = keyword-only options (device, ...).
+
+        An ensemble's directory gives an :class:`~patchknn.ensemble.EnsemblePatchKNN`.
+        """
         doc, groups = load_model(path)
+        if doc.get("kind") == "ensemble" and not cls._is_ensemble:
+            from patchknn.ensemble import EnsemblePatchKNN
+
+            return EnsemblePatchKNN.load(path, **runtime)
         try:
             config = PatchKNNConfig.from_dict(doc["config"])
         except (KeyError, TypeError) as e:
