@@ -88,6 +88,10 @@ VARIANTS: dict[str, Variant] = {
     "best+ens4": ("best", {}, ENS4),
     "best+effnet": ("best", {"backbone": "efficientnet-lite2"}, {}),
     "best+effnet+ln_views": ("best", {"backbone": "efficientnet-lite2"}, LNENS),
+    "best+effnet+layer_norm": ("best", {"backbone": "efficientnet-lite2", "layer_norm": True}, {}),
+    "best+effnet+ln_views+res320": (
+        "best", {"backbone": "efficientnet-lite2", "image_size": 320, "grid_size": 40}, LNENS
+    ),
     "best+res320+ln_views": ("best", {"image_size": 320, "grid_size": 40}, LNENS),
     "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}, {}),
     "best+tta": ("best", {"tta": TTA}, {}),
@@ -212,6 +216,13 @@ def run_variant(
     scores = np.array([p.score for p in preds], dtype=np.float64)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     row: dict[str, Any] = dict(metrics.compute_all(maps, masks, scores, labels))
+    # each defect type against the good images: a worst case over kinds of defect
+    types = np.array([s.defect for s in samples])
+    row["per_type_pixel_auprc"] = {
+        t: round(float(metrics.pixel_auprc(maps[sel], masks[sel])), 4)
+        for t in sorted(set(types[labels == 1].tolist()))
+        for sel in [(types == t) | (labels == 0)]
+    }
     # end-to-end speed with the real backbone(s) put back
     for member in getattr(model, "members", [model]):
         ext = member.extractor

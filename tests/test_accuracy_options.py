@@ -262,7 +262,8 @@ def test_best_preset_is_training_free_and_category_agnostic():
     assert "best" in PRESETS and best != preset("paper")
     assert best.backbone == "resnet50-caffe" and best.layers == ("layer1", "layer2", "layer3")
     assert best.tta == ()  # flips are category-dependent: never in a preset for unseen categories
-    assert best.aggregation == 3 and best.smoothing_sigma > 0
+    assert best.smoothing_sigma > 0 and best.layer_norm
+    assert best.ensemble == ("backbone=efficientnet-lite2",)  # both members are ImageNet networks, no training
 
 
 def test_best_preset_runs_with_tiny_overrides(images):
@@ -271,7 +272,8 @@ def test_best_preset_runs_with_tiny_overrides(images):
     pred = model.predict([test])[0]
     assert pred.anomaly_map.shape == (64, 64) and np.isfinite(pred.score)
     full = len(train) * 64
-    assert model.fit_info_["bank_size"] == int(np.ceil(preset("best").coreset_ratio * full))
+    members = 1 + len(preset("best").ensemble)  # each member keeps its own coreset bank
+    assert model.fit_info_["bank_size"] == members * int(np.ceil(preset("best").coreset_ratio * full))
 
 
 def test_evaluate_cli_best_preset(synthetic_root, tmp_path):
@@ -286,5 +288,5 @@ def test_evaluate_cli_best_preset(synthetic_root, tmp_path):
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["config"]["aggregation"] == 3 and doc["config"]["smoothing_sigma"] > 0
+    assert doc["config"]["layer_norm"] and doc["config"]["smoothing_sigma"] > 0
     assert 0 <= doc["categories"]["synthetic"]["pixel_auprc"] <= 1

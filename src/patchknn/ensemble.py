@@ -97,7 +97,9 @@ class EnsemblePatchKNN(PatchKNN):
         members: backbone names and/or dictionaries of options that replace ``config``'s (see the
             module docstring); at least two, all different. ``None`` = ``config.ensemble_members()``.
         config: the shared options (default: the paper's).
-        weights: one weights argument for every member, or a list with one per member.
+        weights: a list with one weights argument per member, or one argument: ``None``/``"random"``
+            for every member, or a file for the members on the first member's backbone (the others
+            use their default weights).
         **runtime: keyword-only :class:`~patchknn.model.PatchKNN` options (device, batch_size, ...).
 
     Attributes:
@@ -125,8 +127,12 @@ class EnsemblePatchKNN(PatchKNN):
             if len(weights) != len(configs):
                 raise ConfigError(f"weights: {len(weights)} given for {len(configs)} members")
             member_weights = list(weights)
-        else:
+        elif weights is None or str(weights).startswith("random"):
             member_weights = [weights] * len(configs)
+        else:
+            # a weights file belongs to one network: the members on the first member's backbone use it,
+            # the others their own default weights (e.g. the packaged EfficientNet-Lite2 file)
+            member_weights = [weights if c.backbone == configs[0].backbone else None for c in configs]
         full = configs[0].replace(ensemble=tuple(member_spec(configs[0], c) for c in configs[1:]))
         super().__init__(**_config_kwargs(full), weights=member_weights[0], **runtime)
         self.runtime = dict(runtime)
