@@ -15,9 +15,11 @@ Printed figures (``--json FILE`` also writes them):
 * fit seconds (features + PCA + coreset + index + threshold calibration), and its parts;
 * predict images/s end to end over the category's test set: decoding and resizing the PNGs
   (in ``--workers`` processes), backbone, PCA projection, nearest-neighbour search, anomaly maps;
-  the split gives the main process's seconds per image in backbone, projection and search, the
-  rest ("other": waiting for decoded images, map upsampling) and, measured separately on one
-  core, the cost of decoding + resizing one image;
+  the split gives the main process's seconds per image in the backbone network's forward,
+  projection (from its feature maps to the PCA-projected patch vectors: resampling and the
+  per-layer projection of ``PatchFeatureExtractor.project``), search and the rest ("other":
+  waiting for decoded images, map upsampling) and, measured separately on one core, the cost of
+  decoding + resizing one image;
 * peak RSS of this process (and of its worker processes), bank size, saved-model bytes per
   training image (all files, and without the backbone weights, which do not grow with the data),
   pixel AUPRC at 224x224 (masks resized with nearest neighbour, as ``patchknn evaluate``);
@@ -52,6 +54,28 @@ def _dir_bytes(path: Path) -> dict[str, int]:
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     backbone = sum(v for k, v in sizes.items() if k.startswith("backbone-"))
     return {"total": sum(sizes.values()), "backbone": backbone}
+
+
+class _HookTimer:
+    """Seconds spent in a module's forward (pre/post hooks)."""
+
+    def __init__(self, module: Any) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        self._handles = [
+            module.register_forward_pre_hook(self._pre),
+            module.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, *_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _post(self, *_: Any) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 class _Timer:
@@ -156,19 +180,25 @@ def run_once(args: argparse.Namespace, evaluate: bool = True) -> dict[str, Any]:
 
     paths = [s.path for s in samples]
     out["decode_resize_ms_per_image_one_core"] = round(_decode_ms(paths, model.config.image_size), 1)
+    # backbone = the network's forward; projection = everything from its maps to the projected patch
+    # vectors (resampling, concatenation or the per-layer PCA of PatchFeatureExtractor.project)
     feats = model._features = _Timer(model._features)
+    fused = model._projected = _Timer(model._projected)
     proj = None
     if model.pca_ is not None:
         proj = model.pca_.transform = _Timer(model.pca_.transform)
+    net = _HookTimer(model.extractor.backbone)
     search = model.index_.search = _Timer(model.index_.search)
     t1 = time.perf_counter()
     preds = model.predict(paths)
     wall = time.perf_counter() - t1
+    net.remove()
     n = len(paths)
     out["predict_images_per_second"] = round(n / wall, 2)
+    features_total = feats.seconds + fused.seconds + (proj.seconds if proj else 0.0)
     split = {
-        "backbone": feats.seconds,
-        "projection": proj.seconds if proj else 0.0,
+        "backbone": net.seconds,
+        "projection": max(0.0, features_total - net.seconds),
         "search": search.seconds,
     }
     split["other"] = max(0.0, wall - sum(split.values()))

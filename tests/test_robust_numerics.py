@@ -158,12 +158,17 @@ def test_extreme_float_values_are_clipped(fast):
 # non-finite features: the final guard
 # -------------------------------------------------------------------------------------------------
 def _poison(model: PatchKNN, value: float, which: slice = slice(None)):
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[which] = value
-        return output
+    """Make the backbone return ``value`` in every feature map for the images ``which`` of a batch."""
 
-    return model.extractor.register_forward_hook(hook)
+    def hook(module, inputs, output):
+        out = {}
+        for name, f in output.items():
+            f = f.clone()
+            f[which] = value
+            out[name] = f
+        return out
+
+    return model.extractor.backbone.register_forward_hook(hook)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ class PatchKNN:
         backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
             smoothing_sigma, image_score, image_score_topk, index, index_nlist, index_nprobe,
             hnsw_m, hnsw_ef_search, coreset_ratio, coreset_dim, threshold_method,
-            threshold_quantile, threshold_sigma, calibration_images, tta, seed, ensemble: the
+            threshold_quantile, threshold_sigma, calibration_images, tta, precision, seed, ensemble: the
             method's options, see :class:`~patchknn.config.PatchKNNConfig` (defaults = the paper).
             A configuration with ``ensemble`` members makes an
             :class:`~patchknn.ensemble.EnsemblePatchKNN`: build it with :meth:`from_config` /
@@ -148,6 +149,7 @@ class PatchKNN:
         threshold_sigma: float = 3.0,
         calibration_images: int = 16,
         tta: Sequence[str] = (),
+        precision: str = "float32",
         seed: int = 0,
         ensemble: Sequence[str] = (),
         *,
@@ -183,6 +185,7 @@ class PatchKNN:
             threshold_sigma=threshold_sigma,
             calibration_images=calibration_images,
             tta=tta,  # type: ignore[arg-type]
+            precision=precision,
             seed=seed,
             ensemble=ensemble,  # type: ignore[arg-type]
         )
@@ -211,6 +214,7 @@ class PatchKNN:
         self.progress = progress
         self.on_error: OnError = on_error
         self._extractor: PatchFeatureExtractor | None = None
+        self._pca_dev: tuple[PCA, torch.Tensor, torch.Tensor] | None = None  # the PCA, on self.device
         self.pca_: PCA | None = None
         self.index_: MemoryBankIndex | None = None
         self.threshold_: float | None = None
@@ -273,8 +277,15 @@ class PatchKNN:
 
     def _make_extractor(self, net: torch.nn.Module) -> PatchFeatureExtractor:
         ext = PatchFeatureExtractor(
-            net, self.config.grid_size, self.config.aggregation, self.config.layer_norm
+            net, self.config.grid_size, self.config.aggregation, self.config.layer_norm, self.config.precision
         )
+        if self.config.precision == "bfloat16" and self.device.type == "cpu" and not _native_bf16():
+            warnings.warn(
+                "precision='bfloat16' on a CPU without native bfloat16 (AVX512-BF16 or AMX) is emulated "
+                "and slower than float32; set precision='float32' for speed on this machine",
+                UserWarning,
+                stacklevel=3,
+            )
         # channels-last convolutions: about a third faster on CPUs (oneDNN); same values up to
         # float round-off (the weights keep their logical layout, so saved files do not change)
         return ext.to(self.device, memory_format=torch.channels_last).eval()
@@ -293,10 +304,15 @@ class PatchKNN:
         ext = self.extractor
         grid_cells = self.config.grid_size**2
         dim = ext.dim
-        # Features of all normal patches, filled in place as batches arrive (no copies).
-        raw = np.empty((len(sources) * grid_cells, dim), dtype=np.float32)
+        # The normal patches, filled in place as batches arrive. With a PCA of linear features (the
+        # paper), each layer's map is kept at min(own, grid) resolution (`compact`: layer3 at 14x14,
+        # 43 % less memory) and projected layer by layer once the PCA is known; otherwise the full
+        # patch vectors are kept.
+        compact = self.config.pca_variance is not None and ext.can_project
+        raw = None if compact else np.empty((len(sources) * grid_cells, dim), dtype=np.float32)
+        store: list[np.ndarray] | None = None  # compact: one (N, h, w, C) array per layer
         acc = MomentAccumulator(dim)
-        filled = 0
+        filled = n_images = 0
         self.skipped_ = []
         batches = iter_batches(
             sources,
@@ -308,32 +324,52 @@ class PatchKNN:
         )
         with self._bar(len(sources), "fit: features") as bar:
             for batch in batches:
-                feats = self._features(batch.images)  # (B, P, D)
+                parts, feats = self._fit_features(batch.images)  # (B, C, h, w) per layer; (B, P, D)
+                b = feats.shape[0]
                 rows = feats.reshape(-1, dim)
-                raw[filled : filled + rows.shape[0]] = rows.numpy()
+                if raw is not None:
+                    raw[filled : filled + rows.shape[0]] = rows.numpy()
+                else:
+                    if store is None:
+                        store = [np.empty((len(sources), *f.shape[2:], f.shape[1]), np.float32) for f in parts]
+                    for arr, f in zip(store, parts):
+                        arr[n_images : n_images + b] = f.permute(0, 2, 3, 1).numpy()
                 acc.update(rows)
                 filled += rows.shape[0]
+                n_images += b
                 bar.update(len(batch.indices))
         self.skipped_ = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
         if filled == 0:
             raise ConfigError("fit: no usable image (all were skipped as unreadable)")
-        raw = raw[:filled]
         if not bool(torch.isfinite(acc.scatter).all()):
             raise ConfigError("fit: the backbone produced NaN/Inf features; check the input images")
         t_feat = time.perf_counter()
         if self.config.pca_variance is None:
+            assert raw is not None
             self.pca_ = None
-            bank = raw
+            bank = raw[:filled]
         else:
             # one thread: the eigensolver's many small parallel steps run up to 10x slower on 2
             # threads than on one as soon as anything else wants the CPU
             with single_threaded():
                 self.pca_ = PCA.from_moments(acc, float(self.config.pca_variance))
-            bank = np.empty((filled, self.pca_.n_components), dtype=np.float32)
-            step = 8192  # small chunks: the centred copy of a chunk is a temporary (60 MB here)
-            for i in range(0, filled, step):
-                bank[i : i + step] = self.pca_.transform(raw[i : i + step]).numpy()
-            del raw
+            d = self.pca_.n_components
+            bank = np.empty((filled, d), dtype=np.float32)
+            if store is not None:
+                mean_t, comp_t = self.pca_._mean_t, self.pca_._comp_t
+                step = max(1, 8192 // grid_cells)  # images per projection call
+                with torch.inference_mode():
+                    for i in range(0, n_images, step):
+                        parts = [torch.from_numpy(a[i : min(i + step, n_images)]).permute(0, 3, 1, 2) for a in store]
+                        proj = ext.project_compact(parts, mean_t, comp_t)
+                        bank[i * grid_cells : (i + proj.shape[0]) * grid_cells] = proj.reshape(-1, d).numpy()
+                store = None
+            else:
+                assert raw is not None
+                step = 8192  # small chunks: the centred copy of a chunk is a temporary (60 MB here)
+                for i in range(0, filled, step):
+                    bank[i : i + step] = self.pca_.transform(raw[i : i + step]).numpy()
+            raw = None
         t_pca = time.perf_counter()
         kept: np.ndarray | None = None  # coreset: the kept rows of the full bank
         if self.config.coreset_ratio < 1.0:
@@ -473,11 +509,16 @@ class PatchKNN:
         return grids, weights
 
     def _grid_and_rows(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        feats = self._features(images)
-        b, p, d = feats.shape
-        rows = feats.reshape(-1, d)
-        if self.pca_ is not None:
-            rows = self.pca_.transform(rows)
+        if self.pca_ is not None and self.extractor.can_project:
+            feats = self._projected(images)  # the PCA applied layer by layer (same values, less work)
+            b, p, d = feats.shape
+            rows = feats.reshape(-1, d)
+        else:
+            feats = self._features(images)
+            b, p, d = feats.shape
+            rows = feats.reshape(-1, d)
+            if self.pca_ is not None:
+                rows = self.pca_.transform(rows)
         rows_np = rows.numpy()
         dist = self.index_.search(rows_np, self.config.k)  # type: ignore[union-attr]
         scores = dist.mean(axis=1, dtype=np.float64).astype(np.float32)
@@ -531,6 +572,23 @@ class PatchKNN:
     @torch.inference_mode()
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.extractor(images.to(self.device))
+        return feats.float().cpu()
+
+    @torch.inference_mode()
+    def _fit_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The compact per-layer maps (CPU) and the full patch vectors (CPU) of a batch."""
+        ext = self.extractor
+        parts = ext.compact_maps(images.to(self.device))
+        feats = ext.assemble(parts)
+        return [p.float().cpu() for p in parts], feats.float().cpu()
+
+    @torch.inference_mode()
+    def _projected(self, images: torch.Tensor) -> torch.Tensor:
+        pca = self.pca_
+        assert pca is not None
+        if self._pca_dev is None or self._pca_dev[0] is not pca:
+            self._pca_dev = (pca, pca._mean_t.to(self.device), pca._comp_t.to(self.device))
+        feats = self.extractor.project(images.to(self.device), *self._pca_dev[1:])
         return feats.float().cpu()
 
     # ------------------------------------------------------------------------------- storage
@@ -624,6 +682,14 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
+def _native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (oneDNN with AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
@@ -638,9 +704,6 @@ def _as_sources(images: Sequence[Any] | str | Path | Iterable[Any]) -> list[Any]
     if items and all(isinstance(x, str | Path) for x in items):
         return list(expand_inputs(items))
     return items
-
-
-_source_name = source_name  # used by ensemble.py
 
 
 def _resolve_size(output_size: OutputSize, image_size: int, original: tuple[int, int]) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.linalg import blas
 
 from patchknn.errors import ConfigError
 
@@ -25,7 +26,9 @@ class MomentAccumulator:
     """Running count, mean shift, sum and scatter of row vectors (numerically stable).
 
     Rows are centred on a fixed shift (the first batch's mean) before the float32 outer products,
-    which are added to float64 accumulators.
+    which are added to float64 accumulators. The outer products are a symmetric rank-k update
+    (BLAS ``ssyrk``: half the work of a general matrix product); only the upper triangle is
+    accumulated and the matrix is mirrored when it is read.
     """
 
     def __init__(self, dim: int) -> None:
@@ -41,16 +44,25 @@ class MomentAccumulator:
             return
         if self.shift is None:
             self.shift = x.double().mean(0).float()
-        xc = x - self.shift
-        self.sum += xc.sum(0, dtype=torch.float64)
-        self.scatter += (xc.T @ xc).double()
+        xc_t = x - self.shift
+        self.sum += xc_t.sum(0).double()  # float32 partial sums of one batch of centred rows
+        xc = xc_t.numpy()
+        # xc.T is Fortran-ordered (D, N): ssyrk(trans=0) gives its upper triangle of xc.T @ xc, no copy
+        upper = blas.ssyrk(1.0, xc.T, trans=0, lower=0)
+        self.scatter += torch.from_numpy(np.triu(upper)).double()
         self.n += x.shape[0]
+
+    @property
+    def scatter_matrix(self) -> torch.Tensor:
+        """The full symmetric ``(D, D)`` scatter of the centred rows (float64)."""
+        upper = self.scatter
+        return upper + upper.T - torch.diag(torch.diagonal(upper))
 
     def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.n < 1 or self.shift is None:
             raise ConfigError("PCA needs at least one patch vector")
         mean_c = self.sum / self.n
-        cov = self.scatter / self.n - torch.outer(mean_c, mean_c)
+        cov = self.scatter_matrix / self.n - torch.outer(mean_c, mean_c)
         cov = (cov + cov.T) / 2
         return mean_c + self.shift.double(), cov
 
