@@ -18,7 +18,7 @@ Usage::
     export PATCHKNN_WEIGHTS_DIR=/path/to/weights PATCHKNN_MVTEC_ROOT=/path/to/mvtec
     python benchmarks/ablation.py --category bottle --variants paper,agg3,smooth --out runs/ablation.jsonl
     python benchmarks/ablation.py --synthetic --variants paper,agg3 --out runs/ablation.jsonl
-    python benchmarks/ablation.py --table runs/ablation.jsonl        # the markdown table of docs/accuracy.md
+    python benchmarks/ablation.py --table runs/bottle.jsonl runs/synthetic.jsonl   # docs/accuracy.md's table
     python benchmarks/ablation.py --list                             # the variants and their flags
 """
 
@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import patchknn.ensemble as ensemble_mod
 import patchknn.model as model_mod
 from patchknn import metrics
 from patchknn.backbones import build_backbone
@@ -47,16 +46,18 @@ from patchknn.data import MVTecCategory, iter_batches
 from patchknn.evaluation import _mask_for
 
 # ---------------------------------------------------------------------------------- variants
-# name -> (preset, overrides, extra). extra: "bankflip" = flipped normal images added to the bank;
-# "ensemble" = EnsemblePatchKNN of the listed backbones (each with the same options).
+# name -> (preset, overrides, extra). extra: "bankflip" = flipped normal images added to the bank.
 Variant = tuple[str, dict[str, Any], dict[str, Any]]
 SMOOTH = 0.5  # grid cells: PatchCore's sigma = 4 px at 224 px, one cell = 8 px at grid 28
 CORESET = 0.1  # PatchCore-10%: the bank subsampling the `best` preset uses for speed
-ENS = {"ensemble": ("resnet50-caffe", "efficientnet-lite2")}
-LNENS = {"ensemble": ({}, {"layer_norm": True})}  # one backbone pass, raw + L2-normalised layers
-ENS4 = {"ensemble": ({}, {"layer_norm": True}, "efficientnet-lite2",
-                     {"backbone": "efficientnet-lite2", "layer_norm": True})}  # 2 backbone passes
 TTA = ("hflip", "vflip")
+# ensembles are configurations too: `ensemble` lists the other members' differing options
+ENS = {"ensemble": ("backbone=efficientnet-lite2",)}  # + EfficientNet-Lite2 (same other options)
+LNENS = {"ensemble": ("layer_norm=true",)}  # one backbone pass, raw + L2-normalised layers
+ENS4 = {"ensemble": ("layer_norm=true", "backbone=efficientnet-lite2", "backbone=efficientnet-lite2+layer_norm=true")}
+V1 = {"smoothing_sigma": SMOOTH, "coreset_ratio": CORESET}  # the two options that helped or cost nothing
+EFF = {"backbone": "efficientnet-lite2"}
+R320 = {"image_size": 320, "grid_size": 40}
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
     "paper": ("paper", {}, {}),
@@ -64,40 +65,36 @@ VARIANTS: dict[str, Variant] = {
     "smooth": ("paper", {"smoothing_sigma": SMOOTH}, {}),
     "layer_norm": ("paper", {"layer_norm": True}, {}),
     "coreset10": ("paper", {"coreset_ratio": CORESET}, {}),
-    "k3": ("paper", {"k": 3}, {}),
-    "tta": ("paper", {"tta": TTA}, {}),
-    "effnet": ("paper", {"backbone": "efficientnet-lite2"}, {}),
-    "ensemble": ("paper", {}, ENS),
-    # the preset, and one more option at a time on top of it
-    "best": ("best", {}, {}),
-    "best-coreset": ("best", {"coreset_ratio": 1.0}, {}),
-    "best+agg3": ("best", {"aggregation": 3}, {}),
-    "best+smooth1": ("best", {"smoothing_sigma": 1.0}, {}),
-    "best+layer_norm": ("best", {"layer_norm": True}, {}),
-    "best+layers23": ("best", {"layers": ("layer2", "layer3")}, {}),
-    "best+k3": ("best", {"k": 3}, {}),
-    "best+reweighted": ("best", {"image_score": "reweighted", "image_score_topk": 9}, {}),
-    "best+topk": ("best", {"image_score": "topk_mean", "image_score_topk": 10}, {}),
-    "best+res320": ("best", {"image_size": 320, "grid_size": 40}, {}),
-    "best+pca99": ("best", {"pca_variance": 0.99}, {}),
-    "best+nopca": ("best", {"pca_variance": None}, {}),
-    "best+res320+layer_norm": ("best", {"image_size": 320, "grid_size": 40, "layer_norm": True}, {}),
-    "best+res320+ensemble": ("best", {"image_size": 320, "grid_size": 40}, ENS),
-    "best+layer_norm+ensemble": ("best", {"layer_norm": True}, ENS),
-    "best+ln_views": ("best", {}, LNENS),
-    "best+ens4": ("best", {}, ENS4),
-    "best+effnet": ("best", {"backbone": "efficientnet-lite2"}, {}),
-    "best+effnet+ln_views": ("best", {"backbone": "efficientnet-lite2"}, LNENS),
-    "best+effnet+layer_norm": ("best", {"backbone": "efficientnet-lite2", "layer_norm": True}, {}),
-    "best+effnet+ln_views+res320": (
-        "best", {"backbone": "efficientnet-lite2", "image_size": 320, "grid_size": 40}, LNENS
-    ),
-    "best+res320+ln_views": ("best", {"image_size": 320, "grid_size": 40}, LNENS),
     "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}, {}),
-    "best+tta": ("best", {"tta": TTA}, {}),
-    "best+bankflip": ("best", {}, {"bankflip": True}),
-    "best+tta+bankflip": ("best", {"tta": TTA}, {"bankflip": True}),
-    "best+ensemble": ("best", {}, ENS),
+    # v1 = paper + smoothing + coreset, and one more option (or a combination) at a time on top of it
+    "v1": ("paper", V1, {}),
+    "v1-coreset": ("paper", {**V1, "coreset_ratio": 1.0}, {}),
+    "v1+agg3": ("paper", {**V1, "aggregation": 3}, {}),
+    "v1+smooth1": ("paper", {**V1, "smoothing_sigma": 1.0}, {}),
+    "v1+layer_norm": ("paper", {**V1, "layer_norm": True}, {}),
+    "v1+layers23": ("paper", {**V1, "layers": ("layer2", "layer3")}, {}),
+    "v1+pca99": ("paper", {**V1, "pca_variance": 0.99}, {}),
+    "v1+nopca": ("paper", {**V1, "pca_variance": None}, {}),
+    "v1+k3": ("paper", {**V1, "k": 3}, {}),
+    "v1+reweighted": ("paper", {**V1, "image_score": "reweighted", "image_score_topk": 9}, {}),
+    "v1+topk": ("paper", {**V1, "image_score": "topk_mean", "image_score_topk": 10}, {}),
+    "v1+res320": ("paper", {**V1, **R320}, {}),
+    "v1+tta": ("paper", {**V1, "tta": TTA}, {}),
+    "v1+bankflip": ("paper", V1, {"bankflip": True}),
+    "v1+tta+bankflip": ("paper", {**V1, "tta": TTA}, {"bankflip": True}),
+    "v1+ensemble": ("paper", {**V1, **ENS}, {}),
+    "v1+ln_views": ("paper", {**V1, **LNENS}, {}),
+    "v1+ens4": ("paper", {**V1, **ENS4}, {}),
+    "v1+layer_norm+ensemble": ("paper", {**V1, "layer_norm": True, **ENS}, {}),
+    "v1+res320+layer_norm": ("paper", {**V1, **R320, "layer_norm": True}, {}),
+    "v1+res320+ensemble": ("paper", {**V1, **R320, **ENS}, {}),
+    "v1+res320+ln_views": ("paper", {**V1, **R320, **LNENS}, {}),
+    "v1+effnet": ("paper", {**V1, **EFF}, {}),
+    "v1+effnet+layer_norm": ("paper", {**V1, **EFF, "layer_norm": True}, {}),
+    "v1+effnet+ln_views": ("paper", {**V1, **EFF, **LNENS}, {}),
+    "v1+effnet+ln_views+res320": ("paper", {**V1, **EFF, **R320, **LNENS}, {}),
+    # the preset itself, whatever it is now (`ensemble` members included)
+    "best": ("best", {}, {}),
 }
 
 
@@ -116,9 +113,6 @@ def cli_flags(name: str) -> str:
         parts.append(f"--set {key}={value}")
     if extra.get("bankflip"):
         parts.append("(+ flipped train images in the bank: ablation only)")
-    if extra.get("ensemble"):
-        desc = " + ".join(m if isinstance(m, str) else (json.dumps(m) if m else "{}") for m in extra["ensemble"])
-        parts.append(f"(EnsemblePatchKNN {desc})")
     return " ".join(parts)
 
 
@@ -170,7 +164,6 @@ def install_cache(cache_dir: Path, stats: dict[str, float]) -> Callable[..., Any
         )
 
     model_mod.build_backbone = cached_build
-    ensemble_mod.build_backbone = cached_build
     return real_build
 
 
@@ -196,10 +189,7 @@ def run_variant(
         train: list[Any] = [str(p) for p in dataset.train_paths()]
         samples = dataset.test_samples()
         runtime = {"progress": False, "batch_size": 16}
-        if extra.get("ensemble"):
-            model: Any = ensemble_mod.EnsemblePatchKNN(list(extra["ensemble"]), config, **runtime)
-        else:
-            model = model_mod.PatchKNN.from_config(config, **runtime)
+        model: Any = model_mod.PatchKNN.from_config(config, **runtime)  # an ensemble when config.ensemble
         if extra.get("bankflip"):
             train = train + flipped_arrays(dataset.train_paths(), config.image_size)
         t0 = time.perf_counter()
@@ -210,7 +200,6 @@ def run_variant(
         predict_s = time.perf_counter() - t1
     finally:
         model_mod.build_backbone = real_build
-        ensemble_mod.build_backbone = real_build
     maps = np.stack([p.anomaly_map for p in preds])
     masks = np.stack([_mask_for(s, m.shape, "input", config.image_size) for s, m in zip(samples, maps)])
     scores = np.array([p.score for p in preds], dtype=np.float64)
@@ -252,6 +241,7 @@ def run_variant(
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """One line per (dataset, variant) row."""
     head = (
         "| dataset | variant | pixel AUPRC | AUPRO@0.3 | image AUROC | pixel AUROC | images/s* | flags |\n"
         "|---|---|---|---|---|---|---|---|"
@@ -263,6 +253,50 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['images_per_second']:.2f} | "
             f"`{r['flags']}` |"
         )
+    return "\n".join(lines)
+
+
+def combined_markdown(real: list[dict[str, Any]], synthetic: list[dict[str, Any]]) -> str:
+    """One line per variant: real-data metrics, synthetic AUPRC, and the worst change against the paper
+    over every defect kind of both sources (the rule of docs/accuracy.md)."""
+    syn = {r["variant"]: r for r in synthetic}
+    paper_r = next(r for r in real if r["variant"] == "paper")
+    paper_s = syn.get("paper")
+    head = (
+        "| variant | bottle pixel AUPRC | bottle AUPRO | bottle image AUROC | synthetic pixel AUPRC | "
+        "worst defect kind vs paper | images/s* | `patchknn evaluate` flags |\n|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in real:
+        s = syn.get(r["variant"])
+        deltas = [v - paper_r["per_type_pixel_auprc"][k] for k, v in r.get("per_type_pixel_auprc", {}).items()]
+        if s is not None and paper_s is not None:
+            deltas += [v - paper_s["per_type_pixel_auprc"][k] for k, v in s.get("per_type_pixel_auprc", {}).items()]
+        worst = f"{min(deltas):+.3f}" if deltas and r["variant"] != "paper" else "–"
+        lines.append(
+            f"| {r['variant']} | {r['pixel_auprc']:.3f} | {r['aupro']:.3f} | {r['image_auroc']:.3f} | "
+            f"{s['pixel_auprc']:.3f} | {worst} | {r['images_per_second']:.1f} | `{r['flags']}` |"
+            if s is not None
+            else f"| {r['variant']} | {r['pixel_auprc']:.3f} | {r['aupro']:.3f} | {r['image_auroc']:.3f} | – | "
+            f"{worst} | {r['images_per_second']:.1f} | `{r['flags']}` |"
+        )
+    return "\n".join(lines)
+
+
+def per_type_markdown(real: list[dict[str, Any]], synthetic: list[dict[str, Any]], variants: Sequence[str]) -> str:
+    """Pixel AUPRC of each defect kind (against the good images) for some variants."""
+    rows = {("real", r["variant"]): r for r in real} | {("syn", r["variant"]): r for r in synthetic}
+    kinds = [("real", k) for k in real[0]["per_type_pixel_auprc"]] + [
+        ("syn", k) for k in (synthetic[0]["per_type_pixel_auprc"] if synthetic else {})
+    ]
+    head = "| variant | " + " | ".join(f"{k} ({src})" for src, k in kinds) + " |\n|---|" + "---|" * len(kinds)
+    lines = [head]
+    for v in variants:
+        cells = []
+        for src, k in kinds:
+            r = rows.get((src, v))
+            cells.append("–" if r is None else f"{r['per_type_pixel_auprc'][k]:.3f}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -279,7 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads", type=int, default=1,
         help="torch/faiss threads; 1 is much faster than 2 on an oversubscribed machine",
     )
-    ap.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    ap.add_argument(
+        "--table", type=Path, nargs="+",
+        help="print the markdown table of a results file (or of REAL SYNTHETIC result files, combined) and exit",
+    )
+    ap.add_argument("--per-type", help="with two --table files: also a per-defect-kind table of these variants")
     ap.add_argument("--list", action="store_true", help="list the variants and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -287,8 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:14s} {cli_flags(name)}")
         return 0
     if args.table:
-        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
-        print(markdown(rows))
+        tables = [[json.loads(line) for line in t.read_text().splitlines() if line.strip()] for t in args.table]
+        if len(tables) == 1:
+            print(markdown(tables[0]))
+        else:
+            print(combined_markdown(tables[0], tables[1]))
+            if args.per_type:
+                print()
+                print(per_type_markdown(tables[0], tables[1], args.per_type.split(",")))
         return 0
     torch.set_num_threads(args.threads)
     import faiss

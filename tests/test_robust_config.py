@@ -190,6 +190,8 @@ def test_property_any_values(values):
         (["--grid-size", "99"], "use at most"),
         (["--set", "k=abc"], "--set k: 'abc' is not a valid int"),
         (["--set", "nope=1"], "--set expects NAME=VALUE"),
+        (["--set", "layer_norm=maybe"], "--set layer_norm= expects true or false, got 'maybe'"),
+        (["--set", "precision=float16"], "precision must be one of"),
         (["--on-error", "ignore"], "on_error must be 'stop' or 'skip'"),
     ],
 )

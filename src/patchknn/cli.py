@@ -155,6 +155,8 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
         if raw.lower() in ("none", "null") and name in ("pca_variance", "layers"):
             value = None  # the options whose "off" value is None
         elif isinstance(default, bool):
+            if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"--set {name}= expects true or false, got {raw!r}")
             value = raw.lower() in ("1", "true", "yes", "on")
         elif isinstance(default, int) and not isinstance(default, bool):
             value = _number(raw, int, name)

@@ -33,6 +33,8 @@ calibration images once more per member.
 
 from __future__ import annotations
 
+import secrets
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,7 +45,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchknn.backbones import build_backbone  # noqa: F401  (patched by benchmarks/ablation.py)
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
 from patchknn.data import iter_batches
@@ -241,21 +242,32 @@ class EnsemblePatchKNN(PatchKNN):
     # ------------------------------------------------------------------------------- storage
     def save(self, path: str | Path) -> Path:
         """Save as a directory: ``patchknn.json`` (kind ``ensemble``) + the normalisation
-        (safetensors) + one complete :meth:`PatchKNN.save` directory per member, ``member-<i>/``."""
+        (safetensors) + one complete :meth:`PatchKNN.save` directory per member.
+
+        Atomic as a whole: the members go to new folders (``member-<i>-<token>``) and only then
+        does ``patchknn.json``, replaced in one step, point to them; a reader sees the previous
+        ensemble or this one, never a mix. The previous members' folders are removed afterwards.
+        """
         self._check_fitted()
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
-        for i, member in enumerate(self.members):
-            member.save(root / f"member-{i}")
+        token = secrets.token_hex(4)
+        folders = [f"member-{i}-{token}" for i in range(len(self.members))]
+        for folder, member in zip(folders, self.members):
+            member.save(root / folder)
         meta = {
             "kind": ENSEMBLE_KIND,
             "config": self.config.to_dict(),
             "backbones": self.backbones,
-            "members": [f"member-{i}" for i in range(len(self.members))],
+            "members": folders,
             "threshold": self.threshold_,
             "fit_info": self.fit_info_,
         }
-        return save_model(root, meta, {"ensemble": {"norm": np.asarray(self.norm_, dtype=np.float64)}})
+        out = save_model(root, meta, {"ensemble": {"norm": np.asarray(self.norm_, dtype=np.float64)}})
+        for old in root.glob("member-*"):  # the previous save's members, now unreferenced
+            if old.is_dir() and old.name not in folders:
+                shutil.rmtree(old, ignore_errors=True)
+        return out
 
     @classmethod
     def load(cls, path: str | Path, **runtime: Any) -> EnsemblePatchKNN:
@@ -302,7 +314,8 @@ class EnsemblePatchKNN(PatchKNN):
             ext = m.extractor
             net = ext.backbone
             inner = net.inner if isinstance(net, _SharedBackbone) else net
-            key = (m.config.backbone, tuple(m.config.resolved_layers), repr(m.weights), _state_key(inner))
+            cfg = m.config
+            key = (cfg.backbone, tuple(cfg.resolved_layers), cfg.precision, repr(m.weights), _state_key(inner))
             if key in seen:
                 ext.backbone = seen[key]
             else:
@@ -369,7 +382,8 @@ def _loo_grids(member: PatchKNN, images: Sequence[Any]) -> np.ndarray:
             q = np.ascontiguousarray(q.numpy(), dtype=np.float32)
             dist, ids = faiss.knn(q, bank, depth)
             dist = np.sqrt(np.maximum(dist, 0))
-            tol = 1e-2 * max(float(np.median(dist[:, -1])), 1e-12)  # float error of faiss' L2
+            # the image's own rows: its patch vectors themselves, up to float error (not near-duplicates)
+            tol = 1e-3 * max(float(np.median(np.linalg.norm(q, axis=1))), 1e-12)
             own = np.unique(ids[dist[:, 0] <= tol, 0])
             keep = ~np.isin(ids, own)
             out = np.empty(q.shape[0], dtype=np.float64)
@@ -378,7 +392,8 @@ def _loo_grids(member: PatchKNN, images: Sequence[Any]) -> np.ndarray:
                 if d.shape[0] < k:  # all near neighbours were the image's own: search the rest exactly
                     mask = np.ones(bank.shape[0], dtype=bool)
                     mask[own] = False
-                    d = np.sort(np.sqrt(((bank[mask] - q[r]) ** 2).sum(axis=1)))[:k]
+                    rest = np.sort(np.sqrt(((bank[mask] - q[r]) ** 2).sum(axis=1)))[:k]
+                    d = rest if rest.shape[0] == k else dist[r][:k]  # a bank of this image only: no held-out
                 out[r] = d.mean()
             grids.append(out.reshape(g, g))
     return np.stack(grids)
