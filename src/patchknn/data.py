@@ -280,14 +280,18 @@ def _array_to_rgb(arr: np.ndarray, name: str | None, max_pixels: int | None) -> 
     return np.ascontiguousarray(out) if fresh else np.array(out, order="C", copy=True)
 
 
+def _decoded(img: Image.Image, name: str | None, max_pixels: int | None) -> Image.Image:
+    """Bomb check from the header, full decode, orientation (inside :func:`_pil_errors`)."""
+    width, height = img.size
+    _check_pixels(name, height, width, max_pixels)
+    _full_load(img)
+    return _apply_orientation(img)
+
+
 def _decode_pil(img: Image.Image, name: str | None, max_pixels: int | None) -> np.ndarray:
     """Bomb check from the header, full decode, orientation, mode conversion."""
     with _pil_errors(name, max_pixels):
-        width, height = img.size
-        _check_pixels(name, height, width, max_pixels)
-        _full_load(img)
-        img = _apply_orientation(img)
-        arr = _pil_to_array(img, name)
+        arr = _pil_to_array(_decoded(img, name, max_pixels), name)
     return _array_to_rgb(arr, name, max_pixels)
 
 
@@ -453,9 +457,7 @@ def load_resized(
         max_pixels = _check_max_pixels(max_pixels)
         with _open_encoded(source, max_pixels) as (img, name):
             with _pil_errors(name, max_pixels):
-                _check_pixels(name, img.size[1], img.size[0], max_pixels)
-                _full_load(img)
-                img = _apply_orientation(img)
+                img = _decoded(img, name, max_pixels)
                 if img.mode == "RGB":
                     original = (int(img.height), int(img.width))
                     if original != (height, width):

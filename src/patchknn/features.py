@@ -76,7 +76,7 @@ class PatchFeatureExtractor(nn.Module):
         instead of the patch vectors takes 43 % less memory for the paper's layers.
 
         Returns:
-            one float32 ``(B, C, h, w)`` tensor per layer (channels-last memory).
+            one float32 ``(B, C, h, w)`` tensor per layer.
         """
         maps = self._maps(images)
         g = self.grid_size
