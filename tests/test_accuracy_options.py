@@ -241,8 +241,19 @@ def test_ensemble_of_views_shares_one_backbone_pass(images):
     assert [m.config.layer_norm for m in ens.members] == [False, True]
     assert [m.config.backbone for m in ens.members] == ["resnet50", "resnet50"]
     # the same network object in both members (as with the same pretrained weights) runs once a batch
-    ens.members[1]._extractor = ens.members[1]._make_extractor(ens.members[0].extractor.backbone)
-    ens.fit(train)
+    net = ens.members[0].extractor.backbone
+    net = getattr(net, "inner", net)  # the network itself, under any sharing wrapper
+    ens.members[1]._extractor = ens.members[1]._make_extractor(net)
+    fit_calls: list[int] = []
+    handle = net.register_forward_hook(lambda m, i, o: fit_calls.append(i[0].shape[0]))
+    try:
+        ens.fit(train)  # fitting too: the training batch goes through the network once for both members
+    finally:
+        handle.remove()
+    assert fit_calls.count(len(train)) == 1  # (the calibration's batches hold fewer images)
+    single = PatchKNN.from_config(preset("paper", **SMALL), **RUNTIME)
+    single._extractor = single._make_extractor(net)
+    np.testing.assert_allclose(single.fit(train).index_.bank, ens.members[0].index_.bank, rtol=1e-5, atol=1e-5)
     calls = []
     inner = ens.members[0].extractor.backbone.inner
     handle = inner.register_forward_hook(lambda *a: calls.append(1))

@@ -175,8 +175,31 @@ class EnsemblePatchKNN(PatchKNN):
         if len(sources) < 2:
             raise ConfigError("an ensemble needs at least two normal images to calibrate its members")
         self._share_backbones()
-        for member in self.members:
-            member.fit(sources)
+        # One decoding pass for all members, and one backbone pass per distinct network: members
+        # on the same network read the maps it computed for the batch (_SharedBackbone).
+        lead = self.lead
+        stores = [m._training_store(len(sources)) for m in self.members]
+        batches = iter_batches(
+            sources,
+            image_size=self.config.image_size,
+            batch_size=lead.batch_size,
+            num_workers=lead.num_workers,
+            on_error=lead.on_error,
+            max_pixels=lead.max_pixels,
+        )
+        try:
+            with lead._bar(len(sources), "fit: features") as bar:
+                for batch in batches:
+                    images = batch.images.to(lead.device)  # one tensor: the shared backbones see the same input
+                    for member, store in zip(self.members, stores):
+                        store.add(*member._fit_features(images))
+                    bar.update(len(batch.indices))
+        finally:
+            _SharedBackbone.forget_all(self.members)
+        skipped_now = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
+        for member, store in zip(self.members, stores):
+            member.skipped_ = list(skipped_now)
+            member._fit_store(store, t0)
         self.skipped_ = list(self.lead.skipped_)
         skipped = {src for src, _ in self.skipped_}
         usable = [s for s in sources if not (isinstance(s, str | Path) and str(s) in skipped)]

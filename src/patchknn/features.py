@@ -14,11 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from patchknn.backbones import Backbone
+from patchknn.reduction import PCA, MomentAccumulator
 
 
 class PatchFeatureExtractor(nn.Module):
@@ -151,3 +153,82 @@ class PatchFeatureExtractor(nn.Module):
         assert total is not None
         total = total - (mean @ components.T)
         return total.reshape(total.shape[0], g * g, -1).contiguous()
+
+
+class TrainingStore:
+    """The normal patches seen while fitting, filled batch by batch, with their moments for the PCA.
+
+    With a PCA of linear features (the paper's method) it keeps each layer's map at the smaller of
+    its own and the grid's resolution (:meth:`PatchFeatureExtractor.compact_maps`: 43 % less memory
+    for the paper's layers) and projects them layer by layer once the PCA is known; otherwise
+    (``layer_norm``, or no PCA) it keeps the full patch vectors.
+
+    Args:
+        extractor: the extractor that produces the batches (its ``grid_size`` and ``dim``).
+        capacity: the most images that will be added.
+        compact: keep compact maps (needs ``extractor.can_project``) or full vectors.
+    """
+
+    def __init__(self, extractor: PatchFeatureExtractor, capacity: int, compact: bool) -> None:
+        if compact and not extractor.can_project:
+            raise ValueError("a compact store needs linear features (layer_norm off)")
+        self.extractor = extractor
+        self.capacity = int(capacity)
+        self.grid_cells = extractor.grid_size**2
+        self.dim = extractor.dim
+        self.moments = MomentAccumulator(self.dim)
+        self.n_images = 0
+        self._vectors = None if compact else np.empty((self.capacity * self.grid_cells, self.dim), np.float32)
+        self._maps: list[np.ndarray] | None = None  # compact: one (N, h, w, C) array per layer
+
+    @property
+    def n_rows(self) -> int:
+        """Patch vectors added so far."""
+        return self.n_images * self.grid_cells
+
+    def add(self, parts: list[torch.Tensor], feats: torch.Tensor) -> None:
+        """Add a batch: its compact maps (CPU, one ``(B, C, h, w)`` per layer) and patch vectors
+        (CPU ``(B, grid*grid, dim)``)."""
+        b = feats.shape[0]
+        if self.n_images + b > self.capacity:
+            raise ValueError(f"the store holds at most {self.capacity} images")
+        rows = feats.reshape(-1, self.dim)
+        if self._vectors is not None:
+            self._vectors[self.n_rows : self.n_rows + rows.shape[0]] = rows.numpy()
+        else:
+            if self._maps is None:
+                self._maps = [np.empty((self.capacity, *f.shape[2:], f.shape[1]), np.float32) for f in parts]
+            for arr, f in zip(self._maps, parts):
+                arr[self.n_images : self.n_images + b] = f.permute(0, 2, 3, 1).numpy()
+        self.moments.update(rows)
+        self.n_images += b
+
+    def vectors(self) -> np.ndarray:
+        """The full patch vectors, ``(n_rows, dim)`` (a store made with ``compact=False``)."""
+        if self._vectors is None:
+            raise ValueError("a compact store keeps no full vectors; use projected()")
+        return self._vectors[: self.n_rows]
+
+    def projected(self, pca: PCA) -> np.ndarray:
+        """Every patch vector projected by ``pca``: ``(n_rows, d)`` float32, in chunks."""
+        d = pca.n_components
+        bank = np.empty((self.n_rows, d), dtype=np.float32)
+        if self._maps is None:
+            step = 8192  # small chunks: the centred copy of a chunk is a temporary (60 MB here)
+            for i in range(0, self.n_rows, step):
+                bank[i : i + step] = pca.transform(self._vectors[i : i + step]).numpy()  # type: ignore[index]
+            return bank
+        step = max(1, 8192 // self.grid_cells)  # images per projection call
+        g = self.grid_cells
+        with torch.inference_mode():
+            for i in range(0, self.n_images, step):
+                stop = min(i + step, self.n_images)
+                parts = [torch.from_numpy(a[i:stop]).permute(0, 3, 1, 2) for a in self._maps]
+                proj = self.extractor.project_compact(parts, pca._mean_t, pca._comp_t)
+                bank[i * g : stop * g] = proj.reshape(-1, d).numpy()
+        return bank
+
+    def release(self) -> None:
+        """Drop the stored features (the moments stay)."""
+        self._vectors = None
+        self._maps = None

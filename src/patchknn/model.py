@@ -34,9 +34,9 @@ from patchknn.config import PatchKNNConfig, preset
 from patchknn.coreset import greedy_coreset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
-from patchknn.features import PatchFeatureExtractor
+from patchknn.features import PatchFeatureExtractor, TrainingStore
 from patchknn.index import IndexParams, MemoryBankIndex, build_index, single_threaded
-from patchknn.reduction import PCA, MomentAccumulator
+from patchknn.reduction import PCA
 from patchknn.serialization import check_model_contents, load_model, save_model
 
 OnError = Literal["stop", "skip"]
@@ -299,21 +299,8 @@ class PatchKNN:
         sources = _as_sources(images)
         if len(sources) == 0:
             raise ConfigError("fit needs at least one normal image")
-        _seed_everything(self.config.seed)
         t0 = time.perf_counter()
-        ext = self.extractor
-        grid_cells = self.config.grid_size**2
-        dim = ext.dim
-        # The normal patches, filled in place as batches arrive. With a PCA of linear features (the
-        # paper), each layer's map is kept at min(own, grid) resolution (`compact`: layer3 at 14x14,
-        # 43 % less memory) and projected layer by layer once the PCA is known; otherwise the full
-        # patch vectors are kept.
-        compact = self.config.pca_variance is not None and ext.can_project
-        raw = None if compact else np.empty((len(sources) * grid_cells, dim), dtype=np.float32)
-        store: list[np.ndarray] | None = None  # compact: one (N, h, w, C) array per layer
-        acc = MomentAccumulator(dim)
-        filled = n_images = 0
-        self.skipped_ = []
+        store = self._training_store(len(sources))
         batches = iter_batches(
             sources,
             image_size=self.config.image_size,
@@ -324,52 +311,39 @@ class PatchKNN:
         )
         with self._bar(len(sources), "fit: features") as bar:
             for batch in batches:
-                parts, feats = self._fit_features(batch.images)  # (B, C, h, w) per layer; (B, P, D)
-                b = feats.shape[0]
-                rows = feats.reshape(-1, dim)
-                if raw is not None:
-                    raw[filled : filled + rows.shape[0]] = rows.numpy()
-                else:
-                    if store is None:
-                        store = [np.empty((len(sources), *f.shape[2:], f.shape[1]), np.float32) for f in parts]
-                    for arr, f in zip(store, parts):
-                        arr[n_images : n_images + b] = f.permute(0, 2, 3, 1).numpy()
-                acc.update(rows)
-                filled += rows.shape[0]
-                n_images += b
+                store.add(*self._fit_features(batch.images))
                 bar.update(len(batch.indices))
         self.skipped_ = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
+        return self._fit_store(store, t0)
+
+    def _training_store(self, capacity: int) -> TrainingStore:
+        """An empty store for ``capacity`` training images: compact maps when a PCA of linear
+        features follows (the paper), full patch vectors otherwise."""
+        ext = self.extractor
+        return TrainingStore(ext, capacity, compact=self.config.pca_variance is not None and ext.can_project)
+
+    def _fit_store(self, store: TrainingStore, t0: float) -> PatchKNN:
+        """Everything after the features: PCA, bank, coreset, index, threshold (``skipped_`` set)."""
+        _seed_everything(self.config.seed)
+        ext = self.extractor
+        grid_cells = store.grid_cells
+        dim = store.dim
+        filled = store.n_rows
         if filled == 0:
             raise ConfigError("fit: no usable image (all were skipped as unreadable)")
-        if not bool(torch.isfinite(acc.scatter).all()):
+        if not bool(torch.isfinite(store.moments.scatter).all()):
             raise ConfigError("fit: the backbone produced NaN/Inf features; check the input images")
         t_feat = time.perf_counter()
         if self.config.pca_variance is None:
-            assert raw is not None
             self.pca_ = None
-            bank = raw[:filled]
+            bank = store.vectors()
         else:
             # one thread: the eigensolver's many small parallel steps run up to 10x slower on 2
             # threads than on one as soon as anything else wants the CPU
             with single_threaded():
-                self.pca_ = PCA.from_moments(acc, float(self.config.pca_variance))
-            d = self.pca_.n_components
-            bank = np.empty((filled, d), dtype=np.float32)
-            if store is not None:
-                mean_t, comp_t = self.pca_._mean_t, self.pca_._comp_t
-                step = max(1, 8192 // grid_cells)  # images per projection call
-                with torch.inference_mode():
-                    for i in range(0, n_images, step):
-                        parts = [torch.from_numpy(a[i : min(i + step, n_images)]).permute(0, 3, 1, 2) for a in store]
-                        proj = ext.project_compact(parts, mean_t, comp_t)
-                        bank[i * grid_cells : (i + proj.shape[0]) * grid_cells] = proj.reshape(-1, d).numpy()
-                store = None
-            else:
-                assert raw is not None
-                step = 8192  # small chunks: the centred copy of a chunk is a temporary (60 MB here)
-                for i in range(0, filled, step):
-                    bank[i : i + step] = self.pca_.transform(raw[i : i + step]).numpy()
-            raw = None
+                self.pca_ = PCA.from_moments(store.moments, float(self.config.pca_variance))
+            bank = store.projected(self.pca_)
+            store.release()
         t_pca = time.perf_counter()
         kept: np.ndarray | None = None  # coreset: the kept rows of the full bank
         if self.config.coreset_ratio < 1.0:
