@@ -179,14 +179,7 @@ class EnsemblePatchKNN(PatchKNN):
         # on the same network read the maps it computed for the batch (_SharedBackbone).
         lead = self.lead
         stores = [m._training_store(len(sources)) for m in self.members]
-        batches = iter_batches(
-            sources,
-            image_size=self.config.image_size,
-            batch_size=lead.batch_size,
-            num_workers=lead.num_workers,
-            on_error=lead.on_error,
-            max_pixels=lead.max_pixels,
-        )
+        batches = lead._batches(sources)  # members share image_size
         try:
             with lead._bar(len(sources), "fit: features") as bar:
                 for batch in batches:

@@ -301,7 +301,18 @@ class PatchKNN:
             raise ConfigError("fit needs at least one normal image")
         t0 = time.perf_counter()
         store = self._training_store(len(sources))
-        batches = iter_batches(
+        batches = self._batches(sources)
+        with self._bar(len(sources), "fit: features") as bar:
+            for batch in batches:
+                store.add(*self._fit_features(batch.images))
+                bar.update(len(batch.indices))
+        self.skipped_ = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
+        return self._fit_store(store, t0)
+
+    def _batches(self, sources: Sequence[Any]) -> Any:
+        """Decoded, resized batches of ``sources`` with this model's run options (see
+        :func:`patchknn.data.iter_batches`; unreadable images are in its ``errors``)."""
+        return iter_batches(
             sources,
             image_size=self.config.image_size,
             batch_size=self.batch_size,
@@ -309,12 +320,6 @@ class PatchKNN:
             on_error=self.on_error,
             max_pixels=self.max_pixels,
         )
-        with self._bar(len(sources), "fit: features") as bar:
-            for batch in batches:
-                store.add(*self._fit_features(batch.images))
-                bar.update(len(batch.indices))
-        self.skipped_ = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
-        return self._fit_store(store, t0)
 
     def _training_store(self, capacity: int) -> TrainingStore:
         """An empty store for ``capacity`` training images: compact maps when a PCA of linear
@@ -422,14 +427,7 @@ class PatchKNN:
         self._check_fitted()
         decision = self.threshold_ if threshold is None else float(threshold)
         sources = _as_sources(images)
-        batches = iter_batches(
-            sources,
-            image_size=self.config.image_size,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            on_error=self.on_error,
-            max_pixels=self.max_pixels,
-        )
+        batches = self._batches(sources)
         names = [source_name(s, i) for i, s in enumerate(sources)]
         reported = 0
         with self._bar(len(sources), "predict") as bar:
