@@ -481,16 +481,13 @@ class PatchKNN:
         return grids, weights
 
     def _grid_and_rows(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        if self.pca_ is not None and self.extractor.can_project:
-            feats = self._projected(images)  # the PCA applied layer by layer (same values, less work)
-            b, p, d = feats.shape
-            rows = feats.reshape(-1, d)
-        else:
-            feats = self._features(images)
-            b, p, d = feats.shape
-            rows = feats.reshape(-1, d)
-            if self.pca_ is not None:
-                rows = self.pca_.transform(rows)
+        # with a PCA of linear features, the projection is applied layer by layer (same values, less work)
+        projected = self.pca_ is not None and self.extractor.can_project
+        feats = self._projected(images) if projected else self._features(images)
+        b, p, _ = feats.shape
+        rows = feats.reshape(b * p, -1)
+        if self.pca_ is not None and not projected:
+            rows = self.pca_.transform(rows)
         rows_np = rows.numpy()
         dist = self.index_.search(rows_np, self.config.k)  # type: ignore[union-attr]
         scores = dist.mean(axis=1, dtype=np.float64).astype(np.float32)
