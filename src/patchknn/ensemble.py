@@ -392,10 +392,8 @@ def _loo_grids(member: PatchKNN, images: Sequence[Any]) -> np.ndarray:
     depth = min(bank.shape[0], k + 48)
     grids: list[np.ndarray] = []
     for batch in iter_batches(images, image_size=member.config.image_size, batch_size=member.batch_size):
-        feats = member._features(batch.images)
-        for rows in feats:
-            q = rows if member.pca_ is None else member.pca_.transform(rows)
-            q = np.ascontiguousarray(q.numpy(), dtype=np.float32)
+        for rows in member._query_rows(batch.images):
+            q = np.ascontiguousarray(rows.numpy(), dtype=np.float32)
             dist, ids = faiss.knn(q, bank, depth)
             dist = np.sqrt(np.maximum(dist, 0))
             # the image's own rows: its patch vectors themselves, up to float error (not near-duplicates)

@@ -480,15 +480,20 @@ class PatchKNN:
             grids /= 1 + len(self.config.tta)
         return grids, weights
 
-    def _grid_and_rows(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        # with a PCA of linear features, the projection is applied layer by layer (same values, less work)
-        projected = self.pca_ is not None and self.extractor.can_project
-        feats = self._projected(images) if projected else self._features(images)
+    def _query_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 3, S, S)`` -> the ``(B, grid*grid, d)`` vectors searched in the bank."""
+        if self.pca_ is None:
+            return self._features(images)
+        if self.extractor.can_project:  # the PCA applied layer by layer (same values, less work)
+            return self._projected(images)
+        feats = self._features(images)
         b, p, _ = feats.shape
-        rows = feats.reshape(b * p, -1)
-        if self.pca_ is not None and not projected:
-            rows = self.pca_.transform(rows)
-        rows_np = rows.numpy()
+        return self.pca_.transform(feats.reshape(b * p, -1)).reshape(b, p, -1)
+
+    def _grid_and_rows(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        feats = self._query_rows(images)
+        b, p, _ = feats.shape
+        rows_np = feats.reshape(b * p, -1).numpy()
         dist = self.index_.search(rows_np, self.config.k)  # type: ignore[union-attr]
         scores = dist.mean(axis=1, dtype=np.float64).astype(np.float32)
         # faiss answers a NaN/Inf query with a huge finite distance: mark such patches NaN instead,
