@@ -23,10 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from patchknn import scoring
 from patchknn._version import __version__
 from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
@@ -75,8 +74,7 @@ class Prediction:
     @property
     def verdict(self) -> str | None:
         """``"NG"``, ``"OK"``, or ``None`` when there is no threshold (or an error)."""
-        flag = self.is_anomalous
-        return None if flag is None else ("NG" if flag else "OK")
+        return scoring.verdict(self.score, self.threshold)
 
     @property
     def mask(self) -> np.ndarray | None:
@@ -425,29 +423,67 @@ class PatchKNN:
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, but yields results as batches finish (constant memory)."""
         self._check_fitted()
-        decision = self.threshold_ if threshold is None else float(threshold)
         sources = _as_sources(images)
         batches = self._batches(sources)
         names = [source_name(s, i) for i, s in enumerate(sources)]
         reported = 0
         with self._bar(len(sources), "predict") as bar:
             for batch in batches:
-                grids, weights = self.score_batch(batch.images)
-                for j, i in enumerate(batch.indices):
+                preds = self.predict_batch(
+                    batch.images,
+                    names=[names[i] for i in batch.indices],
+                    sizes=batch.sizes,
+                    output_size=output_size,
+                    threshold=threshold,
+                )
+                for i, pred in zip(batch.indices, preds, strict=True):
                     yield from self._errors_before(batches, names, reported, i)
                     reported = i + 1
-                    out = _resolve_size(output_size, self.config.image_size, batch.sizes[j])
-                    amap = self.grid_to_map(grids[j], out)
-                    score = self.image_score(grids[j], amap, float(weights[j]))
-                    if not (np.isfinite(score) and np.isfinite(amap).all()):  # never a silent NaN
-                        reason = _NON_FINITE
-                        if self.on_error == "stop":
-                            raise PatchKNNError(f"{names[i]}: {reason}")
-                        yield Prediction(names[i], None, None, None, error=reason)
-                        continue
-                    yield Prediction(names[i], amap, score, decision)
+                    if pred.error is not None and self.on_error == "stop":
+                        raise PatchKNNError(f"{pred.source}: {pred.error}")
+                    yield pred
                 bar.update(len(batch.indices))
         yield from self._errors_before(batches, names, reported, len(sources))
+
+    @torch.inference_mode()
+    def predict_batch(
+        self,
+        images: torch.Tensor,
+        *,
+        names: Sequence[str] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        output_size: OutputSize = None,
+        threshold: float | None = None,
+    ) -> list[Prediction]:
+        """The one path from a decoded batch to predictions (used by :meth:`predict_iter`, so by
+        ``predict``/``evaluate``/``score-archive``/sharded search, and by the server).
+
+        Args:
+            images: uint8 ``(B, 3, S, S)``, already resized to ``image_size`` by the loader.
+            names: each image's :attr:`Prediction.source` (default ``"<image i>"``).
+            sizes: each image's original ``(H, W)`` (only used with ``output_size="original"``).
+            output_size: as in :meth:`predict`. The score and verdict never depend on it: the
+                score is taken from the map at ``image_size`` (see :mod:`patchknn.scoring`).
+            threshold: as in :meth:`predict` (``None`` = the model's ``threshold_``).
+
+        A map or score that is not finite gives a :class:`Prediction` with ``error`` set (the
+        caller decides whether that stops the run).
+        """
+        grids, weights = self.score_batch(images)
+        decision = self.threshold_ if threshold is None else float(threshold)
+        s = self.config.image_size
+        out = []
+        for j, grid in enumerate(grids):
+            name = names[j] if names is not None else f"<image {j}>"
+            base = scoring.grid_to_map(grid, (s, s), self.config)
+            score = scoring.image_score(grid, self.config, float(weights[j]), amap=base)
+            size = _resolve_size(output_size, s, sizes[j] if sizes is not None else (s, s))
+            amap = base if size == (s, s) else scoring.grid_to_map(grid, size, self.config)
+            if not (np.isfinite(score) and np.isfinite(amap).all()):  # never a silent NaN
+                out.append(Prediction(name, None, None, None, error=_NON_FINITE))
+                continue
+            out.append(Prediction(name, amap, score, decision))
+        return out
 
     @staticmethod
     def _errors_before(batches: Any, names: list[str], start: int, stop: int) -> Iterator[Prediction]:
@@ -503,45 +539,19 @@ class PatchKNN:
         return scores.reshape(b, g, g), rows_np.reshape(b, p, -1)
 
     def _reweight(self, grids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """PatchCore's eq. 7: ``w = 1 - softmax(||q - m||, m in N_b(m*))[m*]`` for the top patch ``q``,
-        its nearest bank patch ``m*`` and the ``b = image_score_topk`` bank patches nearest ``m*``."""
-        import faiss
-
-        bank = self.index_.bank  # type: ignore[union-attr]
-        b = min(self.config.image_score_topk, bank.shape[0])
-        out = np.ones(grids.shape[0], dtype=np.float64)
-        for j in range(grids.shape[0]):
-            q = np.ascontiguousarray(rows[j, int(np.argmax(grids[j]))][None], dtype=np.float32)
-            _, nearest = faiss.knn(q, bank, 1)
-            m_star = np.ascontiguousarray(bank[nearest[0, :1]])
-            _, support = faiss.knn(m_star, bank, b)
-            ids = support[0]
-            # m* first, whatever ties faiss returned
-            ids = np.concatenate([nearest[0, :1], ids[ids != nearest[0, 0]]])[:b]
-            d = np.sqrt(((bank[ids].astype(np.float64) - q.astype(np.float64)) ** 2).sum(axis=1))
-            e = np.exp(d - d.max())  # softmax of the distances (stable); m* is the nearest, e[0] the least
-            out[j] = 1.0 - e[0] / e.sum()
-        return out
+        """PatchCore's weights against this model's bank (see :func:`patchknn.scoring.reweight`)."""
+        return scoring.reweight(grids, rows, self.index_.bank, self.config.image_score_topk)  # type: ignore[union-attr]
 
     def grid_to_map(self, grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Upsample one ``(grid, grid)`` score map bilinearly to ``size`` and smooth it (if set)."""
-        t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
-        amap = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-        if self.config.smoothing_sigma > 0:
-            scale = (size[0] / self.config.grid_size, size[1] / self.config.grid_size)
-            sigma = (self.config.smoothing_sigma * scale[0], self.config.smoothing_sigma * scale[1])
-            amap = gaussian_filter(amap, sigma=sigma, mode="nearest", truncate=4.0)
-        return np.ascontiguousarray(amap, dtype=np.float32)
+        """Upsample one ``(grid, grid)`` score map to ``size`` (see :func:`patchknn.scoring.grid_to_map`)."""
+        return scoring.grid_to_map(grid, size, self.config)
 
-    def image_score(self, grid: np.ndarray, amap: np.ndarray, weight: float = 1.0) -> float:
-        """The image's score: max of the map (paper), mean of the top-k grid cells, or (``reweighted``)
-        the max of the map times PatchCore's weight from :meth:`score_batch`."""
-        if self.config.image_score == "topk_mean":
-            flat = np.sort(grid.ravel())[::-1]
-            return float(flat[: self.config.image_score_topk].mean())
-        if self.config.image_score == "reweighted":
-            return float(amap.max()) * float(weight)
-        return float(amap.max())
+    def image_score(self, grid: np.ndarray, amap: np.ndarray | None = None, weight: float = 1.0) -> float:
+        """The image's score (see :func:`patchknn.scoring.image_score`); ``amap`` is ignored unless
+        it is the map at ``image_size`` (the score never depends on the size a map is drawn at)."""
+        s = self.config.image_size
+        at_input = amap if amap is not None and amap.shape == (s, s) else None
+        return scoring.image_score(grid, self.config, weight, amap=at_input)
 
     @torch.inference_mode()
     def _features(self, images: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,9 @@
 
 Each served model has a :class:`MicroBatcher`, an asyncio task that takes the first waiting image,
 then collects more until it has ``max_batch`` of them or ``max_delay_ms`` have passed, stacks them
-into one ``(B, 3, S, S)`` tensor and makes **one** :meth:`PatchKNN.score_grid` call (in a worker
-thread, so the event loop keeps accepting requests). Each image's grid then goes through
-:meth:`PatchKNN.grid_to_map` and :meth:`PatchKNN.image_score` exactly as :meth:`PatchKNN.predict`
-does, so an answer equals ``predict`` on the same image (up to float32 rounding: a convolution's
+into one ``(B, 3, S, S)`` tensor and makes **one** :meth:`PatchKNN.predict_batch` call (in a worker
+thread, so the event loop keeps accepting requests): the one path from a decoded batch to
+predictions that :meth:`PatchKNN.predict` takes too, so an answer equals ``predict`` on the same image (up to float32 rounding: a convolution's
 result can differ in the last bits with the batch size, about 1e-6 relative).
 
 The batcher only waits for company when more requests for its model are on their way (admitted and
@@ -58,13 +57,16 @@ class ScoredImage:
 
 
 def score_batch(model: Any, images: torch.Tensor) -> list[tuple[float, np.ndarray]]:
-    """``(B, 3, S, S)`` uint8 -> ``[(score, map), ...]``, the way :meth:`PatchKNN.predict_iter` does it."""
-    grids = model.score_grid(images)
+    """``(B, 3, S, S)`` uint8 -> ``[(score, map), ...]`` through :meth:`PatchKNN.predict_batch`, the
+    same path as :meth:`PatchKNN.predict` (image score options, TTA, ensembles and all). A
+    non-finite result comes back as ``(nan, map)`` for the app to refuse."""
     size = int(model.config.image_size)
     out = []
-    for grid in grids:
-        amap = model.grid_to_map(grid, (size, size))
-        out.append((float(model.image_score(grid, amap)), amap))
+    for pred in model.predict_batch(images):
+        if pred.error is not None:
+            out.append((float("nan"), np.full((size, size), np.nan, dtype=np.float32)))
+        else:
+            out.append((float(pred.score), pred.anomaly_map))
     return out
 
 
