@@ -313,7 +313,19 @@ def test_evaluate_cli_best_preset(synthetic_root, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["config"]["ensemble"] == ["layer_norm=true"] and doc["config"]["smoothing_sigma"] > 0
     assert doc["config"]["backbone"] == "resnet50"  # the flag overrides the preset's
-    assert 0 <= doc["categories"]["synthetic"]["pixel_auprc"] <= 1
+    # the command's numbers are those of the same evaluation through the API, and scikit-learn's on its maps
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from patchknn.evaluation import evaluate_category
+
+    config = preset("best", backbone="resnet50", image_size=64, grid_size=8)
+    ev = evaluate_category(synthetic_root, "synthetic", config, weights="random", progress=False)
+    row = doc["categories"]["synthetic"]
+    assert row["pixel_auprc"] == pytest.approx(
+        average_precision_score(ev.masks.ravel(), ev.maps.ravel().astype(np.float64)), abs=1e-9
+    )
+    assert row["image_auroc"] == pytest.approx(roc_auc_score(ev.labels, ev.scores), abs=1e-9)
+    assert row["threshold"] == pytest.approx(ev.model.threshold_, rel=1e-6)
 
 
 def test_cli_fit_predict_best_preset_ensemble(synthetic_root, tmp_path):

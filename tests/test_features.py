@@ -46,16 +46,45 @@ def test_project_refuses_layer_norm():
 
 
 def test_compact_store_gives_the_same_model_as_full_vectors(monkeypatch):
+    """The compact path (fit from stored per-layer maps, predict through ``project()``) gives the
+    model and the maps of the plain path (full patch vectors, then PCA), and really is taken."""
     images = [img.permute(1, 2, 0).numpy() for img in _images(6, 64, seed=3)]
     kwargs = {"backbone": "resnet50", "weights": "random", "image_size": 64, "grid_size": 8, "progress": False}
+    calls: dict[str, list] = {"project": [], "project_compact": []}
+    real_project, real_compact = PatchFeatureExtractor.project, PatchFeatureExtractor.project_compact
+
+    def spy_project(self, images, mean, components):  # project() == PCA applied to forward()
+        got = real_project(self, images, mean, components)
+        calls["project"].append((got, (self.forward(images) - mean) @ components.T, mean, components))
+        return got
+
+    def spy_compact(self, parts, mean, components):
+        calls["project_compact"].append(len(parts))
+        return real_compact(self, parts, mean, components)
+
+    monkeypatch.setattr(PatchFeatureExtractor, "project", spy_project)
+    monkeypatch.setattr(PatchFeatureExtractor, "project_compact", spy_compact)
     compact = PatchKNN(**kwargs).fit(images[:5])
+    assert compact.extractor.can_project and calls["project_compact"]  # fitted from the compact store
+    a = compact.predict(images[5:])[0]
+    assert calls["project"], "predict did not go through project()"
+    pca = compact.pca_
+    for got, want, mean, components in calls["project"]:
+        assert got.shape == want.shape == (1, 64, pca.n_components)
+        torch.testing.assert_close(mean.cpu(), pca._mean_t)  # the model's own PCA
+        torch.testing.assert_close(components.cpu(), pca._comp_t)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+    calls["project"].clear()
+    calls["project_compact"].clear()
     monkeypatch.setattr(PatchFeatureExtractor, "can_project", property(lambda self: False))
     full = PatchKNN(**kwargs).fit(images[:5])
+    b = full.predict(images[5:])[0]
+    assert not calls["project"] and not calls["project_compact"]  # the plain path: full vectors, then PCA
     assert compact.pca_.n_components == full.pca_.n_components
     np.testing.assert_allclose(compact.index_.bank, full.index_.bank, rtol=1e-4, atol=1e-4)
-    a = compact.predict(images[5:])[0]  # the plain path (monkeypatched) on one side, project on the other
-    b = full.predict(images[5:])[0]
     np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-3, atol=1e-3)
+    assert a.score == pytest.approx(b.score, rel=1e-3)
 
 
 def test_bfloat16_features_close_to_float32():

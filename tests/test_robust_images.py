@@ -418,7 +418,19 @@ def test_cli_evaluate_with_messy_images(mvtec_like, tmp_path):
     assert r.exit_code == 0, r.output
     row = json.loads(results.read_text())["categories"]["catégorie 1"]
     assert row["n_train"] == 5 and row["n_test"] == 6
-    assert 0.0 <= row["pixel_auroc"] <= 1.0
+    # the command's metrics are scikit-learn's on the maps and masks of the same evaluation (API)
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from patchknn.config import PatchKNNConfig
+    from patchknn.evaluation import evaluate_category
+
+    ev = evaluate_category(mvtec_like, "catégorie 1", PatchKNNConfig(backbone="resnet50", **FAST),
+                           weights="random", progress=False)
+    assert ev.maps.shape == ev.masks.shape == (6, 32, 32) and ev.labels.tolist().count(1) == 3
+    y, s = ev.masks.ravel(), ev.maps.ravel().astype(np.float64)
+    assert row["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    assert row["pixel_auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-9)
+    assert row["image_auroc"] == pytest.approx(roc_auc_score(ev.labels, ev.scores), abs=1e-9)
 
     r = runner.invoke(app, [*args, "--max-pixels", "100"])
     assert isinstance(r.exception, ImageError) and "over the limit of 100" in str(r.exception)
