@@ -16,7 +16,9 @@ from patchknn.backbones.base import sha256_file
 from patchknn.errors import ConfigError, WeightsError
 
 CAFFE_FILE = "resnet50-caffe-msra-stem-layer3.safetensors"
-ALL = ["efficientnet-lite2", "resnet50", "resnet50-caffe", "wide_resnet50_2"]
+KERAS_H5 = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+ALL = ["efficientnet-lite2", "resnet50", "resnet50-caffe", "resnet50-keras", "wide_resnet50_2"]
+KERAS_CAFFE = ["resnet50-keras", "resnet50-caffe"]
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +82,7 @@ def test_shapes_channels_strides(name: str) -> None:
             [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16), ("layer4", 2048, 32)],
         ),
         ("resnet50-caffe", [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16)]),
+        ("resnet50-keras", [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16)]),
         ("efficientnet-lite2", [("stage2", 24, 4), ("stage3", 48, 8), ("stage4", 120, 16), ("stage5", 352, 32)]),
     ],
 )
@@ -98,6 +101,7 @@ def test_layer_metadata(name: str, expected: list[tuple[str, int, int]]) -> None
         ("resnet50", "conv5_block3_out", "layer4"),
         ("wide_resnet50_2", "conv5_block3_out", "layer4"),
         ("resnet50-caffe", "conv4_block6_out", "layer3"),
+        ("resnet50-keras", "conv2_block3_out", "layer1"),
         ("efficientnet-lite2", "reduction_3", "stage3"),
         ("efficientnet-lite2", "blocks.14", "stage4"),
     ],
@@ -132,7 +136,7 @@ def test_bad_random_seed() -> None:
 
 
 # -- truncation -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["resnet50", "wide_resnet50_2", "resnet50-caffe"])
+@pytest.mark.parametrize("name", ["resnet50", "wide_resnet50_2", *KERAS_CAFFE])
 def test_resnet_truncation(name: str) -> None:
     net = build_backbone(name, ("layer1", "layer2"), weights="random")
     keys = list(net.state_dict())
@@ -147,15 +151,16 @@ def test_efficientnet_truncation() -> None:
     assert not any(k.split(".")[0] in {"_conv_head", "_bn1", "_fc"} for k in net.state_dict())
 
 
-# -- the Caffe network --------------------------------------------------------------------------
-def test_caffe_quirks() -> None:
-    net = build_backbone("resnet50-caffe", weights="random")
+# -- the Keras and Caffe networks -----------------------------------------------------------------
+@pytest.mark.parametrize(("name", "pool"), [("resnet50-caffe", (3, 2, 0, True)), ("resnet50-keras", (3, 2, 1, False))])
+def test_caffe_quirks(name: str, pool: tuple[int, int, int, bool]) -> None:
+    net = build_backbone(name, weights="random")
     for stage in (net.layer2, net.layer3):
         assert stage[0].conv1.stride == (2, 2)
         assert stage[0].conv2.stride == (1, 1)
         assert stage[0].downsample[0].stride == (2, 2)
-    pool = net.maxpool
-    assert (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode) == (3, 2, 0, True)
+    mp = net.maxpool
+    assert (mp.kernel_size, mp.stride, mp.padding, mp.ceil_mode) == pool
     assert all(m.eps == 1e-5 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     # the torchvision network keeps torchvision's layout
     tv = build_backbone("resnet50", ["layer2"], weights="random")
@@ -163,8 +168,9 @@ def test_caffe_quirks() -> None:
     assert (tv.maxpool.padding, tv.maxpool.ceil_mode) == (1, False)
 
 
-def test_caffe_normalize_bgr_mean() -> None:
-    net = build_backbone("resnet50-caffe", ["layer1"], weights="random")
+@pytest.mark.parametrize("name", KERAS_CAFFE)
+def test_caffe_normalize_bgr_mean(name: str) -> None:
+    net = build_backbone(name, ["layer1"], weights="random")
     rgb = torch.tensor([[[[0, 255]], [[10, 20]], [[200, 100]]]], dtype=torch.uint8)  # (1, 3, 1, 2)
     out = net.normalize(rgb)
     expected = torch.tensor(
@@ -172,6 +178,101 @@ def test_caffe_normalize_bgr_mean() -> None:
     )
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected)
+
+
+def _stem(net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The stem up to (not including) the max-pool: conv1, bn1, ReLU."""
+    with torch.no_grad():
+        return torch.relu(net.bn1(net.conv1(net.normalize(image))))
+
+
+def _pool_by_definition(x: torch.Tensor, offset: int, out: int) -> torch.Tensor:
+    """3x3 / stride-2 max over the cells ``2i + offset .. 2i + offset + 2`` that exist (a padding
+    cell holds 0 in Keras, which never wins against ReLU outputs >= 0)."""
+    h, w = x.shape[-2:]
+    result = torch.empty(*x.shape[:-2], out, out)
+    for i in range(out):
+        for j in range(out):
+            r0, c0 = 2 * i + offset, 2 * j + offset
+            window = x[..., max(r0, 0) : min(r0 + 3, h), max(c0, 0) : min(c0 + 3, w)]
+            result[..., i, j] = window.amax(dim=(-2, -1))
+    return result
+
+
+@pytest.mark.parametrize("size", [224, 72, 97])
+def test_keras_pool_equals_zero_pad_then_max_pool(size: int) -> None:
+    net = build_backbone("resnet50-keras", ["layer1"], weights="random:2")
+    x = _stem(net, _image(size, seed=size))
+    assert (x >= 0).all() and (x == 0).any()
+    with torch.no_grad():
+        reference = torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), value=0.0), 3, 2)
+        torch.testing.assert_close(net.maxpool(x), reference, rtol=0, atol=0)
+
+
+def test_stems_follow_their_definitions_with_shared_weights() -> None:
+    keras = build_backbone("resnet50-keras", weights="random:4")
+    caffe = build_backbone("resnet50-caffe", weights="random:4")
+    sd_k, sd_c = keras.state_dict(), caffe.state_dict()
+    assert list(sd_k) == list(sd_c) and all(torch.equal(sd_k[k], sd_c[k]) for k in sd_k)
+    image = _image(64, seed=9)
+    x = _stem(keras, image)  # (1, 64, 32, 32); identical for both networks
+    torch.testing.assert_close(_stem(caffe, image), x, rtol=0, atol=0)
+    with torch.no_grad():
+        pooled_k, pooled_c = keras.maxpool(x), caffe.maxpool(x)
+    # Keras: windows start one cell before 2i (ZeroPadding2D(1)); Caffe: windows start at 2i and the
+    # last one is cut at the border (ceil mode). Both give 16x16 here.
+    torch.testing.assert_close(pooled_k, _pool_by_definition(x, -1, 16), rtol=0, atol=0)
+    torch.testing.assert_close(pooled_c, _pool_by_definition(x, 0, 16), rtol=0, atol=0)
+    # ... and each network's layer1 is its own pool followed by the shared blocks
+    feats_k, feats_c = _run(keras, image), _run(caffe, image)
+    with torch.no_grad():
+        torch.testing.assert_close(feats_k["layer1"], keras.layer1(pooled_k))
+        torch.testing.assert_close(feats_c["layer1"], caffe.layer1(pooled_c))
+    for layer in ("layer1", "layer2", "layer3"):
+        assert feats_k[layer].shape == feats_c[layer].shape
+        relative = float((feats_k[layer] - feats_c[layer]).norm() / feats_c[layer].norm())
+        assert relative > 0.05, (layer, relative)  # same weights, different networks
+
+
+def test_caffe_features_unchanged() -> None:
+    """resnet50-caffe computes exactly what it computed before resnet50-keras existed (figures
+    recorded with that code), so models saved with it score as before."""
+    net = build_backbone("resnet50-caffe", weights="random:5")
+    image = torch.randint(0, 256, (1, 3, 72, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(11))
+    feats = _run(net, image)
+    recorded = {  # layer: (shape, sum, max |x|, x[0, :3, 1, 2])
+        "layer1": ((1, 256, 18, 18), 2977321.0038207592, 341.3028564453125, [141.450851, 26.034775, 35.618912]),
+        "layer2": ((1, 512, 9, 9), 4325339.642305063, 986.2908325195312, [80.521118, 0.0, 181.998108]),
+        "layer3": ((1, 1024, 5, 5), 13364593.931432992, 4519.71142578125, [423.505768, 1111.813477, 3320.294434]),
+    }
+    for layer, (shape, total, peak, cells) in recorded.items():
+        value = feats[layer]
+        assert tuple(value.shape) == shape
+        assert float(value.double().sum()) == pytest.approx(total, rel=1e-5)
+        assert float(value.abs().max()) == pytest.approx(peak, rel=1e-5)
+        assert value[0, :3, 1, 2].tolist() == pytest.approx(cells, rel=1e-5, abs=1e-3)
+
+
+def test_saved_caffe_model_keeps_its_network(tmp_path: Path, rng_images: list[np.ndarray]) -> None:
+    from patchknn import PatchKNN
+
+    model = PatchKNN(backbone="resnet50-caffe", image_size=64, grid_size=8, weights="random", progress=False)
+    model.fit(rng_images[:3])
+    before = [p.score for p in model.predict(rng_images[3:])]
+    model.save(tmp_path / "m")
+    loaded = PatchKNN.load(tmp_path / "m")
+    assert loaded.config.backbone == "resnet50-caffe"
+    pool = loaded.extractor.backbone.maxpool
+    assert (pool.padding, pool.ceil_mode) == (0, True)
+    assert [p.score for p in loaded.predict(rng_images[3:])] == pytest.approx(before, rel=1e-5)
+
+
+def test_paper_default_is_the_keras_network() -> None:
+    from patchknn.config import PatchKNNConfig, preset
+
+    assert PatchKNNConfig().backbone == "resnet50-keras"
+    assert preset("paper").backbone == "resnet50-keras"
+    assert "resnet50-caffe" in available_backbones()  # still there by name
 
 
 def test_torchvision_normalize() -> None:
@@ -256,41 +357,65 @@ def _assert_features_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor
         torch.testing.assert_close(b[layer], a[layer], atol=1e-3 * scale, rtol=1e-3)
 
 
-def test_keras_h5_mapping_random(tmp_path: Path) -> None:
-    reference = build_backbone("resnet50-caffe", weights="random:3")
+@pytest.mark.parametrize("name", KERAS_CAFFE)
+def test_keras_h5_mapping_random(name: str, tmp_path: Path) -> None:
+    reference = build_backbone(name, weights="random:3")
     with torch.no_grad():  # non-trivial BN statistics so the folding is exercised
         for m in reference.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    h5 = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    h5 = tmp_path / KERAS_H5
     _write_keras_h5(reference.state_dict(), h5)
-    loaded = build_backbone("resnet50-caffe", weights=h5)
+    loaded = build_backbone(name, weights=h5)
     assert loaded.weights_id == f"sha256:{sha256_file(h5)}"
     image = _image(96)
     _assert_features_close(_run(reference, image), _run(loaded, image))
 
 
-def test_keras_h5_matches_shared_safetensors(tmp_path: Path) -> None:
+def test_keras_h5_gives_both_variants_the_same_weights(tmp_path: Path) -> None:
+    h5 = tmp_path / KERAS_H5
+    _write_keras_h5(build_backbone("resnet50-keras", weights="random:6").state_dict(), h5)
+    keras, caffe = build_backbone("resnet50-keras", weights=h5), build_backbone("resnet50-caffe", weights=h5)
+    sd_k, sd_c = keras.state_dict(), caffe.state_dict()
+    assert all(torch.equal(sd_k[k], sd_c[k]) for k in sd_k)
+    image = _image(64, seed=1)
+    assert not torch.allclose(_run(keras, image)["layer1"], _run(caffe, image)["layer1"])
+
+
+@pytest.mark.parametrize("name", KERAS_CAFFE)
+def test_keras_h5_matches_shared_safetensors(name: str, tmp_path: Path) -> None:
     st_path = _shared_caffe_file()
     from safetensors.torch import load_file
 
-    h5 = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    h5 = tmp_path / KERAS_H5
     _write_keras_h5(load_file(str(st_path)), h5)
-    from_st = build_backbone("resnet50-caffe", weights=st_path)
-    from_h5 = build_backbone("resnet50-caffe", weights=h5)
+    from_st = build_backbone(name, weights=st_path)
+    from_h5 = build_backbone(name, weights=h5)
     image = _image(224, seed=5)
     a, b = _run(from_st, image), _run(from_h5, image)
     assert [tuple(v.shape) for v in a.values()] == [(1, 256, 56, 56), (1, 512, 28, 28), (1, 1024, 14, 14)]
     _assert_features_close(a, b)
 
 
-def test_caffe_default_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", KERAS_CAFFE)
+def test_caffe_default_from_env(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     st_path = _shared_caffe_file()
     monkeypatch.setenv("PATCHKNN_WEIGHTS_DIR", str(st_path.parent))
-    net = build_backbone("resnet50-caffe", ["layer1"])
+    net = build_backbone(name, ["layer1"])
     assert net.weights_id == f"sha256:{sha256_file(st_path)}"
     assert torch.isfinite(_run(net, _image(64))["layer1"]).all()
+
+
+@pytest.mark.parametrize("name", KERAS_CAFFE)
+def test_default_from_env_folder_with_only_the_h5(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    reference = build_backbone(name, ["layer1"], weights="random:7")
+    _write_keras_h5(reference.state_dict(), tmp_path / KERAS_H5)
+    monkeypatch.setenv("PATCHKNN_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.keras, no cache
+    net = build_backbone(name, ["layer1"])
+    assert net.weights_id == f"sha256:{sha256_file(tmp_path / KERAS_H5)}"
+    _assert_features_close(_run(reference, _image(64)), _run(net, _image(64)))
 
 
 def test_keras_h5_missing_layer(tmp_path: Path) -> None:
@@ -323,13 +448,14 @@ def test_torchvision_offline_message(name: str, filename: str, monkeypatch: pyte
         assert hint in message
 
 
-def test_caffe_offline_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", KERAS_CAFFE)
+def test_caffe_offline_message(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.keras, empty ~/.cache/patchknn
     monkeypatch.delenv("PATCHKNN_WEIGHTS_DIR", raising=False)
     with pytest.raises(WeightsError) as err:
-        build_backbone("resnet50-caffe", ["layer1"])
+        build_backbone(name, ["layer1"])
     message = str(err.value)
-    for hint in ("offline", "weights=PATH", "--weights FILE", "PATCHKNN_WEIGHTS_DIR", "notop.h5", CAFFE_FILE):
+    for hint in ("offline", "weights=PATH", "--weights FILE", "PATCHKNN_WEIGHTS_DIR", "notop.h5", CAFFE_FILE, name):
         assert hint in message
 
 
@@ -363,8 +489,84 @@ def test_weights_file_errors(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="resnet50-caffe"):
         build_backbone("resnet50", ["layer1"], weights=tmp_path / "w.h5")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="could not read"):
+    with pytest.raises(WeightsError, match="not a weights file in a supported format"):
         build_backbone("resnet50", ["layer1"], weights=tmp_path / "junk.pth")
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 a zip cut short")
+    with pytest.raises(WeightsError, match="could not read weights file"):
+        build_backbone("resnet50", ["layer1"], weights=tmp_path / "cut.pth")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_text_file_as_weights_is_a_clean_error(name: str, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# patchknn\n\nUnsupervised visual anomaly detection.\n")
+    with pytest.raises(WeightsError) as err:
+        build_backbone(name, weights=readme)
+    message = str(err.value)
+    assert "not a weights file in a supported format" in message
+    assert ".safetensors" in message and ".h5" in message and "torch.save" in message
+    assert "weights_only" not in message and "arbitrary code" not in message
+
+
+class _NotATensor:
+    pass
+
+
+def test_pickled_objects_are_refused_without_torch_advice(tmp_path: Path) -> None:
+    torch.save({"conv1.weight": _NotATensor()}, tmp_path / "objects.pth")
+    with pytest.raises(WeightsError) as err:
+        build_backbone("resnet50", ["layer1"], weights=tmp_path / "objects.pth")
+    message = str(err.value)
+    assert "never unpickles" in message and "state dict" in message
+    assert "weights_only" not in message and "arbitrary code" not in message
+
+
+def test_format_told_by_content_not_name(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = build_backbone("resnet50", ["layer1"], weights="random:2")
+    save_file(source.state_dict(), str(tmp_path / "really-safetensors.pth"))
+    torch.save(source.state_dict(), tmp_path / "really-torch.safetensors")
+    image = _image(64)
+    for file in ("really-safetensors.pth", "really-torch.safetensors"):
+        net = build_backbone("resnet50", ["layer1"], weights=tmp_path / file)
+        assert torch.equal(_run(net, image)["layer1"], _run(source, image)["layer1"])
+    _write_keras_h5(build_backbone("resnet50-keras", ["layer1"], weights="random").state_dict(), tmp_path / "k.pth")
+    with pytest.raises(WeightsError, match="only supported for resnet50-keras and resnet50-caffe, not resnet50"):
+        build_backbone("resnet50", ["layer1"], weights=tmp_path / "k.pth")
+
+
+@pytest.mark.parametrize("name", KERAS_CAFFE)
+def test_weights_folder_is_searched_for_the_known_files(name: str, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(WeightsError) as err:
+        build_backbone(name, ["layer1"], weights=empty)
+    message = str(err.value)
+    assert "is a folder, not a weights file" in message
+    assert CAFFE_FILE in message and KERAS_H5 in message
+    assert "must be None" not in message and "not found" not in message
+    reference = build_backbone(name, ["layer1"], weights="random:8")
+    _write_keras_h5(reference.state_dict(), tmp_path / KERAS_H5)
+    net = build_backbone(name, ["layer1"], weights=tmp_path)
+    assert net.weights_id == f"sha256:{sha256_file(tmp_path / KERAS_H5)}"
+    _assert_features_close(_run(reference, _image(64)), _run(net, _image(64)))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("resnet50", "resnet50-0676ba61.pth"), ("efficientnet-lite2", ".safetensors")]
+)
+def test_weights_folder_message_other_backbones(name: str, expected: str, tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="is a folder, not a weights file") as err:
+        build_backbone(name, weights=tmp_path)
+    assert expected in str(err.value)
+
+
+def test_missing_weights_file_message(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError) as err:
+        build_backbone("resnet50-keras", weights=tmp_path / "nope.h5")
+    message = str(err.value)
+    assert "weights file not found" in message and "must be None" not in message
 
 
 def test_state_dict_key_check(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from patchknn import ConfigError, PatchKNN, PatchKNNConfig, preset
 
 def test_paper_preset_is_the_paper():
     c = preset("paper")
-    assert c.backbone == "resnet50-caffe"
+    assert c.backbone == "resnet50-keras"  # the paper ran Keras' ResNet50
     assert c.resolved_layers == ("layer1", "layer2", "layer3")
     assert (c.image_size, c.grid_size, c.pca_variance, c.k) == (224, 28, 0.95, 1)
     assert (c.aggregation, c.layer_norm, c.smoothing_sigma, c.image_score) == (1, False, 0.0, "max")

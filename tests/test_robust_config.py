@@ -46,7 +46,7 @@ IMPOSSIBLE = [
     ({"grid_size": 57, "image_size": 224, "layers": ["layer1"]}, "use at most 56"),
     ({"grid_size": 0}, r"grid_size must be an integer in \[1, 1024\]"),
     # unknown layer or backbone names: the message lists the choices
-    ({"layers": ["layer9"]}, "unknown layer 'layer9' for backbone 'resnet50-caffe'; choose from: layer1"),
+    ({"layers": ["layer9"]}, "unknown layer 'layer9' for backbone 'resnet50-(keras|caffe)'; choose from: layer1"),
     ({"layers": ["layer4"]}, "unknown layer 'layer4' .* choose from: layer1 .* layer3"),  # the Caffe net stops at 3
     ({"backbone": "resnet50", "layers": ["stage2"]}, "choose from: layer1"),
     ({"backbone": "efficientnet-lite2", "layers": ["layer1"]}, "choose from: stage2"),

@@ -1,7 +1,8 @@
 """Every option of the method in one frozen dataclass, plus the named presets.
 
-The ``paper`` preset (the defaults) is the method of the paper: the Caffe/Keras ResNet-50, layers
-1-3 resized to a 28x28 grid, PCA keeping 95 % of the variance, an exact 1-nearest-neighbour search.
+The ``paper`` preset (the defaults) is the method of the paper: Keras' ImageNet ResNet-50
+(``resnet50-keras``: the MSRA/Caffe weights in Keras' network, stem pooling included), layers 1-3
+resized to a 28x28 grid, PCA keeping 95 % of the variance, an exact 1-nearest-neighbour search.
 
 Example:
     >>> from patchknn.config import PatchKNNConfig, preset
@@ -25,7 +26,8 @@ class PatchKNNConfig:
     """The method's options. Everything here is stored with a saved model.
 
     Attributes:
-        backbone: registered backbone name (see ``patchknn info``).
+        backbone: registered backbone name (see ``patchknn info``); the default ``resnet50-keras``
+            is the paper's network, ``resnet50-caffe`` the same weights with Caffe's stem pool.
         layers: feature layers by name (backbone-specific; Keras aliases accepted for ResNets);
             ``None`` = the backbone's default three layers. Stored as canonical names.
         image_size: images are resized to ``image_size x image_size`` (bilinear) before the backbone.
@@ -79,7 +81,7 @@ class PatchKNNConfig:
             model (paper).
     """
 
-    backbone: str = "resnet50-caffe"
+    backbone: str = "resnet50-keras"
     layers: tuple[str, ...] | None = None
     image_size: int = 224
     grid_size: int = 28

