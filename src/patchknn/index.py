@@ -470,6 +470,8 @@ class FaissGpuIndex(MemoryBankIndex):
 
     def _make(self, bank: np.ndarray) -> Any:
         cpu_index = self.inner._make(bank)
+        if not isinstance(cpu_index, faiss.Index):  # e.g. a PrunedFlatIndex's structure: not copyable
+            raise ConfigError(f"{type(self.inner).__name__} has no faiss GPU form; use a flat or IVF faiss index")
         self._res = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(self._res, self._gpu, cpu_index)
 
@@ -568,7 +570,10 @@ def build_index(
         if not torch.cuda.is_available():
             raise ConfigError(f"device {str(dev)!r} requested but no CUDA device is available; use device='cpu'")
         if kind in ("flat", "ivf") and faiss_has_gpu():
-            return FaissGpuIndex(cpu_index(), dev).build(bank)
+            # the plain faiss flat index on the GPU (the CPU's pruned/screened exact search is a
+            # CPU structure faiss cannot copy; a full GPU scan is fast anyway)
+            inner = MemoryBankIndex() if kind == "flat" else cpu_index()
+            return FaissGpuIndex(inner, dev).build(bank)
         if kind == "flat":
             return TorchFlatIndex(dev).build(bank)
         reason = "has no GPU support" if not hasattr(faiss, "StandardGpuResources") else "sees no GPU"
