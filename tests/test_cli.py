@@ -1,5 +1,8 @@
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from typer.testing import CliRunner
@@ -44,9 +47,6 @@ def test_info_lists_backbones_and_presets():
 
 
 def test_bad_option_is_one_clear_line(tmp_path):
-    import subprocess
-    import sys
-
     p = subprocess.run(
         [sys.executable, "-m", "patchknn.cli", "fit", str(tmp_path), "--output", str(tmp_path / "m"),
          "--pca-variance", "1.5"],
@@ -58,8 +58,59 @@ def test_bad_option_is_one_clear_line(tmp_path):
 
 
 def test_evaluate_needs_a_category(synthetic_root):
-    r = runner.invoke(app, ["evaluate", "--data-root", str(synthetic_root), *TINY_FLAGS])
-    assert r.exit_code != 0
+    p = subprocess.run(
+        [sys.executable, "-m", "patchknn.cli", "evaluate", "--data-root", str(synthetic_root), *TINY_FLAGS],
+        capture_output=True, text=True,
+    )
+    assert p.returncode == 2
+    assert p.stderr == "error: give --category NAME (repeatable) or --all\n"
+
+
+def test_predict_skip_does_not_count_skipped_files_as_scored(synthetic_root, tmp_path):
+    good = sorted((synthetic_root / "synthetic" / "test" / "good").glob("*.png"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good[0].read_bytes()[:60])  # a truncated PNG
+    model_dir = tmp_path / "model"
+    r = runner.invoke(app, ["fit", str(synthetic_root / "synthetic" / "train" / "good"), "-o", str(model_dir),
+                            *TINY_FLAGS])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "pred"
+    r = runner.invoke(app, ["predict", str(model_dir), *map(str, good), str(broken), "-o", str(out),
+                            "--on-error", "skip", "--threshold", "1e9"])
+    assert r.exit_code == 0, r.output
+    assert f"scored 3 images (0 NG), 1 skipped (unreadable, see above) -> {out / 'scores.csv'}" in r.output
+    assert f"skipped {broken}: " in r.output
+    rows = json.loads((out / "scores.json").read_text())
+    assert [row["error"] is None for row in rows] == [True, True, True, False]
+    assert rows[3]["image"] == str(broken) and rows[3]["score"] is None and rows[3]["overlay"] is None
+
+
+def test_fit_on_one_image_says_so_in_two_clean_lines(synthetic_root, tmp_path):
+    """One training image: "fitted on 1 image" (singular) and the CalibrationWarning as one line
+    ``warning: ...`` (no file name, line number or source line, as Python shows warnings)."""
+    one = sorted((synthetic_root / "synthetic" / "train" / "good").glob("*.png"))[0]
+    flags = [f for f in TINY_FLAGS if f != "-q"]
+    p = subprocess.run(
+        [sys.executable, "-m", "patchknn.cli", "fit", str(one), "--output", str(tmp_path / "m"), *flags],
+        capture_output=True, text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("fitted on 1 image in "), p.stdout
+    warning_lines = [line for line in p.stderr.splitlines() if "warn" in line.lower()]
+    assert warning_lines == [
+        "warning: no decision threshold: only 1 training image (the threshold needs images the bank has not "
+        "seen); set one with model.threshold_ = ... or --threshold"
+    ], p.stderr
+    assert "CalibrationWarning" not in p.stderr and ".py:" not in p.stderr
+
+
+def test_warnings_keep_their_default_display_outside_the_cli():
+    """The one-line display is the command line's own: importing the CLI changes nothing."""
+    import warnings
+
+    import patchknn.cli  # noqa: F401
+
+    assert warnings.showwarning is not patchknn.cli._show_warning
 
 
 def test_set_parses_typed_values():
@@ -69,3 +120,37 @@ def test_set_parses_typed_values():
                                           "smoothing_sigma=0.5", "layer_norm=true"])
     assert c.k == 3 and c.pca_variance is None and c.tta == ("hflip", "vflip")
     assert c.threshold_method == "none" and c.smoothing_sigma == 0.5 and c.layer_norm is True
+
+
+def test_demo_writes_report_overlays_and_says_what_to_open(tmp_path, monkeypatch):
+    """`patchknn demo` (a smaller synthetic set here): numbers, and the HTML report, the overlays of
+    the test images and the paths to open next."""
+    from functools import partial
+
+    from PIL import Image
+
+    import patchknn.synthetic
+
+    monkeypatch.setattr(patchknn.synthetic, "make_synthetic_dataset",
+                        partial(patchknn.synthetic.make_synthetic_dataset, n_train=6, n_test_good=2,
+                                n_test_defective=3, image_size=64))
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "-o", str(out), "--backbone", "efficientnet-lite2"])
+    assert r.exit_code == 0, r.output
+    page = out / "report" / "index.html"
+    html = page.read_text(encoding="utf-8")
+    assert "synthetic" in html and "<table" in html
+    overlays = sorted((out / "predictions" / "overlays").iterdir())
+    assert len(overlays) == 5
+    for path in overlays:
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size[0] > 0
+    rows = json.loads((out / "predictions" / "scores.json").read_text())
+    assert sorted(Path(row["overlay"]).name for row in rows) == [p.name for p in overlays]
+    kinds = {p.name.rsplit("_", 1)[0] for p in overlays}  # named after the test folder and the file
+    assert "good" in kinds and len(kinds) >= 2
+    assert json.loads((out / "results.json").read_text())["categories"]["synthetic"]["n_test"] == 5
+    assert PatchKNN.load(out / "model").threshold_ is not None
+    assert "open next:" in r.output
+    for path in (page, out / "predictions" / "overlays", out / "model", out / "results.json"):
+        assert str(path) in r.output

@@ -245,7 +245,7 @@ def fit(
         typer.echo(f"skipped {src}: {reason}", err=True)
     if not quiet:
         typer.echo(
-            f"fitted on {info['n_train_images']} images in {info['fit_seconds']:.1f} s: "
+            f"fitted on {_count(info['n_train_images'], 'image')} in {info['fit_seconds']:.1f} s: "
             f"{info['bank_size']} patches x {info['n_components']} dims -> {output}"
         )
 
@@ -272,9 +272,7 @@ def predict(
     """Score images: scores.csv / scores.json with an OK/NG verdict, and per image the map (.npy), a
     heat-map overlay (colours on the model's fixed scale, predicted region outlined) and, when there
     is a threshold, the binary defect mask (.png)."""
-    from patchknn.data import load_image
     from patchknn.model import PatchKNN
-    from patchknn.visualize import mask_image, model_scale, overlay, save_png
 
     model = PatchKNN.load(
         model_path, device=device, batch_size=batch_size, num_workers=_workers(workers), on_error=on_error,
@@ -282,40 +280,9 @@ def predict(
     )
     if threshold is not None:
         model.threshold_ = float(threshold)
-    output.mkdir(parents=True, exist_ok=True)
-    if maps:
-        (output / "maps").mkdir(exist_ok=True)
-        (output / "overlays").mkdir(exist_ok=True)
-        if model.threshold_ is not None:
-            (output / "masks").mkdir(exist_ok=True)
-    scale = model_scale(model)  # one colour scale for every image (None: uncalibrated -> per image)
-    rows: list[dict[str, Any]] = []
-    used: set[str] = set()
-    for pred in model.predict_iter([str(p) for p in images], output_size=resolution):
-        row: dict[str, Any] = {"image": pred.source, "score": pred.score, "verdict": pred.verdict,
-                               "threshold": pred.threshold, "error": pred.error, "map": None, "overlay": None,
-                               "mask": None}
-        if pred.error is None and maps:
-            stem = _unique_stem(Path(pred.source).stem, used)
-            np_path = output / "maps" / f"{stem}.npy"
-            _save_npy(np_path, pred.anomaly_map)
-            img = load_image(pred.source, max_pixels=model.max_pixels)
-            vmin, vmax = scale if scale is not None else (0.0, None)
-            ov = overlay(img, pred.anomaly_map, vmin=vmin, vmax=vmax, threshold=pred.threshold)
-            ov_path = output / "overlays" / f"{stem}.png"
-            save_png(str(ov_path), ov)
-            row["map"], row["overlay"] = str(np_path.relative_to(output)), str(ov_path.relative_to(output))
-            if pred.mask is not None:
-                mask_path = output / "masks" / f"{stem}.png"
-                save_png(mask_path, mask_image(pred.mask))
-                row["mask"] = str(mask_path.relative_to(output))
-        rows.append(row)
-        if pred.error is not None:
-            typer.echo(f"skipped {pred.source}: {pred.error}", err=True)
-    _write_rows(output, rows)
+    rows = _write_predictions(model, [str(p) for p in images], output, resolution=resolution, maps=maps)
     if not quiet:
-        n_ng = sum(r["verdict"] == "NG" for r in rows)
-        typer.echo(f"scored {len(rows)} images ({n_ng} NG) -> {output / 'scores.csv'}")
+        typer.echo(_summary(rows, output))
 
 
 @app.command()
@@ -371,7 +338,9 @@ def evaluate(
     elif category:
         names = list(category)
     else:
-        raise typer.BadParameter("give --category NAME (repeatable) or --all")
+        from patchknn.errors import ConfigError
+
+        raise ConfigError("give --category NAME (repeatable) or --all")
     runtime = _runtime(weights, device, batch_size, workers, "stop", quiet, max_pixels)
     collector = None
     if report is not None:
@@ -433,32 +402,115 @@ def demo(
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Offline end-to-end run: make a synthetic defect dataset, fit, evaluate, predict, save."""
+    """Offline end-to-end run: make a synthetic defect dataset, fit, evaluate, predict, save; writes
+    the HTML report (report/index.html) and the heat-map overlays of the test images."""
     from patchknn.config import preset
     from patchknn.evaluation import evaluate as run_evaluation
     from patchknn.evaluation import markdown_table
+    from patchknn.report import ReportCollector
     from patchknn.synthetic import make_synthetic_dataset
 
     data_root = output / "data"
     make_synthetic_dataset(data_root, category="synthetic", seed=seed or 0)
     config = preset("paper", backbone=backbone, seed=seed or 0)
     model_dir = output / "model"
+    collector = ReportCollector(output / "report", progress=not quiet)
     holder: dict[str, Any] = {}
 
     def keep(ev: Any) -> None:
         holder["ev"] = ev
         ev.model.save(model_dir)
+        collector(ev)
 
     results = run_evaluation(
         data_root, ["synthetic"], config, on_category=keep, progress=not quiet
     )
     (output / "results.json").write_text(json.dumps(results, indent=2))
+    page = collector.finish(results, title="patchknn demo: synthetic defects")
+    ev = holder["ev"]
+    predictions = output / "predictions"  # what `patchknn predict MODEL TEST -o predictions` writes
+    test_dir = data_root / "synthetic" / "test"
+    rows = _write_predictions(ev.model, [str(s.path) for s in ev.samples], predictions, names_under=test_dir)
     if not quiet:
         typer.echo(markdown_table(results))
-        typer.echo(f"\ndata -> {data_root}\nmodel -> {model_dir}\nresults -> {output / 'results.json'}")
+        typer.echo(
+            f"\n{_summary(rows, predictions)}\n\nopen next:\n"
+            f"  report   {page}  (metrics, curves, threshold, best and worst heat maps)\n"
+            f"  overlays {predictions / 'overlays'}\n"
+            f"           (a heat map per test image, the region over the threshold outlined)\n"
+            f"  model    {model_dir}  (patchknn predict {model_dir} IMAGES -o OUT)\n"
+            f"  results  {output / 'results.json'}\n"
+            f"  data     {data_root}"
+        )
 
 
 # --------------------------------------------------------------------------------- helpers
+def _write_predictions(
+    model: Any, sources: list[str], output: Path, *, resolution: str = "input", maps: bool = True,
+    names_under: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Score ``sources`` and write ``scores.csv`` / ``scores.json`` and, with ``maps``, per image the
+    map (``maps/*.npy``), the overlay (``overlays/*.png``) and the mask (``masks/*.png``, with a
+    threshold) into ``output``; report each unreadable (skipped) file on stderr. Returns the rows.
+
+    Files are named after each image's name, or with ``names_under`` after its path under that
+    folder (``broken_large/000.png`` -> ``broken_large_000``)."""
+    from patchknn.data import load_image
+    from patchknn.visualize import mask_image, model_scale, overlay, save_png
+
+    output.mkdir(parents=True, exist_ok=True)
+    if maps:
+        (output / "maps").mkdir(exist_ok=True)
+        (output / "overlays").mkdir(exist_ok=True)
+        if model.threshold_ is not None:
+            (output / "masks").mkdir(exist_ok=True)
+    scale = model_scale(model)  # one colour scale for every image (None: uncalibrated -> per image)
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for pred in model.predict_iter(sources, output_size=resolution):
+        row: dict[str, Any] = {"image": pred.source, "score": pred.score, "verdict": pred.verdict,
+                               "threshold": pred.threshold, "error": pred.error, "map": None, "overlay": None,
+                               "mask": None}
+        if pred.error is None and maps:
+            src = Path(pred.source)
+            name = src.stem
+            if names_under is not None and src.resolve().is_relative_to(names_under.resolve()):
+                name = "_".join(src.resolve().relative_to(names_under.resolve()).with_suffix("").parts)
+            stem = _unique_stem(name, used)
+            np_path = output / "maps" / f"{stem}.npy"
+            _save_npy(np_path, pred.anomaly_map)
+            img = load_image(pred.source, max_pixels=model.max_pixels)
+            vmin, vmax = scale if scale is not None else (0.0, None)
+            ov = overlay(img, pred.anomaly_map, vmin=vmin, vmax=vmax, threshold=pred.threshold)
+            ov_path = output / "overlays" / f"{stem}.png"
+            save_png(str(ov_path), ov)
+            row["map"], row["overlay"] = str(np_path.relative_to(output)), str(ov_path.relative_to(output))
+            if pred.mask is not None:
+                mask_path = output / "masks" / f"{stem}.png"
+                save_png(mask_path, mask_image(pred.mask))
+                row["mask"] = str(mask_path.relative_to(output))
+        rows.append(row)
+        if pred.error is not None:
+            typer.echo(f"skipped {pred.source}: {pred.error}", err=True)
+    _write_rows(output, rows)
+    return rows
+
+
+def _summary(rows: list[dict[str, Any]], output: Path) -> str:
+    """``scored 3 images (1 NG), 1 skipped (unreadable) -> OUT/scores.csv``: skipped files are not scored."""
+    n_skipped = sum(r["error"] is not None for r in rows)
+    n_ng = sum(r["verdict"] == "NG" for r in rows)
+    text = f"scored {_count(len(rows) - n_skipped, 'image')} ({n_ng} NG)"
+    if n_skipped:
+        text += f", {n_skipped} skipped (unreadable, see above)"
+    return f"{text} -> {output / 'scores.csv'}"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _unique_stem(stem: str, used: set[str]) -> str:
     candidate, n = stem, 1
     while candidate in used:
@@ -496,13 +548,24 @@ from patchknn.report.commands import register as _register_report  # noqa: E402 
 _register_report(app)
 
 
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """``warnings.showwarning`` of the command line: ``warning: <message>``, one line, no source."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=file if file is not None else sys.stderr)
+
+
 def main() -> None:
-    """Entry point: run the app; errors of the package become one clear line and exit code 2."""
-    try:
-        app()
-    except PatchKNNError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    """Entry point: run the app; errors of the package become one clear line and exit code 2,
+    warnings one line each (``warning: ...``, without the source line Python shows)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            app()
+        except PatchKNNError as e:
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(2)
 
 
 if __name__ == "__main__":
