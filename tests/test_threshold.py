@@ -196,3 +196,140 @@ def test_predict_command_writes_verdicts_masks_and_scaled_overlays(fitted, synth
     assert r.exit_code == 0, r.output
     with open(out / "scores.csv") as f:
         assert {x["verdict"] for x in csv.DictReader(f)} == {"NG"}
+
+
+# ------------------------------------------------------------------ the fold bug (issue 12, item 2)
+def _brute_group_scores(model, bank, n_images, chosen, rows, row_image):
+    """Held-out image scores computed independently: float64 distances from each chosen image's
+    patches to ``rows`` (row numbers of ``bank`` tagged with their image ``row_image``) minus
+    the rows of the image's cross-validation group (groups = ``chosen[g::4]``)."""
+    from patchknn import scoring
+
+    cfg = model.config
+    cells, g = cfg.grid_size**2, cfg.grid_size
+    n_groups = min(4, len(chosen))
+    out = {}
+    for group in (chosen[j::n_groups] for j in range(n_groups)):
+        others = bank[rows[~np.isin(row_image, group)]].astype(np.float64)
+        for i in group:
+            q = bank[i * cells : (i + 1) * cells].astype(np.float64)
+            d2 = (q * q).sum(1)[:, None] - 2 * q @ others.T + (others * others).sum(1)[None, :]
+            d = np.sqrt(np.maximum(np.sort(d2, axis=1)[:, : cfg.k], 0)).mean(1)
+            grid = d.reshape(g, g).astype(np.float32)
+            out[i] = scoring.image_score(grid, cfg)
+    return out
+
+
+@pytest.fixture
+def captured_bank(monkeypatch):
+    """Wraps :func:`patchknn.threshold.calibrate` to keep what fit hands it (full bank, kept rows)."""
+    import patchknn.threshold as th
+
+    seen = {}
+    real = th.calibrate
+
+    def spy(model, bank, n_images, **kw):
+        seen.update(bank=np.array(bank), n_images=n_images, bank_rows=kw.get("bank_rows"))
+        cal = real(model, bank, n_images, **kw)
+        seen["cal"] = cal
+        return cal
+
+    monkeypatch.setattr(th, "calibrate", spy)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_calibration_scores_are_brute_force_leave_group_out(train, captured_bank, precision):
+    """Without a coreset: every held-out score is the float64 brute-force score of the image against
+    the bank rows of the images outside its group (bfloat16 features included)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # bfloat16 emulated on this CPU
+        model = tiny_model(precision=precision, k=2).fit(train)
+    bank, n = captured_bank["bank"], captured_bank["n_images"]
+    cal = captured_bank["cal"]
+    rows = np.arange(bank.shape[0])
+    expected = _brute_group_scores(model, bank, n, cal.images, rows, rows // model.config.grid_size**2)
+    np.testing.assert_allclose(cal.image_scores, [expected[i] for i in cal.images], rtol=1e-4)
+    assert model.threshold_ == pytest.approx(np.quantile(cal.image_scores, 0.99), rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_coreset_calibration_lies_between_the_full_and_the_kept_bank(train, captured_bank, precision):
+    """With a coreset, each held-out score is at least the score against every patch of the other
+    images (nothing the coreset keeps is closer than that) and at most the score against the
+    coreset rows of the other images alone (replacing dropped rows can only bring a neighbour
+    closer); without replacements it is exactly the latter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = tiny_model(precision=precision, coreset_ratio=0.25).fit(train)
+    bank, n, kept = captured_bank["bank"], captured_bank["n_images"], captured_bank["bank_rows"]
+    cal = captured_bank["cal"]
+    cells = model.config.grid_size**2
+    assert kept is not None and len(kept) < bank.shape[0]
+    rows = np.arange(bank.shape[0])
+    lower = _brute_group_scores(model, bank, n, cal.images, rows, rows // cells)
+    upper = _brute_group_scores(model, bank, n, cal.images, np.asarray(kept), np.asarray(kept) // cells)
+    got = dict(zip(cal.images, cal.image_scores))
+    for i in cal.images:
+        assert lower[i] * (1 - 1e-4) <= got[i] <= upper[i] * (1 + 1e-4)
+    n_groups = cal.info["n_groups"]
+    for j, added in enumerate(cal.info["coreset_substitutes"]):
+        if added == 0:
+            for i in cal.images[j::n_groups]:
+                assert got[i] == pytest.approx(upper[i], rel=1e-4)
+
+
+def _bank_with_a_shared_cluster(n_images=16, cells=16, dim=8, seed=0):
+    """Images whose patch 0 is the same far-away vector (up to tiny noise) in every image: a tight
+    cluster the greedy coreset keeps once, as bfloat16 features of the border are on bottle."""
+    rng = np.random.default_rng(seed)
+    bank = rng.normal(size=(n_images, cells, dim))
+    bank[:, 0] = 40.0 + 0.01 * rng.normal(size=(n_images, dim))
+    return bank.reshape(-1, dim).astype(np.float32)
+
+
+def test_no_group_is_off_when_the_coreset_keeps_a_shared_patch_once():
+    """The fold bug: the coreset row that stands for every image's patch 0 belongs to one image; the
+    group holding that image out lost the cluster and scored ~the distance to the next cluster
+    (the fast preset's 46.65 on bottle). Now every group scores like a coreset of the other
+    images would give it (a fresh coreset of the bank without the group, searched brute force)."""
+    from patchknn.coreset import greedy_coreset
+    from patchknn.threshold import calibrate
+
+    model = tiny_model(grid_size=4, image_size=32, coreset_ratio=0.4)
+    n_images, cells = 16, 16
+    bank = _bank_with_a_shared_cluster(n_images, cells)
+    kept = np.sort(greedy_coreset(bank, 0.4, 128, 0))
+    assert (kept % cells == 0).sum() == 1  # the cluster is kept once
+    cal = calibrate(model, bank, n_images, bank_rows=kept, index_bank=bank[kept])
+    got = dict(zip(cal.images, cal.image_scores))
+    groups = [cal.images[j::4] for j in range(4)]
+    # reference: per group, a fresh coreset of the other images' patches (same ratio), brute force
+    for group in groups:
+        rest = np.flatnonzero(~np.isin(np.arange(bank.shape[0]) // cells, group))
+        fresh = rest[np.sort(greedy_coreset(bank[rest], 0.4, 128, 0))]
+        ref = _brute_group_scores(model, bank, n_images, group, fresh, fresh // cells)
+        ratio = np.mean([got[i] for i in group]) / np.mean([ref[i] for i in group])
+        assert 0.75 < ratio < 1.25, (group, ratio)
+    means = [np.mean([got[i] for i in g]) for g in groups]
+    assert max(means) < 1.5 * min(means)  # no group systematically off
+    assert cal.threshold < 10.0  # the cluster is 40 away from everything else
+
+
+def test_coreset_calibration_pruned_equals_exact():
+    from patchknn.threshold import calibrate
+
+    model = tiny_model(grid_size=8, image_size=32, coreset_ratio=0.3)
+    rng = np.random.default_rng(1)
+    n_images, cells = 40, 64
+    bank = (rng.normal(size=(1, cells, 12)) * 3 + rng.normal(size=(n_images, cells, 12))).astype(np.float32)
+    bank[:, 5] = 30.0 + 0.01 * rng.normal(size=(n_images, 12))
+    bank = bank.reshape(-1, 12)
+    from patchknn.coreset import greedy_coreset
+
+    kept = np.sort(greedy_coreset(bank, 0.3, 128, 0))
+    fast = calibrate(model, bank, n_images, bank_rows=kept, index_bank=bank[kept])
+    slow = calibrate(model, bank, n_images, bank_rows=kept, index_bank=bank[kept], exact=True)
+    np.testing.assert_allclose(fast.image_scores, slow.image_scores, rtol=1e-5)
+    assert fast.info["coreset_substitutes"] == slow.info["coreset_substitutes"]
+    assert sum(fast.info["coreset_substitutes"]) >= 1

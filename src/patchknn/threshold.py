@@ -5,6 +5,10 @@ Every training image is in the memory bank, so scoring a training image against 
 scores up to ``calibration_images`` training images by cross-validation, without losing any
 image to the bank: the chosen images are split into a few groups, and each group is scored
 against a temporary exact (flat) index over the bank rows of *all the other* training images.
+With a coreset the searched rows are the kept rows of the other images, and each kept row of a
+held-out image that leaves its area of the bank uncovered is replaced by its nearest patch of the
+other images (a coreset row stands for a cluster of patches of many images; see
+:func:`_group_rows`).
 The held-out maps and image scores are formed exactly as :meth:`PatchKNN.predict` forms them
 (:meth:`~patchknn.model.PatchKNN.grid_to_map`, :meth:`~patchknn.model.PatchKNN.image_score`).
 
@@ -169,16 +173,30 @@ def calibrate(
         warnings.warn(f"no decision threshold: {why}", CalibrationWarning, stacklevel=3)
         return Calibration(None, method, np.empty(0), [], {"method": method, "threshold": None, "reason": why})
     searcher = _ExactSearch(rows, cfg.k)
+    if bank_rows is not None:
+        # a coreset row stands for the patches of many images: see _group_rows
+        full = _ExactSearch(bank, 1)
+        image_of = np.arange(bank.shape[0]) // cells
+        radius = _coverage_radius(bank, searcher, rng_seed=cfg.seed)
     scores = np.empty(len(chosen), dtype=np.float64)
     position = {img: j for j, img in enumerate(chosen)}
     patch_samples: list[np.ndarray] = []
+    n_substitutes: list[int] = []
     rng = np.random.default_rng(cfg.seed)
     with _bar(len(chosen), "fit: calibrate", model.progress and progress) as bar:
         for group, held_out in zip(groups, excluded):
             queries = np.ascontiguousarray(
                 np.concatenate([bank[i * cells : (i + 1) * cells] for i in group]), dtype=np.float32
             )
-            group_scores, patches = _score_group(model, searcher, held_out, queries, len(group), rng, exact=exact)
+            group_searcher, group_excluded = searcher, held_out
+            if bank_rows is not None:
+                extra = _group_rows(bank, rows, bank_rows, held_out, full, np.isin(image_of, group), radius)
+                n_substitutes.append(int(extra.size))
+                group_searcher = _ExactSearch(np.concatenate([rows[~held_out], bank[extra]]), cfg.k)
+                group_excluded = np.zeros(group_searcher.rows.shape[0], dtype=bool)
+            group_scores, patches = _score_group(
+                model, group_searcher, group_excluded, queries, len(group), rng, exact=exact
+            )
             for img, score in zip(group, group_scores):
                 scores[position[img]] = score
             patch_samples.append(patches)
@@ -199,6 +217,8 @@ def calibrate(
         "patch": _summary(patches, PATCH_QUANTILES),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if n_substitutes:
+        info["coreset_substitutes"] = n_substitutes
     return Calibration(threshold, method, scores, chosen, info)
 
 
@@ -384,6 +404,66 @@ def _score_group(
     return scores, values[sample]
 
 
+def _coverage_radius(bank: np.ndarray, kept: _ExactSearch, rng_seed: int, sample: int = 2048) -> float:
+    """The coreset's covering radius, estimated: the largest distance from a random ``sample`` of
+    the full ``bank``'s rows to their nearest kept row (the greedy k-center coreset keeps every row
+    of the bank within about this distance of a kept row)."""
+    rng = np.random.default_rng([rng_seed, 2])
+    picks = np.sort(rng.choice(bank.shape[0], size=min(sample, bank.shape[0]), replace=False))
+    dist, _ = kept.nearest(bank[picks])
+    return float(dist.max())
+
+
+def _group_rows(
+    bank: np.ndarray,
+    rows: np.ndarray,
+    bank_rows: np.ndarray,
+    held_out: np.ndarray,
+    full: _ExactSearch,
+    held_out_full: np.ndarray,
+    radius: float,
+) -> np.ndarray:
+    """Rows of the full ``bank`` to add to the coreset's rows of the other images when a group is
+    held out (row numbers in ``bank``, possibly empty).
+
+    A coreset row does not belong to its image alone: the greedy k-center coreset keeps one row
+    for every tight cluster of patches, and that row stands for the cluster's patches in *every*
+    image (on bottle with bfloat16 features, the patches at a few fixed positions form such
+    clusters, far from everything else, each kept once). Dropping the kept rows of the held-out
+    images would take away the cluster from every held-out image: a whole group of calibration
+    scores off by the distance to the next cluster (the bug that set the ``fast`` preset's
+    threshold above every defective bottle). What a coreset of the other images alone would
+    keep instead: each dropped kept row is replaced by its nearest row among the other images'
+    patches, when that row is farther than the coreset's covering ``radius`` from every kept
+    row still there (and from the replacements added before it, farthest first: the greedy
+    k-center rule); a dropped row whose area is still covered needs no replacement.
+    """
+    none = np.empty(0, dtype=np.int64)
+    if not held_out.any():
+        return none
+    remaining = _ExactSearch(rows[~held_out], 1)
+    dropped = rows[held_out]
+    dropped = dropped[remaining.nearest(dropped)[0] > radius]  # the others are still covered
+    if dropped.shape[0] == 0:
+        return none
+    _, nearest = full.nearest(dropped, held_out_full)
+    candidates = np.setdiff1d(np.unique(nearest), bank_rows)
+    if candidates.size == 0:
+        return none
+    cover, _ = remaining.nearest(bank[candidates])
+    cover = cover.astype(np.float64)
+    order = np.argsort(-cover, kind="stable")
+    cand = bank[candidates].astype(np.float64)
+    added: list[int] = []
+    for j in order:
+        if cover[j] <= radius:
+            break
+        added.append(int(j))
+        d = np.sqrt(np.maximum(((cand - cand[j]) ** 2).sum(axis=1), 0.0))
+        np.minimum(cover, d, out=cover)
+    return np.sort(candidates[added])
+
+
 def _mean_distance(sq: np.ndarray) -> np.ndarray:
     """Squared distances ``(m, k)`` -> mean Euclidean distance per row, float32 (as predict does)."""
     return np.sqrt(np.maximum(sq, 0.0)).mean(axis=1, dtype=np.float64).astype(np.float32)
@@ -400,6 +480,25 @@ class _ExactSearch:
         self.rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         self.norms = (self.rows * self.rows).sum(dim=1)
         self.k, self.chunk = k, chunk
+
+    def nearest(self, queries: np.ndarray, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Distance ``(m,)`` float32 and row number ``(m,)`` of each query's nearest row."""
+        import torch
+
+        norms = self.norms
+        if excluded is not None:
+            norms = norms.masked_fill(torch.from_numpy(np.asarray(excluded, dtype=bool)), float("inf"))
+        q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        dist = np.empty(q_all.shape[0], dtype=np.float32)
+        idx = np.empty(q_all.shape[0], dtype=np.int64)
+        with torch.inference_mode():
+            for i in range(0, q_all.shape[0], self.chunk):
+                q = q_all[i : i + self.chunk]
+                sq = torch.addmm(norms[None, :], q, self.rows.T, alpha=-2.0)
+                best = sq.min(dim=1)
+                dist[i : i + q.shape[0]] = (best.values + (q * q).sum(dim=1)).clamp_min(0).sqrt().numpy()
+                idx[i : i + q.shape[0]] = best.indices.numpy()
+        return dist, idx
 
     def __call__(self, queries: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
         """Mean distance of each query to its k nearest rows, float32 ``(m,)``."""
