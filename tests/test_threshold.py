@@ -333,3 +333,25 @@ def test_coreset_calibration_pruned_equals_exact():
     np.testing.assert_allclose(fast.image_scores, slow.image_scores, rtol=1e-5)
     assert fast.info["coreset_substitutes"] == slow.info["coreset_substitutes"]
     assert sum(fast.info["coreset_substitutes"]) >= 1
+
+
+@pytest.mark.parametrize("coreset", [False, True])
+def test_held_out_grids_are_what_calibrate_scores(coreset):
+    """held_out_grids (for the ensemble) gives the grids calibrate's scores come from, coreset
+    replacements included: the shared cluster is not lost for any image."""
+    from patchknn import scoring
+    from patchknn.coreset import greedy_coreset
+    from patchknn.threshold import calibrate, held_out_grids
+
+    model = tiny_model(grid_size=4, image_size=32, coreset_ratio=0.4 if coreset else 1.0)
+    bank = _bank_with_a_shared_cluster(16, 16)
+    kw = {}
+    if coreset:
+        kept = np.sort(greedy_coreset(bank, 0.4, 128, 0))
+        kw = {"bank_rows": kept, "index_bank": bank[kept]}
+    cal = calibrate(model, bank, 16, exact=True, **kw)
+    images, grids = held_out_grids(model, bank, 16, **kw)
+    assert images == cal.images and grids.shape == (16, 4, 4)
+    scores = [scoring.image_score(g, model.config) for g in grids]
+    np.testing.assert_allclose(scores, cal.image_scores, rtol=1e-6)
+    assert grids[:, 0, 0].max() < 1.0  # patch 0 always finds the cluster

@@ -157,50 +157,24 @@ def calibrate(
         return Calibration(None, method, np.empty(0), [], {"method": method, "threshold": None, "reason": why})
 
     t0 = time.perf_counter()
-    chosen = select_images(n_images, cfg.calibration_images, cfg.seed)
-    n_groups = min(N_GROUPS, len(chosen))
-    groups = [chosen[g::n_groups] for g in range(n_groups)]
-    if bank_rows is None:
-        rows, row_image = bank, np.arange(bank.shape[0]) // cells
-    else:
-        bank_rows = np.asarray(bank_rows, dtype=np.int64)
-        rows = bank[bank_rows] if index_bank is None else index_bank
-        row_image = bank_rows // cells
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    excluded = [np.isin(row_image, group) for group in groups]
-    if min(int((~ex).sum()) for ex in excluded) < cfg.k:
+    folds = _Folds(model, bank, n_images, bank_rows, index_bank)
+    if folds.too_small:
         why = f"k={cfg.k} is larger than the memory bank without the held-out images"
         warnings.warn(f"no decision threshold: {why}", CalibrationWarning, stacklevel=3)
         return Calibration(None, method, np.empty(0), [], {"method": method, "threshold": None, "reason": why})
-    searcher = _ExactSearch(rows, cfg.k)
-    if bank_rows is not None:
-        # a coreset row stands for the patches of many images: see _group_rows
-        full = _ExactSearch(bank, 1)
-        image_of = np.arange(bank.shape[0]) // cells
-        radius = _coverage_radius(bank, searcher, rng_seed=cfg.seed)
+    chosen, n_groups = folds.chosen, len(folds.groups)
     scores = np.empty(len(chosen), dtype=np.float64)
     position = {img: j for j, img in enumerate(chosen)}
     patch_samples: list[np.ndarray] = []
-    n_substitutes: list[int] = []
     rng = np.random.default_rng(cfg.seed)
     with _bar(len(chosen), "fit: calibrate", model.progress and progress) as bar:
-        for group, held_out in zip(groups, excluded):
-            queries = np.ascontiguousarray(
-                np.concatenate([bank[i * cells : (i + 1) * cells] for i in group]), dtype=np.float32
-            )
-            group_searcher, group_excluded = searcher, held_out
-            if bank_rows is not None:
-                extra = _group_rows(bank, rows, bank_rows, held_out, full, np.isin(image_of, group), radius)
-                n_substitutes.append(int(extra.size))
-                group_searcher = _ExactSearch(np.concatenate([rows[~held_out], bank[extra]]), cfg.k)
-                group_excluded = np.zeros(group_searcher.rows.shape[0], dtype=bool)
-            group_scores, patches = _score_group(
-                model, group_searcher, group_excluded, queries, len(group), rng, exact=exact
-            )
+        for group, searcher, excluded, queries in folds:
+            group_scores, patches = _score_group(model, searcher, excluded, queries, len(group), rng, exact=exact)
             for img, score in zip(group, group_scores):
                 scores[position[img]] = score
             patch_samples.append(patches)
             bar.update(len(group))
+    n_substitutes = folds.n_substitutes
     patches = np.concatenate(patch_samples)
     threshold = threshold_from_scores(
         scores, method, quantile=float(cfg.threshold_quantile), sigma=float(cfg.threshold_sigma)
@@ -220,6 +194,98 @@ def calibrate(
     if n_substitutes:
         info["coreset_substitutes"] = n_substitutes
     return Calibration(threshold, method, scores, chosen, info)
+
+
+def held_out_grids(
+    model: PatchKNN,
+    bank: np.ndarray,
+    n_images: int,
+    *,
+    bank_rows: np.ndarray | None = None,
+    index_bank: np.ndarray | None = None,
+) -> tuple[list[int], np.ndarray]:
+    """The held-out patch-score grids :func:`calibrate` scores its images from, searched exactly.
+
+    Same arguments, images and cross-validation groups as :func:`calibrate` (coreset included);
+    returns the chosen image indices and their grids ``(n, grid, grid)`` float32 (empty when
+    there are fewer than two images or the bank without a group is smaller than ``k``). For
+    callers that combine grids before scoring them (an ensemble z-scores and averages its
+    members' grids, then calibrates its threshold on the result).
+    """
+    cfg = model.config
+    g = cfg.grid_size
+    if n_images < 2 or cfg.calibration_images < 1:
+        return [], np.empty((0, g, g), dtype=np.float32)
+    folds = _Folds(model, bank, n_images, bank_rows, index_bank)
+    if folds.too_small:
+        return [], np.empty((0, g, g), dtype=np.float32)
+    grids = np.empty((len(folds.chosen), g, g), dtype=np.float32)
+    position = {img: j for j, img in enumerate(folds.chosen)}
+    for group, searcher, excluded, queries in folds:
+        values = searcher(queries, excluded).reshape(len(group), g, g)
+        for img, grid in zip(group, values):
+            grids[position[img]] = grid
+    return folds.chosen, grids
+
+
+class _Folds:
+    """The cross-validation folds of :func:`calibrate`: iterating gives, per group of held-out
+    images, ``(group, searcher, excluded, queries)``: the exact search over the rows the group is
+    scored against (``excluded`` flags the searcher's rows to leave out) and the group's patches.
+
+    Without a coreset the group is scored against every bank row of the other images. With one,
+    against the kept rows of the other images plus the replacements of :func:`_group_rows`.
+    """
+
+    def __init__(
+        self,
+        model: PatchKNN,
+        bank: np.ndarray,
+        n_images: int,
+        bank_rows: np.ndarray | None,
+        index_bank: np.ndarray | None,
+    ) -> None:
+        cfg = model.config
+        self.cells = cells = cfg.grid_size**2
+        if bank.shape[0] != n_images * cells:
+            raise ConfigError(f"calibrate: the bank has {bank.shape[0]} rows, expected {n_images} x {cells}")
+        self.k, self.bank = cfg.k, bank
+        self.chosen = select_images(n_images, cfg.calibration_images, cfg.seed)
+        n_groups = min(N_GROUPS, len(self.chosen))
+        self.groups = [self.chosen[j::n_groups] for j in range(n_groups)]
+        if bank_rows is None:
+            rows, row_image = bank, np.arange(bank.shape[0]) // cells
+            self.bank_rows = None
+        else:
+            self.bank_rows = np.asarray(bank_rows, dtype=np.int64)
+            rows = bank[self.bank_rows] if index_bank is None else index_bank
+            row_image = self.bank_rows // cells
+        self.rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self.excluded = [np.isin(row_image, group) for group in self.groups]
+        self.too_small = min(int((~ex).sum()) for ex in self.excluded) < cfg.k
+        self.searcher = _ExactSearch(self.rows, cfg.k)
+        self.n_substitutes: list[int] = []
+        if self.bank_rows is not None and not self.too_small:
+            # a coreset row stands for the patches of many images: see _group_rows
+            self.full = _ExactSearch(bank, 1)
+            self.image_of = np.arange(bank.shape[0]) // cells
+            self.radius = _coverage_radius(bank, self.searcher, rng_seed=cfg.seed)
+
+    def __iter__(self) -> Any:
+        cells, bank = self.cells, self.bank
+        for group, held_out in zip(self.groups, self.excluded):
+            queries = np.ascontiguousarray(
+                np.concatenate([bank[i * cells : (i + 1) * cells] for i in group]), dtype=np.float32
+            )
+            if self.bank_rows is None:
+                yield group, self.searcher, held_out, queries
+                continue
+            extra = _group_rows(
+                bank, self.rows, self.bank_rows, held_out, self.full, np.isin(self.image_of, group), self.radius
+            )
+            self.n_substitutes.append(int(extra.size))
+            searcher = _ExactSearch(np.concatenate([self.rows[~held_out], bank[extra]]), self.k)
+            yield group, searcher, np.zeros(searcher.rows.shape[0], dtype=bool), queries
 
 
 # ---------------------------------------------------------------------------------- colour scale
@@ -537,6 +603,7 @@ __all__ = [
     "CalibrationWarning",
     "calibrate",
     "color_scale",
+    "held_out_grids",
     "select_images",
     "threshold_from_scores",
     "threshold_metrics",
