@@ -38,26 +38,67 @@ def rng_images() -> list[np.ndarray]:
     return [rng.integers(0, 255, size=(80, 72, 3), dtype=np.uint8) for _ in range(4)]
 
 
-@pytest.fixture(scope="session")
-def mvtec_root() -> Path:
-    value = os.environ.get("PATCHKNN_MVTEC_ROOT")
+# -- real data, found through environment variables --------------------------------------------------
+REAL_DATA_FIXTURES = ("mvtec_root", "mtd_root", "caffe_weights")
+"""Fixtures that need files outside the repository; a test using any of them is a real-data test."""
+REQUIRE_REAL_DATA_ENV = "PATCHKNN_REQUIRE_REAL_DATA"
+"""Set to 1 (CI does) to make a skipped real-data test a failure: CI must never pass by skipping."""
+WEIGHTS_FILES = ("resnet50-caffe-msra-stem-layer3.safetensors", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+"""The paper's ResNet-50 weights, either file (the same weights; both backbones read both)."""
+
+
+def _category_root(env: str, category: str, what: str) -> Path:
+    value = os.environ.get(env)
     if not value:
-        pytest.skip("PATCHKNN_MVTEC_ROOT is not set (path to an MVTec AD root holding bottle/)")
+        pytest.skip(f"{env} is not set (path to {what} holding {category}/)")
     root = Path(value)
-    if not (root / "bottle").is_dir():
-        pytest.skip(f"PATCHKNN_MVTEC_ROOT={value} has no bottle/ category")
+    if not (root / category).is_dir():
+        pytest.skip(f"{env}={value} has no {category}/ category")
     return root
 
 
 @pytest.fixture(scope="session")
+def mvtec_root() -> Path:
+    """A folder holding the MVTec AD ``bottle/`` category (``$PATCHKNN_MVTEC_ROOT``)."""
+    return _category_root("PATCHKNN_MVTEC_ROOT", "bottle", "an MVTec AD root")
+
+
+@pytest.fixture(scope="session")
+def mtd_root() -> Path:
+    """A folder holding ``magnetic_tile/`` (Magnetic Tile Defect in MVTec layout, ``$PATCHKNN_MTD_ROOT``)."""
+    return _category_root("PATCHKNN_MTD_ROOT", "magnetic_tile", "a folder")
+
+
+@pytest.fixture(scope="session")
 def caffe_weights() -> Path:
+    """The paper's ResNet-50 weights file in ``$PATCHKNN_WEIGHTS_DIR``: the safetensors file, or Keras'
+    h5 when only that is there (use with ``resnet50-keras`` or ``resnet50-caffe``)."""
     value = os.environ.get("PATCHKNN_WEIGHTS_DIR")
     if not value:
-        pytest.skip("PATCHKNN_WEIGHTS_DIR is not set (folder with resnet50-caffe-msra-stem-layer3.safetensors)")
-    path = Path(value) / "resnet50-caffe-msra-stem-layer3.safetensors"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
+        pytest.skip(f"PATCHKNN_WEIGHTS_DIR is not set (folder with {' or '.join(WEIGHTS_FILES)})")
+    for name in WEIGHTS_FILES:
+        if (Path(value) / name).is_file():
+            return Path(value) / name
+    pytest.skip(f"PATCHKNN_WEIGHTS_DIR={value} holds neither {' nor '.join(WEIGHTS_FILES)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With ``PATCHKNN_REQUIRE_REAL_DATA=1``, a skipped test that uses real data fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail") or os.environ.get(REQUIRE_REAL_DATA_ENV) != "1":
+        return
+    used = [name for name in REAL_DATA_FIXTURES if name in getattr(item, "fixturenames", ())]
+    if not used:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = (
+        f"{item.nodeid} uses real data ({', '.join(used)}) but was skipped: {reason}. "
+        f"{REQUIRE_REAL_DATA_ENV}=1 (set by .ci/run): real-data tests must run, never skip."
+    )
 
 
 @pytest.fixture(scope="session")

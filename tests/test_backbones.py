@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import urllib.error
 from pathlib import Path
 
@@ -43,13 +42,6 @@ def _all_layers(name: str) -> list[str]:
 def _run(net: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         return net(images)
-
-
-def _shared_caffe_file() -> Path:
-    folder = os.environ.get("PATCHKNN_WEIGHTS_DIR")
-    if not folder or not (Path(folder) / CAFFE_FILE).is_file():
-        pytest.skip(f"set PATCHKNN_WEIGHTS_DIR to a folder holding {CAFFE_FILE} to run this test")
-    return Path(folder) / CAFFE_FILE
 
 
 # -- registry, shapes, layer names --------------------------------------------------------------
@@ -384,14 +376,20 @@ def test_keras_h5_gives_both_variants_the_same_weights(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", KERAS_CAFFE)
-def test_keras_h5_matches_shared_safetensors(name: str, tmp_path: Path) -> None:
-    st_path = _shared_caffe_file()
-    from safetensors.torch import load_file
+def test_keras_h5_matches_shared_weights(name: str, caffe_weights: Path, tmp_path: Path) -> None:
+    """The real weights (whichever file the weights folder has) loaded directly and through a Keras
+    h5 written from them give the same features, in both networks."""
+    from safetensors.torch import save_file
 
+    from patchknn.backbones.resnet import load_weights_file
+
+    state = load_weights_file(caffe_weights, allow_h5=True, max_stage=3)
+    save_file(state, str(tmp_path / "w.safetensors"))
     h5 = tmp_path / KERAS_H5
-    _write_keras_h5(load_file(str(st_path)), h5)
-    from_st = build_backbone(name, weights=st_path)
+    _write_keras_h5(state, h5)
+    from_st = build_backbone(name, weights=tmp_path / "w.safetensors")
     from_h5 = build_backbone(name, weights=h5)
+    assert from_st.weights_id != from_h5.weights_id
     image = _image(224, seed=5)
     a, b = _run(from_st, image), _run(from_h5, image)
     assert [tuple(v.shape) for v in a.values()] == [(1, 256, 56, 56), (1, 512, 28, 28), (1, 1024, 14, 14)]
@@ -399,11 +397,10 @@ def test_keras_h5_matches_shared_safetensors(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", KERAS_CAFFE)
-def test_caffe_default_from_env(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    st_path = _shared_caffe_file()
-    monkeypatch.setenv("PATCHKNN_WEIGHTS_DIR", str(st_path.parent))
+def test_caffe_default_from_env(name: str, caffe_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATCHKNN_WEIGHTS_DIR", str(caffe_weights.parent))
     net = build_backbone(name, ["layer1"])
-    assert net.weights_id == f"sha256:{sha256_file(st_path)}"
+    assert net.weights_id == f"sha256:{sha256_file(caffe_weights)}"
     assert torch.isfinite(_run(net, _image(64))["layer1"]).all()
 
 
