@@ -49,7 +49,7 @@ from patchknn.backbones.base import WeightsArg
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
 from patchknn.data import iter_batches
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
-from patchknn.model import PatchKNN, _as_sources, _config_kwargs
+from patchknn.model import IndexFactory, PatchKNN, _as_sources, _config_kwargs
 from patchknn.serialization import load_model, save_model
 
 __all__ = ["EnsemblePatchKNN", "member_configs"]
@@ -286,8 +286,9 @@ class EnsemblePatchKNN(PatchKNN):
         return out
 
     @classmethod
-    def load(cls, path: str | Path, **runtime: Any) -> EnsemblePatchKNN:
-        """Load a directory written by :meth:`save`; ``runtime`` = keyword-only options."""
+    def load(cls, path: str | Path, *, index: IndexFactory | None = None, **runtime: Any) -> EnsemblePatchKNN:
+        """Load a directory written by :meth:`save`; ``runtime`` = keyword-only options; ``index``
+        as in :meth:`PatchKNN.load`, called for each member."""
         root = Path(path)
         doc, groups = load_model(root)
         if doc.get("kind") != ENSEMBLE_KIND:
@@ -306,7 +307,7 @@ class EnsemblePatchKNN(PatchKNN):
             raise ModelFileError(f"{root}: members, configuration and normalisation disagree")
         if any(Path(f).name != f for f in folders):
             raise ModelFileError(f"{root}: member folder names must be plain names")
-        members = [PatchKNN.load(root / f, **runtime) for f in folders]
+        members = [PatchKNN.load(root / f, index=index, **runtime) for f in folders]
         for m, want in zip(members, expected):
             if m.config != want.replace(threshold_method="none"):
                 raise ModelFileError(f"{root}: member {m.config.backbone!r} does not match the ensemble's options")

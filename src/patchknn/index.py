@@ -224,26 +224,44 @@ class IVFIndex(MemoryBankIndex):
 
     kind = "ivf"
 
-    def __init__(self, params: IndexParams | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, params: IndexParams | None = None, seed: int = 0, centroids: np.ndarray | None = None
+    ) -> None:
         super().__init__()
         self.params = params or IndexParams()
         self.seed = int(seed)
         self.nlist = 0
+        self._given = None if centroids is None else np.ascontiguousarray(centroids, dtype=np.float32)
 
     @staticmethod
     def auto_nlist(n: int) -> int:
         return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
 
+    @property
+    def centroids(self) -> np.ndarray | None:
+        """The ``(nlist, d)`` coarse centroids (saved with a model, so that a loaded model, or a
+        shard holding part of the bank, probes exactly the same lists)."""
+        if self._index is None:
+            return None
+        return self._quantizer.reconstruct_n(0, self._quantizer.ntotal)
+
     def _make(self, bank: np.ndarray) -> Any:
         n, d = bank.shape
-        nlist = self.params.nlist or self.auto_nlist(n)
-        nlist = int(max(1, min(nlist, n)))
         quantizer = faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
-        index.cp.seed = self.seed
-        # faiss prints a warning below 39 points per centroid; an explicit small nlist is the user's choice
-        index.cp.min_points_per_centroid = 1
-        index.train(bank)
+        if self._given is not None:  # trained before (a loaded model, or one shard of a bank)
+            if self._given.ndim != 2 or self._given.shape[1] != d or self._given.shape[0] < 1:
+                raise ConfigError(f"IVF centroids must be (nlist, {d}), got shape {self._given.shape}")
+            nlist = int(self._given.shape[0])
+            quantizer.add(self._given)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+        else:
+            nlist = self.params.nlist or self.auto_nlist(n)
+            nlist = int(max(1, min(nlist, n)))
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+            index.cp.seed = self.seed
+            # faiss prints a warning below 39 points per centroid; an explicit small nlist is the user's choice
+            index.cp.min_points_per_centroid = 1
+            index.train(bank)
         index.add(bank)
         index.nprobe = int(min(self.params.nprobe, nlist))
         self._quantizer = quantizer  # keep the quantizer alive with the index
@@ -535,6 +553,7 @@ def build_index(
     seed: int = 0,
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    centroids: np.ndarray | None = None,
 ) -> MemoryBankIndex:
     """Build the search index of a memory bank.
 
@@ -547,6 +566,8 @@ def build_index(
             support (flat, IVF); otherwise the exact torch search on the GPU for ``"flat"``, and
             the CPU (with a warning) for IVF and HNSW. HNSW always searches on the CPU.
         threads: faiss OpenMP threads (``None`` = torch's thread count, see :func:`default_threads`).
+        centroids: IVF only: coarse centroids trained before (see :attr:`IVFIndex.centroids`);
+            ``None`` = train them on ``bank``.
 
     Returns:
         A :class:`MemoryBankIndex` (``.bank``, ``.size``, ``.search(queries, k)``).
@@ -559,7 +580,7 @@ def build_index(
 
     def cpu_index() -> MemoryBankIndex:
         if kind == "ivf":
-            return IVFIndex(p, seed)
+            return IVFIndex(p, seed, centroids)
         if kind == "hnsw":
             return HNSWIndex(p, seed)
         if len(bank) >= PRUNED_MIN_BANK:

@@ -16,7 +16,7 @@ import dataclasses
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,9 +36,11 @@ from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKN
 from patchknn.features import PatchFeatureExtractor, TrainingStore
 from patchknn.index import IndexParams, MemoryBankIndex, build_index, single_threaded
 from patchknn.reduction import PCA
-from patchknn.serialization import check_model_contents, load_model, save_model
+from patchknn.serialization import bank_shape, check_model_contents, load_model, save_model
 
 OnError = Literal["stop", "skip"]
+IndexFactory = Callable[[Path, "PatchKNN"], Any]
+"""``(model_dir, model) -> index``: builds a loaded model's search index from its directory."""
 OutputSize = int | tuple[int, int] | Literal["input", "original"] | None
 _NON_FINITE = (
     "the anomaly map contains NaN or infinite values (numerical overflow in the backbone, or a "
@@ -580,6 +582,9 @@ class PatchKNN:
         """Save the fitted model as a directory of safetensors files + ``patchknn.json``."""
         self._check_fitted()
         tensors = {"bank": self.index_.bank}  # type: ignore[union-attr]
+        centroids = getattr(self.index_, "centroids", None)
+        if centroids is not None:  # IVF: the coarse centroids, so that every loader probes the same lists
+            tensors["ivf_centroids"] = centroids
         if self.pca_ is not None:
             tensors |= {
                 "pca_mean": self.pca_.mean,
@@ -595,16 +600,23 @@ class PatchKNN:
         return save_model(path, meta, {"tensors": tensors, "backbone": backbone})
 
     @classmethod
-    def load(cls, path: str | Path, **runtime: Any) -> PatchKNN:
+    def load(cls, path: str | Path, *, index: IndexFactory | None = None, **runtime: Any) -> PatchKNN:
         """Load a model saved by :meth:`save`; ``runtime`` = keyword-only options (device, ...).
 
-        An ensemble's directory gives an :class:`~patchknn.ensemble.EnsemblePatchKNN`.
+        Args:
+            path: the model directory. An ensemble's directory gives an
+                :class:`~patchknn.ensemble.EnsemblePatchKNN` (whatever class ``load`` is called on).
+            index: where the memory bank is searched, when not in this process: a function
+                ``(model_dir, model) -> index`` (e.g. a :class:`~patchknn.distributed.ShardedIndex`
+                whose actors read the rows themselves). The bank then never enters this process
+                (its file is still checksummed). For an ensemble it is called once per member.
         """
-        doc, groups = load_model(path)
-        if doc.get("kind") == "ensemble" and not cls._is_ensemble:
+        doc, groups = load_model(path, skip={"tensors": ["bank"]} if index is not None else None)
+        if doc.get("kind") == "ensemble":
             from patchknn.ensemble import EnsemblePatchKNN
 
-            return EnsemblePatchKNN.load(path, **runtime)
+            if not cls._is_ensemble:
+                return EnsemblePatchKNN.load(path, index=index, **runtime)
         try:
             config = PatchKNNConfig.from_dict(doc["config"])
         except (KeyError, TypeError) as e:
@@ -612,7 +624,8 @@ class PatchKNN:
         except ConfigError as e:
             raise ModelFileError(f"{path}: the saved configuration is not usable here: {e}") from e
         model = cls.from_config(config, **{"weights": "random", **runtime})
-        check_model_contents(path, doc, groups, config)  # types, shapes, finiteness -> ModelFileError
+        shape = None if index is None else bank_shape(path)
+        check_model_contents(path, doc, groups, config, bank_shape=shape)  # types, shapes, finiteness
         tensors, backbone_sd = groups["tensors"], groups["backbone"]
         net = build_backbone(config.backbone, config.resolved_layers, "random")
         try:
@@ -624,9 +637,10 @@ class PatchKNN:
             model.pca_ = PCA(
                 tensors["pca_mean"], tensors["pca_components"], tensors["pca_explained_variance_ratio"]
             )
-            if model.pca_.components.shape[0] != tensors["bank"].shape[1]:
-                raise ModelFileError(f"{path}: PCA and memory bank dimensions disagree")
-        model.index_ = model._build_index(tensors["bank"])
+        if index is None:
+            model.index_ = model._build_index(tensors["bank"], tensors.get("ivf_centroids"))
+        else:
+            model.index_ = index(Path(path), model)
         thr = doc.get("threshold")
         model.threshold_ = None if thr is None else float(thr)
         model.fit_info_ = dict(doc.get("fit_info") or {})
@@ -634,11 +648,11 @@ class PatchKNN:
         return model
 
     # ------------------------------------------------------------------------------- helpers
-    def _build_index(self, bank: np.ndarray) -> MemoryBankIndex:
-        """The configured search index (kind, parameters, seed) of ``bank`` on this device."""
-        return build_index(
-            bank, self.config.index, IndexParams.from_config(self.config), self.config.seed, self.device
-        )
+    def _build_index(self, bank: np.ndarray, centroids: np.ndarray | None = None) -> MemoryBankIndex:
+        """The configured search index (kind, parameters, seed) of ``bank`` on this device;
+        ``centroids``: an IVF's saved coarse centroids (so a loaded model searches the same lists)."""
+        params = IndexParams.from_config(self.config)
+        return build_index(bank, self.config.index, params, self.config.seed, self.device, centroids=centroids)
 
     def _check_fitted(self) -> None:
         if self.index_ is None:

@@ -30,7 +30,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -166,7 +166,7 @@ def _write_locked(root: Path, meta: dict[str, Any], blobs: dict[str, bytes]) -> 
         digest = hashlib.sha256(blob).hexdigest()
         name = f"{stem}-{digest[:16]}.safetensors"
         target = root / name
-        if not (target.is_file() and target.stat().st_size == len(blob) and _sha256_file(target) == digest):
+        if not (target.is_file() and target.stat().st_size == len(blob) and sha256_file(target) == digest):
             _atomic_write(target, blob)
         files[stem] = {"file": name, "sha256": digest, "bytes": str(len(blob))}
     document = {
@@ -274,8 +274,11 @@ class _Vanished(ModelFileError):
     """A referenced file is missing (maybe replaced by a concurrent save: worth one more try)."""
 
 
-def _read_groups(root: Path, doc: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+def _read_groups(
+    root: Path, doc: dict[str, Any], skip: Mapping[str, Collection[str]] | None = None
+) -> dict[str, dict[str, np.ndarray]]:
     groups: dict[str, dict[str, np.ndarray]] = {}
+    skip = skip or {}
     for stem, entry in doc["files"].items():
         name, digest = entry["file"], entry["sha256"]
         file = root / name
@@ -291,6 +294,9 @@ def _read_groups(root: Path, doc: dict[str, Any]) -> dict[str, dict[str, np.ndar
                 f"{file}: checksum mismatch ({size} bytes where {expected} were saved); "
                 "the file was truncated or modified after saving"
             )
+        if skip.get(str(stem)):
+            groups[str(stem)] = _read_some(file, digest, set(skip[str(stem)]))
+            continue
         try:
             blob = file.read_bytes()
         except FileNotFoundError:
@@ -306,8 +312,27 @@ def _read_groups(root: Path, doc: dict[str, Any]) -> dict[str, dict[str, np.ndar
     return groups
 
 
-def load_model(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+def _read_some(file: Path, digest: str, skip: set[str]) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file except ``skip``; the whole file's checksum is verified
+    by streaming it (the skipped tensors never enter memory)."""
+    from safetensors import safe_open
+
+    if sha256_file(file) != digest:
+        raise ModelFileError(f"{file}: checksum mismatch; the file was truncated or modified after saving")
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k not in skip}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - safetensors' error types on malformed data vary
+        raise ModelFileError(f"{file}: not a valid safetensors file ({type(e).__name__}: {e})") from e
+
+
+def load_model(
+    path: str | Path, skip: Mapping[str, Collection[str]] | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Read a model directory written by :func:`save_model`, verifying every size and checksum.
+
+    ``skip`` names tensors not to read, by group (e.g. ``{"tensors": ["bank"]}`` for a memory bank
+    that is searched elsewhere); their files are still checksummed, by streaming.
 
     If a referenced file disappears because another process saved a new model into the same
     directory meanwhile, the new model is read instead (a few attempts).
@@ -320,7 +345,7 @@ def load_model(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, np
         raw = _read_meta_bytes(root)
         doc = _parse_meta(root, raw)
         try:
-            return doc, _read_groups(root, doc)
+            return doc, _read_groups(root, doc, skip)
         except _Vanished as e:
             replaced = (root / META_FILE).is_file() and _read_meta_bytes(root) != raw
             if not replaced or attempt == _LOAD_ATTEMPTS - 1:
@@ -334,7 +359,13 @@ def load_model(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, np
 _COUNT_KEYS = ("n_train_images", "n_skipped", "bank_size", "feature_dim", "n_components")
 
 
-def check_model_contents(path: str | Path, doc: dict[str, Any], groups: dict[str, Any], config: Any) -> None:
+def check_model_contents(
+    path: str | Path,
+    doc: dict[str, Any],
+    groups: dict[str, Any],
+    config: Any,
+    bank_shape: tuple[int, int] | None = None,
+) -> None:
     """Check what :func:`load_model` read for a :class:`~patchknn.model.PatchKNN` against its
     configuration, so that a damaged or hand-edited model fails here with a clear message.
 
@@ -343,6 +374,8 @@ def check_model_contents(path: str | Path, doc: dict[str, Any], groups: dict[str
     finite, floating-point ``(N, d)`` matrix with ``N >= k``; the PCA tensors come together, are
     finite and agree with each other, with the bank and with the backbone's feature size (without
     PCA the bank has the feature size); every backbone tensor is finite. Extra tensors are allowed.
+    A bank that was not read (``load_model(skip=...)``) is checked by its ``bank_shape`` (from
+    the file's header); its values are then checked by whoever reads them.
 
     Raises:
         ModelFileError: naming ``path`` and the problem.
@@ -366,13 +399,16 @@ def check_model_contents(path: str | Path, doc: dict[str, Any], groups: dict[str
             raise fail(f"fit_info.{key} must be a non-negative integer, got {value!r}")
 
     tensors, backbone = groups.get("tensors"), groups.get("backbone")
-    if not isinstance(tensors, dict) or not isinstance(backbone, dict) or "bank" not in tensors:
+    has_bank = isinstance(tensors, dict) and ("bank" in tensors or bank_shape is not None)
+    if not isinstance(tensors, dict) or not isinstance(backbone, dict) or not has_bank:
         raise fail("tensors are missing from the model (need the memory bank and the backbone weights)")
-    bank = tensors["bank"]
-    if bank.ndim != 2 or bank.shape[0] < 1 or bank.shape[1] < 1 or bank.dtype.kind != "f":
-        raise fail(f"the memory bank must be a non-empty float (N, d) matrix, got {bank.dtype} {bank.shape}")
-    if config.k > bank.shape[0]:
-        raise fail(f"k={config.k} is larger than the memory bank ({bank.shape[0]} patches)")
+    bank = tensors.get("bank")
+    shape = tuple(bank.shape) if bank is not None else tuple(bank_shape)  # type: ignore[arg-type]
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1 or (bank is not None and bank.dtype.kind != "f"):
+        kind = bank.dtype if bank is not None else "bank of shape"
+        raise fail(f"the memory bank must be a non-empty float (N, d) matrix, got {kind} {shape}")
+    if config.k > shape[0]:
+        raise fail(f"k={config.k} is larger than the memory bank ({shape[0]} patches)")
     cls = backbone_class(config.backbone)
     feature_dim = sum(cls.layer_info(n).channels for n in config.resolved_layers)
     pca_keys = ("pca_mean", "pca_components", "pca_explained_variance_ratio")
@@ -388,13 +424,14 @@ def check_model_contents(path: str | Path, doc: dict[str, Any], groups: dict[str
             )
         if mean.shape != (feature_dim,) or ratio.shape != (comps.shape[0],):
             raise fail(f"PCA mean {mean.shape} / variance ratios {ratio.shape} disagree with components {comps.shape}")
-        if bank.shape[1] != comps.shape[0]:
-            raise fail(f"PCA and memory bank dimensions disagree ({comps.shape[0]} vs {bank.shape[1]})")
+        if shape[1] != comps.shape[0]:
+            raise fail(f"PCA and memory bank dimensions disagree ({comps.shape[0]} vs {shape[1]})")
         for k in pca_keys:
             _check_finite(fail, k, tensors[k])
-    elif bank.shape[1] != feature_dim:
-        raise fail(f"the memory bank has {bank.shape[1]} dimensions, the backbone's features {feature_dim}")
-    _check_finite(fail, "the memory bank", bank)
+    elif shape[1] != feature_dim:
+        raise fail(f"the memory bank has {shape[1]} dimensions, the backbone's features {feature_dim}")
+    if bank is not None:
+        _check_finite(fail, "the memory bank", bank)
     for name, value in backbone.items():
         _check_finite(fail, f"backbone tensor {name!r}", value)
 
@@ -404,7 +441,8 @@ def _check_finite(fail: Any, what: str, value: np.ndarray) -> None:
         raise fail(f"{what} contains NaN or infinite values")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -418,3 +456,45 @@ def _version_tuple(v: str) -> tuple[int, ...]:
         digits = "".join(ch for ch in part if ch.isdigit())
         out.append(int(digits[:18]) if digits else 0)
     return tuple(out)
+
+
+def group_file(path: str | Path, group: str, verify: bool = True) -> Path:
+    """The safetensors file of ``group`` in a saved model directory (checksum verified, streaming)."""
+    root = Path(path)
+    doc = read_meta(root)
+    entry = doc["files"].get(group)
+    if not isinstance(entry, dict) or "file" not in entry:
+        raise ModelFileError(f"{root}: the {group!r} tensors are missing from the model")
+    name = str(entry["file"])
+    if Path(name).name != name:
+        raise ModelFileError(f"{root}: file name {name!r} for {group!r} is not a plain name")
+    file = root / name
+    if not file.is_file():
+        raise ModelFileError(f"{file}: missing; the model directory is incomplete")
+    if verify and sha256_file(file) != entry.get("sha256"):
+        raise ModelFileError(f"{file}: checksum mismatch; the file was truncated or modified after saving")
+    return file
+
+
+def bank_shape(path: str | Path) -> tuple[int, int]:
+    """``(rows, dim)`` of a saved model's memory bank, read from the file header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(group_file(path, "tensors", verify=False)), framework="numpy") as f:
+        if "bank" not in f.keys():  # noqa: SIM118 - safe_open objects are not containers
+            raise ModelFileError(f"{path}: the memory bank is missing from the model")
+        shape = f.get_slice("bank").get_shape()
+    if len(shape) != 2:
+        raise ModelFileError(f"{path}: the memory bank must be an (N, d) matrix, got shape {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def read_tensor_rows(path: str | Path, name: str, start: int, stop: int | None, verify: bool = True) -> np.ndarray:
+    """Rows ``[start, stop)`` of tensor ``name`` of a saved model's ``tensors`` group, float32, without
+    reading the other rows."""
+    from safetensors import safe_open
+
+    with safe_open(str(group_file(path, "tensors", verify)), framework="numpy") as f:
+        if name not in f.keys():  # noqa: SIM118
+            raise ModelFileError(f"{path}: tensor {name!r} is missing from the model")
+        return np.ascontiguousarray(f.get_slice(name)[start:stop], dtype=np.float32)

@@ -24,10 +24,11 @@ from patchknn.distributed.fit_many import (
 from patchknn.distributed.score_archive import ArchiveScorer, ArchiveSummary, PartStore, list_archive, score_archive
 from patchknn.distributed.sharded import (
     ShardedIndex,
+    bank_dirs,
     load_sharded,
-    load_without_bank,
     merge_topk,
     shard_bounds,
+    shard_model,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "FitManyReport",
     "PartStore",
     "ShardedIndex",
+    "bank_dirs",
     "Variant",
     "discover_variants",
     "fit_many",
@@ -43,10 +45,10 @@ __all__ = [
     "is_up_to_date",
     "list_archive",
     "load_sharded",
-    "load_without_bank",
     "merge_topk",
     "ray_session",
     "score_archive",
     "shard_bounds",
+    "shard_model",
     "training_fingerprint",
 ]

@@ -130,7 +130,8 @@ class ArchiveScorer:
         else:
             from patchknn.distributed.sharded import load_sharded
 
-            self.model = load_sharded(model_path, sharded_index.n_shards, index=sharded_index, **runtime)
+            n_shards = next(iter(sharded_index.values())).n_shards
+            self.model = load_sharded(model_path, n_shards, indexes=sharded_index, **runtime)
         if threshold is not None:
             self.model.threshold_ = float(threshold)
         self.output_size = output_size
@@ -446,9 +447,9 @@ def _run(
         index = None
         try:
             if shards:
-                from patchknn.distributed.sharded import ShardedIndex
+                from patchknn.distributed.sharded import shard_model
 
-                index = ShardedIndex.from_model(model_path, shards, num_cpus=shard_cpus)
+                index = shard_model(model_path, shards, num_cpus=shard_cpus)
             n_blocks = max(1, min(len(todo) // batch_size + (len(todo) % batch_size > 0), 10_000))
             ds = ray.data.from_items([{"image": p} for p in todo], override_num_blocks=n_blocks)
             ds = ds.map_batches(
@@ -497,6 +498,6 @@ def _run(
                         on_part(part_index, path)
         finally:
             ctx.enable_progress_bars = ray_bars
-            if index is not None:
-                index.close()
+            for shard_index in (index or {}).values():
+                shard_index.close()
     return written

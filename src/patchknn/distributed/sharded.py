@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,93 +61,65 @@ def shard_bounds(n_rows: int, n_shards: int, align: int | None = None) -> list[t
 
 
 # -------------------------------------------------------------------------------- model files
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _model_file(model_dir: str | os.PathLike[str], group: str, verify: bool) -> Path:
-    """The safetensors file of ``group`` in a saved model (checksum verified, streaming)."""
+def bank_dirs(path: str | os.PathLike[str]) -> list[Path]:
+    """The directories of a saved model that hold a memory bank: the model's own, or each member's
+    of an ensemble."""
     from patchknn.serialization import read_meta
 
-    root = Path(model_dir)
+    root = Path(path)
     doc = read_meta(root)
-    entry = doc["files"].get(group)
-    if not isinstance(entry, dict) or "file" not in entry:
-        raise ModelFileError(f"{root}: the {group!r} tensors are missing from the model")
-    name = str(entry["file"])
-    if Path(name).name != name:
-        raise ModelFileError(f"{root}: file name {name!r} for {group!r} is not a plain name")
-    path = root / name
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing; the model directory is incomplete")
-    if verify and _sha256_file(path) != entry.get("sha256"):
-        raise ModelFileError(f"{path}: checksum mismatch; the file was truncated or modified after saving")
-    return path
+    if doc.get("kind") != "ensemble":
+        return [root]
+    members = doc.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, str) and Path(m).name == m for m in members):
+        raise ModelFileError(f"{root}: the ensemble's member folders are missing or not plain names")
+    return [root / m for m in members]
 
 
-def bank_shape(model_dir: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(rows, dim)`` of a saved model's memory bank, read from the file header only."""
-    from safetensors import safe_open
-
-    with safe_open(str(_model_file(model_dir, "tensors", verify=False)), framework="numpy") as f:
-        if "bank" not in f.keys():  # noqa: SIM118 - safe_open objects are not containers
-            raise ModelFileError(f"{model_dir}: the memory bank is missing from the model")
-        rows, dim = f.get_slice("bank").get_shape()
-    return int(rows), int(dim)
-
-
-def read_bank_rows(model_dir: str | os.PathLike[str], start: int, stop: int, verify: bool = True) -> np.ndarray:
-    """Rows ``[start, stop)`` of a saved model's memory bank, without reading the other rows."""
-    from safetensors import safe_open
-
-    with safe_open(str(_model_file(model_dir, "tensors", verify)), framework="numpy") as f:
-        return np.ascontiguousarray(f.get_slice("bank")[start:stop], dtype=np.float32)
+def shard_model(
+    path: str | os.PathLike[str], n_shards: int, *, align: int | None = None, num_cpus: float = 0
+) -> dict[str, ShardedIndex]:
+    """A :class:`ShardedIndex` for each memory bank of a saved model (see :func:`bank_dirs`), keyed
+    by the bank directory's absolute path: made once, then shared by every :func:`load_sharded`."""
+    return {
+        os.path.abspath(d): ShardedIndex.from_model(d, n_shards, align=align, num_cpus=num_cpus)
+        for d in bank_dirs(path)
+    }
 
 
-def load_without_bank(path: str | os.PathLike[str], **runtime: Any) -> Any:
-    """A saved :class:`PatchKNN` with everything but its memory bank (``index_`` is ``None``).
+def load_sharded(
+    path: str | os.PathLike[str],
+    n_shards: int,
+    *,
+    align: int | None = None,
+    shard_cpus: float = 0,
+    indexes: dict[str, ShardedIndex] | None = None,
+    **runtime: Any,
+) -> Any:
+    """Load a saved model whose memory bank lives in ``n_shards`` Ray actors (see :class:`ShardedIndex`).
 
-    Mirrors :meth:`PatchKNN.load` (checksums verified), except that the bank rows are never read;
-    set ``model.index_`` (e.g. to a :class:`ShardedIndex`) before scoring.
+    :meth:`PatchKNN.load <patchknn.model.PatchKNN.load>` with an injected index: every check of a
+    normal load, but the bank never enters this process (each shard actor reads its own rows from
+    the model file). Ensembles shard each member's bank. Pass ``indexes`` (from :func:`shard_model`)
+    to reuse shards already made for this model. ``runtime`` = the keyword-only options of
+    :class:`PatchKNN`.
     """
-    import torch
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    from patchknn.backbones import build_backbone
-    from patchknn.config import PatchKNNConfig
     from patchknn.model import PatchKNN
-    from patchknn.reduction import PCA
-    from patchknn.serialization import read_meta
 
-    doc = read_meta(path)
-    try:
-        config = PatchKNNConfig.from_dict(doc["config"])
-    except (KeyError, TypeError, ConfigError) as e:
-        raise ModelFileError(f"{path}: the configuration is missing, damaged or not usable here ({e})") from e
-    model = PatchKNN.from_config(config, **{"weights": "random", **runtime})
-    backbone_sd = load_file(str(_model_file(path, "backbone", verify=True)))
-    net = build_backbone(config.backbone, config.resolved_layers, "random")
-    try:
-        net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in backbone_sd.items()}, strict=True)
-    except RuntimeError as e:
-        raise ModelFileError(f"{path}: backbone weights do not fit {config.backbone}: {e}") from e
-    model._extractor = model._make_extractor(net)
-    with safe_open(str(_model_file(path, "tensors", verify=True)), framework="numpy") as f:
-        keys = set(f.keys())
-        if "pca_components" in keys:
-            model.pca_ = PCA(
-                f.get_tensor("pca_mean"), f.get_tensor("pca_components"), f.get_tensor("pca_explained_variance_ratio")
+    def sharded(model_dir: Path, model: Any) -> ShardedIndex:
+        if model.config.image_score == "reweighted":
+            raise ConfigError(
+                "image_score='reweighted' reads the whole memory bank in the scoring process; "
+                "it cannot be used with a sharded bank"
             )
-    thr = doc.get("threshold")
-    model.threshold_ = None if thr is None else float(thr)
-    model.fit_info_ = dict(doc.get("fit_info") or {})
-    net.weights_id = str(model.fit_info_.get("weights_id", "unknown"))
-    return model
+        key = os.path.abspath(model_dir)
+        if indexes is not None:
+            if key not in indexes:
+                raise ConfigError(f"no shards were made for the bank in {model_dir}")
+            return indexes[key]
+        return ShardedIndex.from_model(model_dir, n_shards, align=align, num_cpus=shard_cpus)
+
+    return PatchKNN.load(path, index=sharded, **runtime)
 
 
 # ------------------------------------------------------------------------------------- actors
@@ -163,8 +134,11 @@ class BankShard:
         stop: int | None = None,
         verify: bool = True,
         threads: int | None = None,
+        centroids: np.ndarray | None = None,
+        nprobe: int = 8,
     ) -> None:
-        from patchknn.index import MemoryBankIndex
+        from patchknn.index import IndexParams, IVFIndex, MemoryBankIndex
+        from patchknn.serialization import read_tensor_rows
 
         if threads:
             import faiss
@@ -173,8 +147,14 @@ class BankShard:
         if bank is None:
             if model_path is None or stop is None:
                 raise ConfigError("a bank shard needs either the bank rows or a model path and a row range")
-            bank = read_bank_rows(model_path, start, stop, verify=verify)
-        self.index = MemoryBankIndex().build(bank)
+            bank = read_tensor_rows(model_path, "bank", start, stop, verify=verify)
+        if not np.isfinite(bank).all():
+            raise ModelFileError(f"{model_path or 'bank'}: the memory bank contains NaN or infinite values")
+        if centroids is not None:  # an IVF bank: the model's own lists, so probes match the single index
+            params = IndexParams(nprobe=int(nprobe))
+            self.index: MemoryBankIndex = IVFIndex(params, centroids=centroids).build(bank)
+        else:
+            self.index = MemoryBankIndex().build(bank)
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         return self.index.search(queries, min(int(k), self.index.size))
@@ -286,13 +266,29 @@ class ShardedIndex:
     ) -> ShardedIndex:
         """Shard the bank of a saved model; each actor reads only its rows from the model file
         (which must be readable at the same path on every node)."""
+        from patchknn.serialization import bank_shape, read_meta, read_tensor_rows
+
         rows, dim = bank_shape(model_path)
+        config = read_meta(model_path).get("config") or {}
+        kind = config.get("index", "flat")
+        search: dict[str, Any] = {}
+        if kind == "ivf":  # each shard: the model's coarse lists over its own rows (probes identical)
+            try:
+                centroids = read_tensor_rows(model_path, "ivf_centroids", 0, None, verify=verify)
+            except ModelFileError as e:
+                raise ModelFileError(
+                    f"{model_path}: an IVF model saved without its centroids cannot be sharded exactly; "
+                    "load and save it again with this version"
+                ) from e
+            search = {"centroids": centroids, "nprobe": int(config.get("index_nprobe", 8))}
+        elif kind != "flat":
+            raise ConfigError(f"a {kind!r} index cannot be split across shards; use index 'flat' or 'ivf'")
         bounds = shard_bounds(rows, n_shards, align)
         path = os.path.abspath(model_path)
         actors = [
             _shard_class().options(**cls._options(num_cpus, (stop - start) * dim * 8 if reserve_memory else None,
                                                   spread)).remote(
-                model_path=path, start=start, stop=stop, verify=verify, threads=threads
+                model_path=path, start=start, stop=stop, verify=verify, threads=threads, **search
             )
             for start, stop in bounds
         ]
@@ -384,29 +380,3 @@ def merge_topk(parts: Sequence[np.ndarray], k: int) -> np.ndarray:
     d = np.concatenate(parts, axis=1)
     d.sort(axis=1)
     return np.ascontiguousarray(d[:, :k])
-
-
-def load_sharded(
-    path: str | os.PathLike[str],
-    n_shards: int,
-    *,
-    align: int | None = None,
-    shard_cpus: float = 0,
-    index: ShardedIndex | None = None,
-    **runtime: Any,
-) -> Any:
-    """Load a saved model whose memory bank lives in ``n_shards`` Ray actors (see :class:`ShardedIndex`).
-
-    The bank never enters this process. ``runtime`` = the keyword-only options of :class:`PatchKNN`.
-    Pass ``index`` to reuse shards already made by :meth:`ShardedIndex.from_model` for this model.
-    """
-    model = load_without_bank(path, **runtime)
-    if model.config.image_score == "reweighted":
-        raise ConfigError(
-            "image_score='reweighted' reads the whole memory bank in the scoring process; "
-            "it cannot be used with a sharded bank"
-        )
-    model.index_ = index if index is not None else ShardedIndex.from_model(
-        path, n_shards, align=align, num_cpus=shard_cpus
-    )
-    return model

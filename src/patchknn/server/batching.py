@@ -4,8 +4,9 @@ Each served model has a :class:`MicroBatcher`, an asyncio task that takes the fi
 then collects more until it has ``max_batch`` of them or ``max_delay_ms`` have passed, stacks them
 into one ``(B, 3, S, S)`` tensor and makes **one** :meth:`PatchKNN.predict_batch` call (in a worker
 thread, so the event loop keeps accepting requests): the one path from a decoded batch to
-predictions that :meth:`PatchKNN.predict` takes too, so an answer equals ``predict`` on the same image (up to float32 rounding: a convolution's
-result can differ in the last bits with the batch size, about 1e-6 relative).
+predictions that :meth:`PatchKNN.predict` takes too, so an answer equals ``predict`` on the same
+image (up to float32 rounding: a convolution's result can differ in the last bits with the batch
+size, about 1e-6 relative).
 
 The batcher only waits for company when more requests for its model are on their way (admitted and
 still being read or decoded: ``expected()``); a lone request on a quiet line is scored at once, and
