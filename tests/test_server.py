@@ -44,15 +44,19 @@ REL = 1e-5  # float32: a convolution's result changes in the last bits with the 
 class LiveServer:
     """uvicorn serving ``app`` on a free 127.0.0.1 port in a background thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, settings: ServerSettings | None = None) -> None:
+        """``settings``: the ones the app was made with (their connection limits apply here too)."""
         import uvicorn
+
+        from patchknn.server.app import server_config
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_keep_alive=5)
+        settings = settings or app.state.patchknn.settings
+        config = server_config(app, settings, log_config=None, access_log=False)  # the server `serve` runs
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -128,11 +132,14 @@ class SlowModel:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def score_grid(self, images):
+    def predict_batch(self, images, **kwargs):
+        return type(self.inner).predict_batch(self, images, **kwargs)  # through score_batch below
+
+    def score_batch(self, images):
         if self.slow.is_set():
             time.sleep(self.delay)
-        grids = self.inner.score_grid(images)
-        return grids * np.nan if self.nan.is_set() else grids
+        grids, weights = self.inner.score_batch(images)
+        return (grids * np.nan if self.nan.is_set() else grids), weights
 
 
 # ------------------------------------------------------------------------------------ fixtures

@@ -44,37 +44,66 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from patchknn.data import DECODE_FORMATS, load_image, resize_image
+from patchknn.data import DECODE_FORMATS
 from patchknn.errors import ImageError
 from patchknn.model import Prediction
 from patchknn.server.auth import KeyChecker, bearer_token
 from patchknn.server.batching import MicroBatcher, ScoredImage
+from patchknn.server.memory import DecodeCost, MemoryBudget, decode_cost, prepare_image
 from patchknn.server.metrics import CONTENT_TYPE, Metrics
+from patchknn.server.protocol import ConnectionGuard, guarded_protocol
 from patchknn.server.settings import ServedModel, ServerSettings
 from patchknn.visualize import model_scale
 
-__all__ = ["ERROR_CODES", "ApiError", "create_app", "run", "sniff_format"]
+__all__ = [
+    "ERROR_CODES",
+    "KEY_PARAMETERS",
+    "ApiError",
+    "create_app",
+    "log_config",
+    "run",
+    "server_config",
+    "sniff_format",
+]
 
 log = logging.getLogger("patchknn.server")
 
+KEY_PARAMETERS = frozenset(
+    {"api_key", "apikey", "api-key", "key", "token", "access_token", "auth", "authorization", "bearer",
+     "password", "secret", "x-api-key"}
+)
+"""Query parameter names refused with 401 (a key belongs in the ``Authorization`` header, never in a URL)."""
+
 ERROR_CODES: dict[str, tuple[int, str]] = {
-    "bad_request": (400, "malformed request (e.g. a bad Content-Length)"),
+    "bad_request": (400, "malformed request (e.g. a bad Content-Length, a non-ASCII request line)"),
     "empty_body": (400, "no image in the request"),
-    "invalid_multipart": (400, "the multipart body cannot be parsed"),
-    "unauthorized": (401, "no API key, or not a valid one"),
+    "invalid_multipart": (400, "the multipart body cannot be parsed, or has more than one field 'file'"),
+    "unauthorized": (401, "no API key, not a valid one, or a key outside the Authorization header"),
     "not_found": (404, "no such endpoint"),
     "model_not_found": (404, "no model of that name is served"),
     "method_not_allowed": (405, "wrong HTTP method for the endpoint"),
     "request_timeout": (408, "the request body did not arrive within the request timeout"),
+    "header_timeout": (408, "the request line and headers did not arrive within --header-timeout"),
     "payload_too_large": (413, "the request body is larger than --max-upload-mb"),
-    "image_too_large": (413, "the image has more pixels than --max-pixels (decompression-bomb guard)"),
+    "image_too_large": (
+        413,
+        "the image has more pixels than --max-pixels (decompression-bomb guard), or decoding it needs more "
+        "than the whole --memory-budget-mb",
+    ),
     "unsupported_media_type": (415, "the content is not an accepted image type (checked by content)"),
     "invalid_image": (422, "an accepted type, but the image is truncated, corrupt or unusable"),
     "missing_file": (422, "a multipart upload without the field 'file'"),
     "unscorable_image": (422, "the model produced NaN/Inf for this image; no score"),
     "validation_error": (422, "a bad query parameter"),
+    "headers_too_large": (431, "the request line and headers are larger than --max-header-kb"),
     "internal_error": (500, "an unexpected server error (logged)"),
-    "server_busy": (503, "all processing slots and the wait queue are taken; retry after Retry-After s"),
+    "not_implemented": (501, "an HTTP feature the server does not support (e.g. Transfer-Encoding: gzip)"),
+    "server_busy": (
+        503,
+        "all processing slots and the wait queue are taken, or the decode memory budget stayed taken until the "
+        "request timeout; retry after Retry-After s",
+    ),
+    "too_many_connections": (503, "too many connections are waiting to send their headers (--max-pending-connections)"),
     "not_ready": (503, "the server is starting or stopping"),
     "timeout": (504, "the answer was not ready within the request timeout"),
 }
@@ -230,6 +259,7 @@ class _State:
     settings: ServerSettings
     metrics: Metrics
     admission: _Admission
+    budget: MemoryBudget
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)
     expected: dict[str, int] = field(default_factory=dict)
     decode_pool: ThreadPoolExecutor | None = None
@@ -237,8 +267,20 @@ class _State:
     ready: bool = False
 
 
+class _MultipartLog:
+    """python-multipart's logger for one parse: its warnings (e.g. "Found invalid character 13 in header")
+    describe the client's malformed body, which is answered 400 with that message; the server's log only
+    gets them at debug level, as one line of ours."""
+
+    def _debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("multipart parser: " + str(msg), *args)
+
+    debug = info = warning = error = exception = _debug
+
+
 def _parse_multipart(body: bytes, content_type: str, max_parts: int = 16) -> bytes:
-    """The bytes of the part named ``file`` of a ``multipart/form-data`` body."""
+    """The bytes of the one part named ``file`` of a ``multipart/form-data`` body."""
     try:
         from python_multipart.multipart import MultipartParser, parse_options_header
     except ImportError:  # python-multipart < 0.0.13
@@ -278,28 +320,81 @@ def _parse_multipart(body: bytes, content_type: str, max_parts: int = 16) -> byt
     }
     try:
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.logger = _MultipartLog()  # type: ignore[assignment]
         parser.write(body)
         parser.finalize()
     except ApiError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
         raise ApiError(400, "invalid_multipart", f"the multipart body cannot be parsed ({exc})") from None
+    files = []
     for part in parts:
         disposition = part["headers"].get(b"content-disposition", b"")
         _, opts = parse_options_header(disposition)
         if opts.get(b"name") == b"file":
-            return bytes(part["data"])
+            files.append(part)
+    if len(files) > 1:
+        raise ApiError(
+            400,
+            "invalid_multipart",
+            f"the multipart body has {len(files)} fields named 'file'; send exactly one image per request",
+        )
+    if files:
+        return bytes(files[0]["data"])
     raise ApiError(
         422, "missing_file", "the multipart upload has no field named 'file'; send the image as -F file=@image.png"
     )
 
 
-def _prepare(data: bytes, image_size: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Decode and resize exactly as :class:`patchknn.data.ImageDataset` does for ``predict``."""
-    image = load_image(data, max_pixels=max_pixels)
-    resized = resize_image(image, image_size)
-    tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-    return tensor, (int(image.shape[0]), int(image.shape[1]))
+async def _cost(state: _State, data: bytes) -> DecodeCost:
+    """What decoding ``data`` will take, from its header (413/422 for what the header already shows)."""
+    settings = state.settings
+    loop = asyncio.get_running_loop()
+    try:
+        cost: DecodeCost = await loop.run_in_executor(None, decode_cost, data, settings.max_pixels)
+    except ImageError as exc:
+        raise _image_error(exc, settings.max_pixels) from None
+    budget = state.budget
+    if not budget.fits(cost.bytes):
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"decoding this {cost.width}x{cost.height} {cost.mode} {cost.format} image needs about "
+            f"{_mib(cost.bytes)}, more than this server's whole decode memory budget of {_mib(budget.limit)}; "
+            "send a smaller image (fewer pixels, or 8-bit RGB)",
+        )
+    return cost
+
+
+async def _decode(
+    state: _State, data: bytes, image_size: int, cost: DecodeCost
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode ``data`` in the decode pool; ``cost.bytes`` of the budget must be held (they are given back).
+
+    The bytes are given back when the decoding thread finishes, also when the request gave up before.
+    """
+    settings = state.settings
+    budget = state.budget
+    loop = asyncio.get_running_loop()
+    assert state.decode_pool is not None
+    try:
+        job = state.decode_pool.submit(prepare_image, data, image_size, settings.max_pixels, cost.mode)
+    except BaseException:
+        budget.release(cost.bytes)
+        raise
+    def give_back(_: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
+            loop.call_soon_threadsafe(budget.release, cost.bytes)
+
+    job.add_done_callback(give_back)
+    try:
+        return await asyncio.wrap_future(job)
+    except ImageError as exc:
+        raise _image_error(exc, settings.max_pixels) from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
 
 
 def _image_error(exc: ImageError, max_pixels: int) -> ApiError:
@@ -399,18 +494,24 @@ class _AuthMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self.checker.enabled or scope.get("path") in self.public:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        values = [v for k, v in scope.get("headers", []) if k == b"authorization"]
-        token = bearer_token(values[0]) if len(values) == 1 else None
-        if token is None:
-            message = "missing API key: send the header 'Authorization: Bearer <key>'"
-        elif not self.checker.check(token):
-            message = "invalid API key"
+        in_url = self._key_in_url(scope.get("query_string", b""))
+        if in_url is not None:
+            message = (
+                f"API keys are not accepted in the URL ({in_url}): URLs end up in logs and browser histories. "
+                "Send the key in the header 'Authorization: Bearer <key>' and nowhere else; if this key is "
+                "real, consider it exposed and replace it"
+            )
+        elif not self.checker.enabled or scope.get("path") in self.public:
+            await self.app(scope, receive, send)
+            return
         else:
-            await self.app(scope, receive, send)
-            return
+            message = self._check_header(scope)
+            if message is None:
+                await self.app(scope, receive, send)
+                return
         self.metrics.count_error("unauthorized")
         response = _json(
             401,
@@ -418,6 +519,39 @@ class _AuthMiddleware:
             {"WWW-Authenticate": 'Bearer realm="patchknn"'},
         )
         await response(scope, receive, send)
+
+    def _key_in_url(self, query: bytes) -> str | None:
+        """How the query string carries a key (a key-like parameter name, or a configured key), or None."""
+        if not query:
+            return None
+        from urllib.parse import parse_qsl
+
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)[:64]
+        for name, _ in pairs:
+            if name.strip().lower() in KEY_PARAMETERS:
+                return f"query parameter {name.strip().lower()!r}"
+        if self.checker.enabled:
+            for name, value in pairs:
+                if self.checker.check(name) or self.checker.check(value):
+                    return "a query parameter holds a key of this server"
+        return None
+
+    def _check_header(self, scope: dict[str, Any]) -> str | None:
+        """The 401 message for the request's headers, or None when its key is valid."""
+        headers = scope.get("headers", [])
+        values = [v for k, v in headers if k == b"authorization"]
+        token = bearer_token(values[0]) if len(values) == 1 else None
+        if token is None:
+            other = sorted({k.decode("latin-1") for k, _ in headers if k in (b"x-api-key", b"api-key", b"apikey")})
+            if other:
+                return (
+                    f"missing API key: the header {other[0]!r} is not read; send the key as "
+                    "'Authorization: Bearer <key>'"
+                )
+            return "missing API key: send the header 'Authorization: Bearer <key>'"
+        if not self.checker.check(token):
+            return "invalid API key"
+        return None
 
 
 # ----------------------------------------------------------------------------- the app
@@ -432,6 +566,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
         settings=settings,
         metrics=metrics,
         admission=_Admission(settings.max_concurrency, settings.max_queue, settings.retry_after_s),
+        budget=MemoryBudget(settings.memory_budget_bytes),
         expected={name: 0 for name in models},
     )
     for served in state.models.values():
@@ -448,6 +583,19 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
         lambda: sum(b.queued for b in state.batchers.values()),
     )
     metrics.gauge("patchknn_ready", "1 when the server accepts predictions.", lambda: float(state.ready))
+    metrics.gauge(
+        "patchknn_decode_memory_bytes",
+        "Decode memory reserved by images being decoded (counted from their headers).",
+        lambda: state.budget.used,
+    )
+    metrics.gauge(
+        "patchknn_decode_memory_waiting", "Requests waiting for decode memory.", lambda: state.budget.waiting
+    )
+    metrics.gauge(
+        "patchknn_decode_memory_waits",
+        "Requests that had to wait for decode memory, in all.",
+        lambda: state.budget.waits,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -621,12 +769,11 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
                         f"{accepted})",
                     )
                 loop = asyncio.get_running_loop()
-                try:
-                    tensor, (h, w) = await loop.run_in_executor(
-                        state.decode_pool, _prepare, data, served.image_size, settings.max_pixels
-                    )
-                except ImageError as exc:
-                    raise _image_error(exc, settings.max_pixels) from None
+                cost = await _cost(state, data)
+                phase = "memory"
+                await state.budget.acquire(cost.bytes)
+                phase = "decode"
+                tensor, (h, w) = await _decode(state, data, served.image_size, cost)
                 del data
                 timings["decode"] = time.perf_counter() - t_decode
                 phase = "score"
@@ -647,6 +794,14 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
                         state.decode_pool, _encode_map, result.anomaly_map, map, model_scale(served.model)
                     )
         except TimeoutError:
+            if phase == "memory":
+                raise ApiError(
+                    503,
+                    "server_busy",
+                    f"the decode memory budget ({_mib(state.budget.limit)}) stayed taken by other images until the "
+                    f"request timeout of {settings.request_timeout_s:g} s; retry in {settings.retry_after_s} s",
+                    {"Retry-After": str(settings.retry_after_s)},
+                ) from None
             if phase == "read":
                 raise ApiError(
                     408,
@@ -727,18 +882,58 @@ def _version() -> str:
     return __version__
 
 
+def log_config(log_level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging configuration plus the ``patchknn`` loggers on the same handler and format."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["patchknn"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    return config
+
+
+def server_config(
+    app: FastAPI,
+    settings: ServerSettings,
+    *,
+    log_level: str = "info",
+    access_log: bool = True,
+    **overrides: Any,
+) -> Any:
+    """The ``uvicorn.Config`` that serves ``app``: the guarded h11 protocol (header deadline, cap on
+    connections without headers, header size, JSON errors, redacted access log; see
+    :mod:`patchknn.server.protocol`) with ``settings``' limits. ``overrides`` go to ``uvicorn.Config``.
+    """
+    import uvicorn
+
+    state: _State | None = getattr(app.state, "patchknn", None)
+    guard = ConnectionGuard(
+        header_timeout_s=settings.header_timeout_s,
+        max_pending_connections=settings.max_pending_connections,
+        retry_after_s=settings.retry_after_s,
+        count_error=state.metrics.count_error if state is not None else None,
+    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": log_level,
+        "log_config": log_config(log_level),
+        "access_log": access_log,
+        "server_header": False,
+        "timeout_keep_alive": 5,
+        "lifespan": "on",
+        "http": guarded_protocol(guard),
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        **overrides,
+    }
+    config = uvicorn.Config(app, **options)
+    config.patchknn_guard = guard  # type: ignore[attr-defined]
+    return config
+
+
 def run(app: FastAPI, settings: ServerSettings, *, log_level: str = "info", access_log: bool = True) -> None:
     """Serve ``app`` with uvicorn on ``settings.host:settings.port`` until interrupted."""
     import uvicorn
 
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        access_log=access_log,
-        server_header=False,
-        timeout_keep_alive=5,
-        lifespan="on",
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(server_config(app, settings, log_level=log_level, access_log=access_log)).run()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,8 @@ __all__ = [
     "is_loopback",
     "load_api_keys",
 ]
+
+log = logging.getLogger("patchknn.server")
 
 ENV_VAR = "PATCHKNN_API_KEYS"
 MIN_KEY_LENGTH = 16
@@ -88,11 +91,11 @@ def load_api_keys(key_file: str | os.PathLike[str] | None = None, env: Mapping[s
         if found == 0:
             raise ConfigError(f"--api-key-file {path}: no key in the file (one key a line)")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            import warnings
-
-            warnings.warn(
-                f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}); consider chmod 600",
-                stacklevel=2,
+            log.warning(
+                "API key file %s can be read or written by other users (mode %o); run: chmod 600 %s",
+                path,
+                stat.S_IMODE(mode),
+                path,
             )
     raw = env.get(ENV_VAR, "")
     if raw.strip():

@@ -58,6 +58,28 @@ def register(app: typer.Typer) -> None:
             float, typer.Option("--max-delay-ms", help="Longest wait to fill a batch once a request is in.")
         ] = 5.0,
         decode_threads: Annotated[int, typer.Option("--decode-threads", help="Threads decoding uploads.")] = 2,
+        memory_budget_mb: Annotated[
+            float,
+            typer.Option(
+                "--memory-budget-mb",
+                help="Decoding memory of all requests together (MiB), counted from each image's header before "
+                "decoding; over it a request waits (503 after --timeout), an image that can never fit gets 413.",
+            ),
+        ] = 1024.0,
+        header_timeout: Annotated[
+            float,
+            typer.Option("--header-timeout", help="Seconds a connection has to send its request headers (408)."),
+        ] = 10.0,
+        max_pending_connections: Annotated[
+            int,
+            typer.Option(
+                "--max-pending-connections",
+                help="Connections waiting to send their request headers at once; one more gets 503.",
+            ),
+        ] = 100,
+        max_header_kb: Annotated[
+            int, typer.Option("--max-header-kb", help="Largest request line + headers (KiB); 431.")
+        ] = 16,
         threads: Annotated[
             int | None, typer.Option("--threads", help="torch CPU threads for the backbone (default: torch's).")
         ] = None,
@@ -79,9 +101,13 @@ def register(app: typer.Typer) -> None:
             )
             raise typer.Exit(2)
 
+        import logging.config
+
+        from patchknn.server.app import log_config
         from patchknn.server.auth import KeyChecker, check_bind, load_api_keys
         from patchknn.server.settings import ServerSettings, load_models
 
+        logging.config.dictConfig(log_config(log_level))  # one format for patchknn's and uvicorn's lines
         keys = load_api_keys(api_key_file)
         settings = ServerSettings(
             host=host,
@@ -96,6 +122,10 @@ def register(app: typer.Typer) -> None:
             max_delay_ms=max_delay_ms,
             decode_threads=decode_threads,
             public_docs=public_docs,
+            memory_budget_bytes=int(memory_budget_mb * 1024 * 1024),
+            header_timeout_s=header_timeout,
+            max_pending_connections=max_pending_connections,
+            max_header_bytes=max_header_kb * 1024,
         )
         check_bind(host, KeyChecker(keys))  # before the (slow) model loading
         if max_concurrency < max_batch:

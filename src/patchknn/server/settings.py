@@ -24,6 +24,7 @@ from patchknn.errors import ConfigError
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_UPLOAD_BYTES",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
     "ServedModel",
     "ServerSettings",
     "load_models",
@@ -36,6 +37,9 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """Largest accepted ``height * width`` (40 megapixels), checked from the header before decoding."""
+
+DEFAULT_MEMORY_BUDGET_BYTES = 1024 * 1024 * 1024
+"""Decoding memory for all requests together (1 GiB): any image within the default ``max_pixels`` fits."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -59,6 +63,14 @@ class ServerSettings:
         decode_threads: threads decoding/resizing uploads and encoding maps.
         public_docs: serve ``/docs``, ``/redoc`` and ``/openapi.json`` without a key.
         retry_after_s: the ``Retry-After`` value sent with 503.
+        memory_budget_bytes: decoding memory of all requests together, counted from each image's
+            header before decoding (:func:`patchknn.server.memory.decode_cost`); a request that does
+            not fit waits, one that could never fit gets 413.
+        header_timeout_s: a connection must deliver its request line and headers within this many
+            seconds (408 and closed otherwise).
+        max_pending_connections: connections waiting for their request headers at once; one more
+            gets 503 and is closed.
+        max_header_bytes: largest request line + headers (431).
     """
 
     host: str = "127.0.0.1"
@@ -74,6 +86,10 @@ class ServerSettings:
     decode_threads: int = 2
     public_docs: bool = False
     retry_after_s: int = 1
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    header_timeout_s: float = 10.0
+    max_pending_connections: int = 100
+    max_header_bytes: int = 16 * 1024
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
@@ -85,12 +101,17 @@ class ServerSettings:
         _int("max_batch", self.max_batch, 1, 4096)
         _int("decode_threads", self.decode_threads, 1, 1024)
         _int("retry_after_s", self.retry_after_s, 0, 3600)
-        for name in ("request_timeout_s", "max_delay_ms"):
+        _int("memory_budget_bytes", self.memory_budget_bytes, 16 << 20, 1 << 44)
+        _int("max_pending_connections", self.max_pending_connections, 1, 1_000_000)
+        _int("max_header_bytes", self.max_header_bytes, 1024, 1 << 24)
+        for name in ("request_timeout_s", "max_delay_ms", "header_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
         if self.request_timeout_s <= 0:
             raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
+        if self.header_timeout_s <= 0:
+            raise ConfigError(f"header_timeout_s must be > 0, got {self.header_timeout_s!r}")
         if self.max_delay_ms < 0:
             raise ConfigError(f"max_delay_ms must be >= 0, got {self.max_delay_ms!r}")
 
@@ -102,6 +123,9 @@ class ServerSettings:
             "request_timeout_s": self.request_timeout_s,
             "max_batch": self.max_batch,
             "max_delay_ms": self.max_delay_ms,
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "header_timeout_s": self.header_timeout_s,
+            "max_header_bytes": self.max_header_bytes,
             "auth": "bearer" if self.api_keys else "none",
         }
 
