@@ -645,3 +645,31 @@ def test_state_dict_round_trip(name: str, tmp_path: Path) -> None:
     after = _run(target, image)
     for k in a:
         assert torch.equal(a[k], after[k])
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [("README.md", "is not a weights file in a supported format"), ("folder", "is a folder, not a weights file")],
+)
+def test_cli_weights_mistakes_are_one_clean_line(
+    weights: str, expected: str, tmp_path: Path, rng_images, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import sys
+
+    from PIL import Image
+
+    from patchknn import cli
+
+    images = tmp_path / "good"
+    images.mkdir()
+    Image.fromarray(rng_images[0]).save(images / "a.png")
+    (tmp_path / "README.md").write_text("# a project\n")
+    (tmp_path / "folder").mkdir()
+    argv = ["patchknn", "fit", str(images), "--output", str(tmp_path / "m"), "--weights", str(tmp_path / weights)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--quiet"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and err.startswith("error: ") and err.count("\n") == 0
+    assert "weights_only" not in err and "must be None" not in err and "Traceback" not in err
