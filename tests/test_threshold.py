@@ -355,3 +355,23 @@ def test_held_out_grids_are_what_calibrate_scores(coreset):
     scores = [scoring.image_score(g, model.config) for g in grids]
     np.testing.assert_allclose(scores, cal.image_scores, rtol=1e-6)
     assert grids[:, 0, 0].max() < 1.0  # patch 0 always finds the cluster
+
+
+def test_evaluation_reports_the_calibration_gap(synthetic_root):
+    """gap = image F1-max (best threshold in hindsight) - image F1 at the calibrated threshold; the
+    calibrated threshold is one of the thresholds F1-max is taken over, so the gap is never < 0."""
+    from conftest import TINY
+
+    from patchknn.config import PatchKNNConfig
+    from patchknn.evaluation import evaluate_category, mean_row
+
+    config = PatchKNNConfig(**{k: v for k, v in TINY.items() if k not in ("weights", "progress")})
+    ev = evaluate_category(synthetic_root, "synthetic", config, weights="random", progress=False)
+    row = ev.metrics
+    assert row["threshold"] is not None
+    assert row["calibration_gap"] == pytest.approx(row["image_f1_max"] - row["threshold_image_f1"])
+    assert row["calibration_gap"] >= -1e-12
+    # the calibrated verdicts recomputed from the scores give the reported F1
+    pred, truth = ev.scores >= row["threshold"], ev.labels > 0
+    assert row["threshold_image_f1"] == pytest.approx(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+    assert mean_row({"a": row})["calibration_gap"] == pytest.approx(row["calibration_gap"])

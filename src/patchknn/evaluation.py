@@ -128,6 +128,8 @@ def evaluate_category(
 
     row["threshold"] = model.threshold_
     row |= threshold_metrics(maps, masks, scores, labels, model.threshold_)
+    f1, f1_max = row.get("threshold_image_f1"), row.get("image_f1_max")  # calibration gap (issue 12)
+    row["calibration_gap"] = None if f1 is None or f1_max is None else float(f1_max - f1)
     return CategoryEvaluation(category, row, samples, maps, masks, scores, labels, model)
 
 
@@ -190,7 +192,7 @@ def mean_row(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     keys = list(METRIC_KEYS) + ["fit_seconds", "predict_images_per_second"]
     keys += ["image_f1_max", "threshold_image_precision", "threshold_image_recall", "threshold_image_f1",
-             "threshold_pixel_f1"]
+             "threshold_pixel_f1", "calibration_gap"]
     for key in keys:
         vals = [r[key] for r in rows.values() if r.get(key) is not None]
         out[key] = float(np.mean(vals)) if vals else None
