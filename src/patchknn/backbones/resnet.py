@@ -101,8 +101,7 @@ class ResNetBackbone(Backbone):
     """A ResNet-50-style network (torchvision module names) truncated after the deepest layer in use.
 
     Subclasses fix :attr:`width_per_group`, :attr:`caffe`, :attr:`caffe_pool` and the normalisation.
-    Build instances with
-    :func:`~patchknn.backbones.build_backbone` rather than directly.
+    Build instances with :func:`~patchknn.backbones.build_backbone` rather than directly.
 
     Example:
         >>> from patchknn.backbones import build_backbone
