@@ -4,7 +4,7 @@ from conftest import tiny_model
 from PIL import Image
 
 from patchknn import NotFittedError, PatchKNN, Prediction
-from patchknn.errors import ImageError
+from patchknn.errors import ConfigError, ImageError
 
 
 def test_fit_predict_shapes_and_scores(synthetic_root):
@@ -117,3 +117,41 @@ def test_repr_and_params():
     assert "k=3" in repr(m)
     assert m.get_params()["k"] == 3
     assert PatchKNN.from_preset("paper", k=2).config.k == 2
+
+
+# ------------------------------------------------------------------------ the estimator contract
+def test_constructor_parameters_are_the_config_fields_with_the_same_defaults():
+    """scikit-learn's contract: the parameters are the constructor's; here the config owns their
+    defaults, and the constructor's signature must not drift from it."""
+    import dataclasses
+    import inspect
+
+    from patchknn.config import PatchKNNConfig
+
+    sig = inspect.signature(PatchKNN.__init__).parameters
+    method = [p for p in sig.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+    fields = dataclasses.fields(PatchKNNConfig)
+    assert [p.name for p in method] == [f.name for f in fields]
+    config = PatchKNNConfig()
+    for p in method:
+        default = p.default if p.name not in ("layers", "tta", "ensemble") else None
+        if default is None:
+            continue
+        assert default == getattr(config, p.name), p.name
+    assert PatchKNN().get_params() == {f.name: getattr(config, f.name) for f in fields}
+
+
+def test_set_params_validates_changes_and_discards_the_fit(rng_images):
+    model = tiny_model()
+    model.fit(rng_images)
+    assert model.is_fitted
+    assert model.set_params(k=2, smoothing_sigma=0.5) is model
+    assert model.get_params()["k"] == 2 and model.config.smoothing_sigma == 0.5
+    assert not model.is_fitted and model.threshold_ is None
+    with pytest.raises(ConfigError, match="unknown option"):
+        model.set_params(kk=3)
+    with pytest.raises(ConfigError):
+        model.set_params(k=0)
+    assert model.get_params()["k"] == 2  # a refused change leaves the options as they were
+    clone = PatchKNN(**model.get_params(), weights="random", progress=False)
+    assert clone.config == model.config

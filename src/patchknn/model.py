@@ -126,7 +126,7 @@ class PatchKNN:
 
     def __init__(
         self,
-        backbone: str = "resnet50-caffe",
+        backbone: str = "resnet50-keras",
         layers: Sequence[str] | None = None,
         image_size: int = 224,
         grid_size: int = 28,
@@ -249,9 +249,31 @@ class PatchKNN:
         runtime = {k: v for k, v in options.items() if k not in fields}
         return cls.from_config(preset(name, **method), **runtime)
 
-    def get_params(self) -> dict[str, Any]:
-        """The method options (scikit-learn style)."""
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The method options (scikit-learn style: the constructor's parameters, read from
+        :attr:`config`, the one owner of their values and defaults). ``deep`` is accepted for
+        scikit-learn's API; there are no nested estimators."""
         return _config_kwargs(self.config)
+
+    def set_params(self, **params: Any) -> PatchKNN:
+        """Change method options (scikit-learn style); returns ``self``.
+
+        The new configuration is validated as a whole (:class:`ConfigError` names the option), and
+        the fitted state is discarded: a model is always what its options say, so fit again.
+        """
+        fields = set(_config_kwargs(self.config))
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(fields)}")
+        config = self.config.replace(**params)
+        if config.ensemble and not self._is_ensemble:
+            raise ConfigError("ensemble members make an EnsemblePatchKNN: build one with PatchKNN.from_config")
+        self.config = config
+        self._extractor = None
+        self._pca_dev = None
+        self.pca_, self.index_, self.threshold_ = None, None, None
+        self.fit_info_ = {}
+        return self
 
     def __repr__(self) -> str:
         changed = {
