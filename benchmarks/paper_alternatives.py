@@ -13,6 +13,9 @@ image decoder) and prints one Markdown table row per variant:
 * ``original``         -- ``--resolution original``: maps upsampled to each image's own size and
   compared with the full-size masks.
 * ``caffe-nearest``    -- both of the first two alternatives.
+* ``imagenet-std``     -- "normalized using ImageNet statistics" read literally: RGB ``x / 255``
+  minus the ImageNet mean, over its standard deviation (torchvision's convention), fed to the Keras
+  network instead of Keras' ``preprocess_input`` ("caffe" mode: BGR, 0..255 minus the mean).
 
 Usage (weights through ``PATCHKNN_WEIGHTS_DIR``; time it under the shared lock so runs do not overlap):
 
@@ -30,13 +33,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-VARIANTS: dict[str, tuple[list[str], bool]] = {
-    # name: (extra `patchknn evaluate` arguments, nearest-neighbour image resize)
-    "keras": ([], False),
-    "caffe": (["--backbone", "resnet50-caffe"], False),
-    "nearest": ([], True),
-    "original": (["--resolution", "original"], False),
-    "caffe-nearest": (["--backbone", "resnet50-caffe"], True),
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    # name: (extra `patchknn evaluate` arguments, patch applied while it runs)
+    "keras": ([], ""),
+    "caffe": (["--backbone", "resnet50-caffe"], ""),
+    "nearest": ([], "nearest"),
+    "original": (["--resolution", "original"], ""),
+    "caffe-nearest": (["--backbone", "resnet50-caffe"], "nearest"),
+    "imagenet-std": ([], "imagenet-std"),
 }
 
 
@@ -59,17 +63,42 @@ def nearest_resize() -> Iterator[None]:
         Image.Image.resize = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def imagenet_std_normalization() -> Iterator[None]:
+    """Feed the Keras/Caffe ResNet-50 torchvision-style input: RGB, ``(x / 255 - mean) / std``."""
+    import torch
+
+    from patchknn.backbones.resnet import IMAGENET_MEAN, IMAGENET_STD, CaffeResNet50
+
+    original = CaffeResNet50.normalize
+
+    def normalize(self, images):  # type: ignore[no-untyped-def]
+        x = images.to(device=self.mean.device, dtype=torch.float32) / 255.0
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    CaffeResNet50.normalize = normalize  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CaffeResNet50.normalize = original  # type: ignore[method-assign]
+
+
+PATCHES = {"": contextlib.nullcontext, "nearest": nearest_resize, "imagenet-std": imagenet_std_normalization}
+
+
 def run(data_root: str, category: str, name: str, output_dir: Path, workers: str) -> dict:
     from typer.testing import CliRunner
 
     from patchknn.cli import app
 
-    extra, nearest = VARIANTS[name]
+    extra, patch = VARIANTS[name]
     out = output_dir / f"{category}-{name}.json"
     args = ["evaluate", "--data-root", data_root, "--category", category, "--output", str(out), "--quiet",
             "--workers", workers, *extra]
     t0 = time.perf_counter()
-    with nearest_resize() if nearest else contextlib.nullcontext():
+    with PATCHES[patch]():
         result = CliRunner().invoke(app, args)
     if result.exit_code != 0:
         raise SystemExit(f"{name}: patchknn {' '.join(args)} failed:\n{result.output}")
@@ -78,7 +107,7 @@ def run(data_root: str, category: str, name: str, output_dir: Path, workers: str
     return {
         "variant": name,
         "backbone": doc["config"]["backbone"],
-        "args": " ".join(extra) + (" (nearest resize)" if nearest else ""),
+        "args": " ".join([*extra, *([f"(patched: {patch})"] if patch else [])]),
         "pixel_auprc": row["pixel_auprc"],
         "pixel_auroc": row["pixel_auroc"],
         "image_auroc": row["image_auroc"],
