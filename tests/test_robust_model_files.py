@@ -646,7 +646,7 @@ PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib
 # The one documented exception: backbone weights files the *user* names (and the packaged
 # EfficientNet weights) may be torch.save files; they are read with torch.load(weights_only=True),
 # which refuses anything but tensors and plain containers. Model files never use it.
-TORCH_LOAD_ALLOWED = {"backbones/resnet.py", "backbones/efficientnet.py"}
+TORCH_LOAD_ALLOWED = {"backbones/base.py"}  # read_state_dict_file, used by every backbone family
 
 
 def _calls(tree: ast.AST):

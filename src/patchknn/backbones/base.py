@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,12 +225,13 @@ def read_state_dict_file(path: str | Path, *, h5_reader: Callable[[Path], dict[s
             obj = torch.load(fh, map_location="cpu", weights_only=True)
     except WeightsError:
         raise
-    except pickle.UnpicklingError:
-        raise WeightsError(
-            f"{path} holds Python objects other than tensors, which patchknn never unpickles: "
-            f"expected a state dict (names -> tensors) in a supported format ({SUPPORTED_WEIGHTS_FORMATS})"
-        ) from None
-    except Exception as exc:  # truncated / corrupt file
+    except Exception as exc:
+        if type(exc).__name__ == "UnpicklingError":  # torch.load(weights_only=True) refused an object
+            raise WeightsError(
+                f"{path} holds Python objects other than tensors, which patchknn never unpickles: expected "
+                f"a state dict (names -> tensors) in a supported format ({SUPPORTED_WEIGHTS_FORMATS})"
+            ) from None
+        # a truncated or corrupt file
         raise WeightsError(f"could not read weights file {path} ({kind}): {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
