@@ -58,6 +58,7 @@ __all__ = [
     "MemoryBudget",
     "decode_cost",
     "prepare_image",
+    "return_freed_memory",
 ]
 
 FIXED_BYTES = 1 << 20
@@ -178,6 +179,28 @@ def prepare_image(
         del image
     tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
     return tensor, original
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Ask glibc's allocator to give every block of ``threshold`` bytes or more back to the system when it
+    is freed (``mallopt(M_MMAP_THRESHOLD)``), instead of keeping it in per-thread heaps.
+
+    Decoding allocates and frees hundreds of megabytes in several threads; by default glibc raises its
+    threshold after the first such free and keeps later blocks in the decoding thread's heap, so the
+    resident size can stay above what is in use and grow by heap. Returns whether it was set (only on
+    Linux with glibc; elsewhere nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 class MemoryBudget:
