@@ -229,6 +229,10 @@ class PatchKNNConfig:
         """A copy with some options changed (validated)."""
         return dataclasses.replace(self, **changes)
 
+    def as_kwargs(self) -> dict[str, Any]:
+        """Every option as ``name -> value`` (the keyword arguments of :class:`~patchknn.PatchKNN`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.resolved_layers)

@@ -49,7 +49,7 @@ from patchknn.backbones.base import WeightsArg
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
 from patchknn.data import iter_batches
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
-from patchknn.model import IndexFactory, PatchKNN, _as_sources, _config_kwargs
+from patchknn.model import IndexFactory, PatchKNN, as_sources, register_model_kind
 from patchknn.serialization import load_model, save_model
 
 __all__ = ["EnsemblePatchKNN", "member_configs"]
@@ -135,7 +135,7 @@ class EnsemblePatchKNN(PatchKNN):
             # the others their own default weights (e.g. the packaged EfficientNet-Lite2 file)
             member_weights = [weights if c.backbone == configs[0].backbone else None for c in configs]
         full = configs[0].replace(ensemble=tuple(member_spec(configs[0], c) for c in configs[1:]))
-        super().__init__(**_config_kwargs(full), weights=member_weights[0], **runtime)
+        super().__init__(**full.as_kwargs(), weights=member_weights[0], **runtime)
         self.runtime = dict(runtime)
         # members need no threshold of their own: the ensemble calibrates one on its own scores
         self.members = [
@@ -171,28 +171,28 @@ class EnsemblePatchKNN(PatchKNN):
     def fit(self, images: Sequence[Any] | str | Path) -> EnsemblePatchKNN:
         """Fit every member on the same normal images, then calibrate normalisation and threshold."""
         t0 = time.perf_counter()
-        sources = _as_sources(images)
+        sources = as_sources(images)
         if len(sources) < 2:
             raise ConfigError("an ensemble needs at least two normal images to calibrate its members")
         self._share_backbones()
         # One decoding pass for all members, and one backbone pass per distinct network: members
         # on the same network read the maps it computed for the batch (_SharedBackbone).
         lead = self.lead
-        stores = [m._training_store(len(sources)) for m in self.members]
-        batches = lead._batches(sources)  # members share image_size
+        stores = [m.training_store(len(sources)) for m in self.members]
+        batches = lead.batches(sources)  # members share image_size
         try:
-            with lead._bar(len(sources), "fit: features") as bar:
+            with lead.progress_bar(len(sources), "fit: features") as bar:
                 for batch in batches:
                     images = batch.images.to(lead.device)  # one tensor: the shared backbones see the same input
                     for member, store in zip(self.members, stores):
-                        store.add(*member._fit_features(images))
+                        store.add(*member.fit_features(images))
                     bar.update(len(batch.indices))
         finally:
             _SharedBackbone.forget_all(self.members)
         skipped_now = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
         for member, store in zip(self.members, stores):
             member.skipped_ = list(skipped_now)
-            member._fit_store(store, t0)
+            member.fit_store(store, t0)
         self.skipped_ = list(self.lead.skipped_)
         skipped = {src for src, _ in self.skipped_}
         usable = [s for s in sources if not (isinstance(s, str | Path) and str(s) in skipped)]
@@ -393,7 +393,7 @@ def _loo_grids(member: PatchKNN, images: Sequence[Any]) -> np.ndarray:
     depth = min(bank.shape[0], k + 48)
     grids: list[np.ndarray] = []
     for batch in iter_batches(images, image_size=member.config.image_size, batch_size=member.batch_size):
-        for rows in member._query_rows(batch.images):
+        for rows in member.query_rows(batch.images):
             q = np.ascontiguousarray(rows.numpy(), dtype=np.float32)
             dist, ids = faiss.knn(q, bank, depth)
             dist = np.sqrt(np.maximum(dist, 0))
@@ -418,3 +418,6 @@ def _loo_stats(member: PatchKNN, images: Sequence[Any]) -> tuple[float, float]:
     """Mean and standard deviation of :func:`_loo_grids`."""
     grids = _loo_grids(member, images)
     return float(grids.mean()), float(max(grids.std(), 1e-12))
+
+
+register_model_kind(ENSEMBLE_KIND, EnsemblePatchKNN)

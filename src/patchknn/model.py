@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import time
 import warnings
@@ -41,6 +42,28 @@ from patchknn.serialization import bank_shape, check_model_contents, load_model,
 OnError = Literal["stop", "skip"]
 IndexFactory = Callable[[Path, "PatchKNN"], Any]
 """``(model_dir, model) -> index``: builds a loaded model's search index from its directory."""
+
+#: Saved-model kinds beyond a single model: the ``kind`` in ``patchknn.json`` -> the class that
+#: builds and loads it. A plugin registry (as the backbones'): :mod:`patchknn.ensemble` registers
+#: ``"ensemble"`` when imported, so this module never imports its subclass.
+MODEL_KINDS: dict[str, type[PatchKNN]] = {}
+
+
+def register_model_kind(kind: str, cls: type[PatchKNN]) -> type[PatchKNN]:
+    """Make ``PatchKNN.load`` / ``PatchKNN.from_config`` hand models of ``kind`` to ``cls``."""
+    MODEL_KINDS[kind] = cls
+    return cls
+
+
+#: Where the built-in kinds live: imported by name on first use (an entry-point table).
+BUILTIN_KINDS = {"ensemble": "patchknn.ensemble"}
+
+
+def model_kind(kind: str) -> type[PatchKNN]:
+    """The class registered for ``kind`` (a built-in kind's module is imported on first use)."""
+    if kind not in MODEL_KINDS and kind in BUILTIN_KINDS:
+        importlib.import_module(BUILTIN_KINDS[kind])
+    return MODEL_KINDS[kind]
 OutputSize = int | tuple[int, int] | Literal["input", "original"] | None
 _NON_FINITE = (
     "the anomaly map contains NaN or infinite values (numerical overflow in the backbone, or a "
@@ -231,10 +254,8 @@ class PatchKNN:
         A configuration with ``ensemble`` members gives an :class:`~patchknn.ensemble.EnsemblePatchKNN`.
         """
         if config.ensemble and not cls._is_ensemble:
-            from patchknn.ensemble import EnsemblePatchKNN
-
-            return EnsemblePatchKNN.from_config(config, **runtime)
-        return cls(**_config_kwargs(config), **runtime)
+            return model_kind("ensemble").from_config(config, **runtime)
+        return cls(**config.as_kwargs(), **runtime)
 
     @classmethod
     def from_preset(cls, name: str = "paper", **options: Any) -> PatchKNN:
@@ -253,7 +274,7 @@ class PatchKNN:
         """The method options (scikit-learn style: the constructor's parameters, read from
         :attr:`config`, the one owner of their values and defaults). ``deep`` is accepted for
         scikit-learn's API; there are no nested estimators."""
-        return _config_kwargs(self.config)
+        return self.config.as_kwargs()
 
     def set_params(self, **params: Any) -> PatchKNN:
         """Change method options (scikit-learn style); returns ``self``.
@@ -261,7 +282,7 @@ class PatchKNN:
         The new configuration is validated as a whole (:class:`ConfigError` names the option), and
         the fitted state is discarded: a model is always what its options say, so fit again.
         """
-        fields = set(_config_kwargs(self.config))
+        fields = set(self.config.as_kwargs())
         unknown = sorted(set(params) - fields)
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(fields)}")
@@ -318,20 +339,20 @@ class PatchKNN:
         Returns:
             ``self``.
         """
-        sources = _as_sources(images)
+        sources = as_sources(images)
         if len(sources) == 0:
             raise ConfigError("fit needs at least one normal image")
         t0 = time.perf_counter()
-        store = self._training_store(len(sources))
-        batches = self._batches(sources)
-        with self._bar(len(sources), "fit: features") as bar:
+        store = self.training_store(len(sources))
+        batches = self.batches(sources)
+        with self.progress_bar(len(sources), "fit: features") as bar:
             for batch in batches:
-                store.add(*self._fit_features(batch.images))
+                store.add(*self.fit_features(batch.images))
                 bar.update(len(batch.indices))
         self.skipped_ = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
-        return self._fit_store(store, t0)
+        return self.fit_store(store, t0)
 
-    def _batches(self, sources: Sequence[Any]) -> Any:
+    def batches(self, sources: Sequence[Any]) -> Any:
         """Decoded, resized batches of ``sources`` with this model's run options (see
         :func:`patchknn.data.iter_batches`; unreadable images are in its ``errors``)."""
         return iter_batches(
@@ -343,13 +364,13 @@ class PatchKNN:
             max_pixels=self.max_pixels,
         )
 
-    def _training_store(self, capacity: int) -> TrainingStore:
+    def training_store(self, capacity: int) -> TrainingStore:
         """An empty store for ``capacity`` training images: compact maps when a PCA of linear
         features follows (the paper), full patch vectors otherwise."""
         ext = self.extractor
         return TrainingStore(ext, capacity, compact=self.config.pca_variance is not None and ext.can_project)
 
-    def _fit_store(self, store: TrainingStore, t0: float) -> PatchKNN:
+    def fit_store(self, store: TrainingStore, t0: float) -> PatchKNN:
         """Everything after the features: PCA, bank, coreset, index, threshold (``skipped_`` set)."""
         _seed_everything(self.config.seed)
         ext = self.extractor
@@ -447,11 +468,11 @@ class PatchKNN:
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, but yields results as batches finish (constant memory)."""
         self._check_fitted()
-        sources = _as_sources(images)
-        batches = self._batches(sources)
+        sources = as_sources(images)
+        batches = self.batches(sources)
         names = [source_name(s, i) for i, s in enumerate(sources)]
         reported = 0
-        with self._bar(len(sources), "predict") as bar:
+        with self.progress_bar(len(sources), "predict") as bar:
             for batch in batches:
                 preds = self.predict_batch(
                     batch.images,
@@ -540,7 +561,7 @@ class PatchKNN:
             grids /= 1 + len(self.config.tta)
         return grids, weights
 
-    def _query_rows(self, images: torch.Tensor) -> torch.Tensor:
+    def query_rows(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, S, S)`` -> the ``(B, grid*grid, d)`` vectors searched in the bank."""
         if self.pca_ is None:
             return self._features(images)
@@ -551,7 +572,7 @@ class PatchKNN:
         return self.pca_.transform(feats.reshape(b * p, -1)).reshape(b, p, -1)
 
     def _grid_and_rows(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        feats = self._query_rows(images)
+        feats = self.query_rows(images)
         b, p, _ = feats.shape
         rows_np = feats.reshape(b * p, -1).numpy()
         dist = self.index_.search(rows_np, self.config.k)  # type: ignore[union-attr]
@@ -583,7 +604,7 @@ class PatchKNN:
         return feats.float().cpu()
 
     @torch.inference_mode()
-    def _fit_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def fit_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The compact per-layer maps (CPU) and the full patch vectors (CPU) of a batch."""
         ext = self.extractor
         parts = ext.compact_maps(images.to(self.device))
@@ -634,11 +655,11 @@ class PatchKNN:
                 (its file is still checksummed). For an ensemble it is called once per member.
         """
         doc, groups = load_model(path, skip={"tensors": ["bank"]} if index is not None else None)
-        if doc.get("kind") == "ensemble":
-            from patchknn.ensemble import EnsemblePatchKNN
-
-            if not cls._is_ensemble:
-                return EnsemblePatchKNN.load(path, index=index, **runtime)
+        kind = doc.get("kind")
+        if kind in BUILTIN_KINDS or kind in MODEL_KINDS:
+            other = model_kind(kind)
+            if not issubclass(cls, other):
+                return other.load(path, index=index, **runtime)
         try:
             config = PatchKNNConfig.from_dict(doc["config"])
         except (KeyError, TypeError) as e:
@@ -680,16 +701,12 @@ class PatchKNN:
         if self.index_ is None:
             raise NotFittedError("this PatchKNN is not fitted yet; call fit(images) or PatchKNN.load(path)")
 
-    def _bar(self, total: int, desc: str) -> tqdm:
+    def progress_bar(self, total: int, desc: str) -> tqdm:
         disable = not self.progress or not sys.stderr.isatty()
         return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _config_kwargs(config: PatchKNNConfig) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(PatchKNNConfig)}
-
-
 def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -715,7 +732,9 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def _as_sources(images: Sequence[Any] | str | Path | Iterable[Any]) -> list[Any]:
+def as_sources(images: Sequence[Any] | str | Path | Iterable[Any]) -> list[Any]:
+    """``fit``/``predict`` inputs as a list: a folder or path(s) expanded to image files (sorted),
+    in-memory images (PIL, arrays) as given."""
     from patchknn.data import expand_inputs
 
     if isinstance(images, str | Path):
