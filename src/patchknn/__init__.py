@@ -2,7 +2,7 @@
 
 Example:
     >>> from patchknn import PatchKNN
-    >>> model = PatchKNN()  # the paper's method: Caffe ResNet-50, layers 1-3, 28x28, PCA 95 %, k=1
+    >>> model = PatchKNN()  # the paper's method: Keras' ResNet-50, layers 1-3, 28x28, PCA 95 %, k=1
 """
 
 import os
@@ -12,6 +12,8 @@ import os
 # backbone alone is ~10 % slower without decoding beside it). Effective only when patchknn is
 # imported before torch; an OMP_WAIT_POLICY set by the user is kept. See docs/speed.md.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from typing import TYPE_CHECKING  # noqa: E402
 
 from patchknn._version import __version__  # noqa: E402
 from patchknn.config import PRESETS, PatchKNNConfig, preset  # noqa: E402
@@ -24,7 +26,27 @@ from patchknn.errors import (  # noqa: E402
     PatchKNNError,
     WeightsError,
 )
-from patchknn.model import PatchKNN, Prediction  # noqa: E402
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__ below
+    from patchknn.model import PatchKNN, Prediction
+
+# The estimator pulls in torch (seconds): imported on first use, so that `patchknn --help`, the
+# configuration and the errors stay light (PEP 562).
+_LAZY = {"PatchKNN": "patchknn.model", "Prediction": "patchknn.model"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'patchknn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 __all__ = [
     "PRESETS",
