@@ -377,6 +377,88 @@ def test_score_archive_resumes_after_interruption(ray_instance, archive, tmp_pat
     _check_equal_to_predict(out, _reference(model_dir, paths, threshold=threshold), maps=False)
 
 
+def _kill_descendants(marker: str) -> list[int]:
+    """SIGKILL the processes under this one (the local Ray instance's workers are) whose command line
+    contains ``marker``; found through Linux's /proc."""
+    import signal
+
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # "pid (name) state ppid ...": the name may hold spaces, so split after its ")"
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    mine, grew = {os.getpid()}, True
+    while grew:
+        new = {pid for pid, ppid in parent.items() if ppid in mine} - mine
+        mine |= new
+        grew = bool(new)
+    killed = []
+    for pid in sorted(mine - {os.getpid()}):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
+
+
+@ray_test
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="finds Ray's actor process through /proc")
+def test_score_archive_survives_a_killed_actor_process(ray_instance, archive, tmp_path):
+    """A scoring actor's process dies (SIGKILL, as with the OOM killer or a lost machine) after the
+    first part is written: Ray restarts the actor and retries its batch, the run completes, and
+    every file is in the output once, equal to predict."""
+    from patchknn.distributed import score_archive
+
+    model_dir, test_dir, paths = archive
+    killed: list[int] = []
+
+    def kill_the_scorer(index, path):
+        if index == 0:
+            killed.extend(_kill_descendants("MapBatches(ArchiveScorer)"))
+
+    summary = score_archive(model_dir, [test_dir], tmp_path / "scores", concurrency=1, batch_size=2, part_rows=4,
+                            progress=False, _on_part=kill_the_scorer)
+    assert killed, "no ArchiveScorer actor process was found to kill"
+    assert summary.n_images == summary.n_scored == 13 and summary.n_done_before == 0
+    _check_equal_to_predict(tmp_path / "scores", _reference(model_dir, paths), maps=False)
+
+
+@ray_test
+def test_score_archive_resumes_after_the_driver_is_killed(ray_instance, archive, tmp_path):
+    """`patchknn score-archive` (joined to a running cluster) is SIGKILLed once a part is on disk:
+    the same command again scores only the files that are not in a part, and the output is whole."""
+    import signal
+    import time
+
+    model_dir, _, paths = archive
+    address = ray_instance.get_runtime_context().gcs_address
+    listing = tmp_path / "all.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    out = tmp_path / "scores"
+    command = [sys.executable, "-m", "patchknn.cli", "score-archive", str(model_dir), str(listing), "--output",
+               str(out), "--address", address, "--batch-size", "2", "--part-rows", "2", "-q"]
+    p = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("parts/part-*.parquet")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = {r for part in out.glob("parts/part-*.parquet") for r in pq.read_table(part).column("image").to_pylist()}
+    assert 2 <= len(done) < 13 and not (out / "summary.json").exists()
+
+    r = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_done_before"] == len(done) and summary["n_scored"] == 13 - len(done)
+    _check_equal_to_predict(out, _reference(model_dir, paths), maps=False)
+
+
 @ray_test
 def test_score_archive_cli_sharded(ray_instance, archive, tmp_path):
     from typer.testing import CliRunner
