@@ -348,3 +348,28 @@ def test_cli_fit_predict_best_preset_ensemble(synthetic_root, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert len(rows) == 2 and all(r["error"] is None and r["verdict"] in ("OK", "NG") for r in rows)
+
+
+DOCS_WITH_ABLATION_COMMANDS = ("docs/accuracy.md",)
+
+
+def test_documented_ablation_commands_name_real_variants():
+    """The ablation commands in the docs list variants benchmarks/ablation.py knows (no `...`, no
+    renamed variant), and every row of docs/accuracy.md's table is one of them."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ablation", root / "benchmarks" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    for doc in DOCS_WITH_ABLATION_COMMANDS:
+        text = (root / doc).read_text(encoding="utf-8")
+        lists = re.findall(r"^V=(\S+)$", text, flags=re.M) + re.findall(r"--variants (\S+)", text)
+        lists = [v for v in lists if v != "$V"]
+        assert lists, doc
+        for names in lists:
+            assert set(names.split(",")) <= set(ablation.VARIANTS), (doc, names)
+    table_rows = re.findall(r"^\| (\S+) \|.*\| `--preset", (root / "docs/accuracy.md").read_text(), flags=re.M)
+    assert len(table_rows) >= 10 and set(table_rows) <= set(ablation.VARIANTS)
