@@ -95,7 +95,9 @@ def register(app: typer.Typer) -> None:
             finished[0] += 1
             if quiet:
                 return
-            what = {"fitted": f"fitted in {r.get('seconds', 0):.1f} s ({r.get('n_images')} images)",
+            n = r.get("n_images")
+            images = f"{n} image" if n == 1 else f"{n} images"
+            what = {"fitted": f"fitted in {r.get('seconds', 0):.1f} s ({images})",
                     "up-to-date": "up to date, skipped"}.get(r["status"], f"FAILED: {r.get('error')}")
             typer.echo(f"[{finished[0]}/{total}] {r['name']}: {what}", err=True)
 
