@@ -16,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from patchknn.report.collect import ReportCollector, ReportError, category_data, select_gallery
+from patchknn.report.collect import ReportCollector, category_data, select_gallery
 from patchknn.report.html import render, write_report
+from patchknn.report.layout import ReportError
 
 __all__ = ["ReportCollector", "ReportError", "category_data", "render", "select_gallery", "write_report"]

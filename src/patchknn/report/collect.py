@@ -19,7 +19,6 @@ together.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,22 +28,15 @@ from PIL import Image
 
 from patchknn import metrics
 from patchknn.errors import PatchKNNError
+from patchknn.report.layout import (
+    ASSETS,
+    DATA_FORMAT,
+    DATA_VERSION,
+    safe_name,
+)
 
-ASSETS = "assets"
-DATA_FORMAT = "patchknn-report-category"
-DATA_VERSION = 1
-GALLERY_KINDS = ("false_positives", "misses", "detections")
-GALLERY_TITLES = {
-    "false_positives": "Worst false positives (good images with the highest scores)",
-    "misses": "Worst misses (defective images with the lowest scores)",
-    "detections": "Best detections (defective images whose predicted region best overlaps the truth)",
-}
 CURVE_POINTS = 400
 GALLERY_HEIGHT = 256
-
-
-class ReportError(PatchKNNError, ValueError):
-    """A results file or report data file cannot be used to write a report."""
 
 
 class ReportCollector:
@@ -75,7 +67,7 @@ class ReportCollector:
     def add(self, ev: Any) -> Path:
         """Save the report data of one :class:`~patchknn.evaluation.CategoryEvaluation`."""
         data = category_data(ev, self.directory, per_kind=self.per_kind, progress=self.progress)
-        path = self.directory / ASSETS / f"{_safe(ev.category)}.json"
+        path = self.directory / ASSETS / f"{safe_name(ev.category)}.json"
         path.write_text(json.dumps(data, indent=1, allow_nan=False))
         self.categories.append(ev.category)
         return path
@@ -225,7 +217,7 @@ def _gallery(
             union = np.count_nonzero(pred | gt)
             overlap[i] = np.count_nonzero(pred & gt) / union if union else 0.0
     chosen = select_gallery(np.asarray(scores), np.asarray(labels), overlap, per_kind)
-    folder = directory / ASSETS / _safe(ev.category)
+    folder = directory / ASSETS / safe_name(ev.category)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):
         old.unlink()
@@ -240,7 +232,7 @@ def _gallery(
                     image, maps[i], mask=masks[i], vmin=scale[0], vmax=scale[1], threshold=outline
                 )
                 panel = _fit_height(panel, GALLERY_HEIGHT)
-                file = folder / f"{kind}-{rank}-{_safe(str(Path(names[i]).with_suffix('')))}.png"
+                file = folder / f"{kind}-{rank}-{safe_name(str(Path(names[i]).with_suffix('')))}.png"
                 save_png(file, panel)
                 flagged = None if outline is None else bool(scores[i] >= outline)
                 entries.append(
@@ -265,25 +257,7 @@ def _fit_height(panel: np.ndarray, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(panel).resize((width, height), Image.Resampling.LANCZOS))
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
-
-
 def _bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled or not sys.stderr.isatty(), leave=False)
-
-
-def load_category_data(path: str | Path) -> dict[str, Any]:
-    """Read ``assets/<category>.json``; raises :class:`~patchknn.errors.PatchKNNError` when unusable."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path}: cannot read report data ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != DATA_FORMAT:
-        raise ReportError(f"{path}: not a patchknn report data file")
-    if int(data.get("version", 0)) > DATA_VERSION:
-        raise ReportError(f"{path}: report data version {data.get('version')} is newer than this patchknn")
-    return data

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from patchknn.report import plots
-from patchknn.report.collect import ASSETS, GALLERY_KINDS, GALLERY_TITLES, ReportError, _safe, load_category_data
+from patchknn.report.layout import ASSETS, GALLERY_KINDS, GALLERY_TITLES, ReportError, load_category_data, safe_name
 
 #: (key, header, tooltip) of the two metrics tables, in order.
 PROTOCOL_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -139,12 +139,12 @@ def render(
     sections: list[str] = []
     disable = not progress or not sys.stderr.isatty()
     for name in tqdm(categories, desc="report: page", unit="category", disable=disable, leave=False):
-        data_path = assets_dir / f"{_safe(name)}.json"
+        data_path = assets_dir / f"{safe_name(name)}.json"
         data = load_category_data(data_path) if data_path.is_file() else None
         sections.append(_category_section(name, results["categories"][name], data, assets_dir, page_dir))
     version = results.get("patchknn_version", "?")
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    nav = " ".join(f'<a href="#cat-{_e(_safe(n))}">{_e(n)}</a>' for n in categories)
+    nav = " ".join(f'<a href="#cat-{_e(safe_name(n))}">{_e(n)}</a>' for n in categories)
     head = (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -189,7 +189,7 @@ def _metrics_table(results: dict[str, Any], columns: tuple[tuple[str, str, str],
         items.append(("mean", results.get("mean") or {}))
     for name, row in items:
         cls = ' class="mean"' if name == "mean" else ""
-        label = _e(name) if name == "mean" else f'<a href="#cat-{_e(_safe(name))}">{_e(name)}</a>'
+        label = _e(name) if name == "mean" else f'<a href="#cat-{_e(safe_name(name))}">{_e(name)}</a>'
         cells = [f"<td>{label}</td>"]
         for key, _, _ in columns:
             if name == "mean" and key not in row:
@@ -224,7 +224,7 @@ def _config_block(config: dict[str, Any]) -> str:
 def _category_section(
     name: str, row: dict[str, Any], data: dict[str, Any] | None, assets_dir: Path, page_dir: Path
 ) -> str:
-    out = [f'<h2 id="cat-{_e(_safe(name))}">{_e(name)}</h2>\n']
+    out = [f'<h2 id="cat-{_e(safe_name(name))}">{_e(name)}</h2>\n']
     out.append(_facts(row, data))
     if data is None:
         out.append(
