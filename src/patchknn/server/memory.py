@@ -137,12 +137,12 @@ def decode_cost(data: bytes, max_pixels: int | None = None) -> DecodeCost:
     """
     from PIL import Image
 
-    from patchknn.data import _check_pixels, _decode_formats, _pil_errors
+    from patchknn.data import check_pixels, decode_formats, pil_errors
 
     name = "<bytes>"
-    with _pil_errors(name, max_pixels), Image.open(io.BytesIO(data), formats=_decode_formats()) as img:
+    with pil_errors(name, max_pixels), Image.open(io.BytesIO(data), formats=decode_formats()) as img:
         width, height = img.size
-        _check_pixels(name, height, width, max_pixels)
+        check_pixels(name, height, width, max_pixels)
         mode, fmt = img.mode, str(img.format)
         rotated = _may_rotate(img, data)
     per_pixel = bytes_per_pixel(mode, fmt, rotated)
