@@ -587,3 +587,11 @@ def test_bytes_per_pixel_table_covers_the_real_decode(tmp_path):
     assert not too_low, f"bytes per pixel measured > counted: {too_low}"
     modes = {mode for _, _, mode, _ in measured.values()}
     assert {"RGB", "RGBA", "L", "LA", "I;16", "P", "1", "CMYK", "F", "I"} <= modes
+
+
+def test_upgrade_header_is_served_as_plain_http_without_log_noise(served):
+    with served.client() as c:
+        r = c.get("/healthz", headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    time.sleep(0.3)
+    assert "Unsupported upgrade" not in served.text() and "WebSocket library" not in served.text()

@@ -924,6 +924,7 @@ def server_config(
         "timeout_keep_alive": 5,
         "lifespan": "on",
         "http": guarded_protocol(guard),
+        "ws": "none",  # no WebSocket endpoints: an Upgrade request is served as plain HTTP
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         **overrides,
     }

@@ -224,6 +224,11 @@ class GuardedH11Protocol(H11Protocol):
             self._arm()
         super().on_response_complete()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn logs two warnings for every Upgrade header (advice to install a WebSocket library); this
+        # server has no WebSocket endpoint, so the request is simply served as HTTP.
+        log.debug("Upgrade header ignored (no WebSocket endpoints)")
+
     def send_400_response(self, msg: str) -> None:
         self._disarm()
         exc = self.conn.last_error
