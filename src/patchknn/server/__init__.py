@@ -7,9 +7,12 @@ them; :mod:`patchknn.server.app` does.
 Modules:
     settings:  :class:`ServerSettings`, model specs (``NAME=PATH``), loading the models (pure Python)
     auth:      API keys (file / ``PATCHKNN_API_KEYS``), constant-time checks, the loopback rule
-    batching:  :class:`MicroBatcher`, concurrent requests -> one ``score_grid`` call
+    batching:  :class:`MicroBatcher`, concurrent requests -> one backbone call
+    memory:    the decode memory budget: an upload's decoding cost read from its header
+    protocol:  uvicorn's h11 protocol with a header deadline, a cap on connections without headers,
+               JSON for the parser's errors and an access log without query strings
     metrics:   Prometheus text exposition, hand-written (no extra dependency)
-    app:       the FastAPI application (:func:`create_app`) and :func:`run`
+    app:       the FastAPI application (:func:`create_app`), :func:`server_config` and :func:`run`
     commands:  ``register(app)`` adds ``patchknn serve`` to the CLI
 
 Example:
