@@ -17,8 +17,7 @@ import importlib
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,9 +33,11 @@ from patchknn.config import PatchKNNConfig, preset
 from patchknn.coreset import greedy_coreset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
+from patchknn.execution import as_sources, check_device, native_bf16, seed_everything
 from patchknn.features import PatchFeatureExtractor, TrainingStore
 from patchknn.index import IndexParams, MemoryBankIndex, build_index, single_threaded
 from patchknn.reduction import PCA
+from patchknn.scoring import OutputSize, Prediction
 from patchknn.serialization import bank_shape, check_model_contents, load_model, save_model
 
 OnError = Literal["stop", "skip"]
@@ -64,51 +65,6 @@ def model_kind(kind: str) -> type[PatchKNN]:
     if kind not in MODEL_KINDS and kind in BUILTIN_KINDS:
         importlib.import_module(BUILTIN_KINDS[kind])
     return MODEL_KINDS[kind]
-OutputSize = int | tuple[int, int] | Literal["input", "original"] | None
-_NON_FINITE = (
-    "the anomaly map contains NaN or infinite values (numerical overflow in the backbone, or a "
-    "damaged model); no score is given"
-)
-
-
-@dataclass
-class Prediction:
-    """The result for one image.
-
-    Attributes:
-        source: the file path, or ``"<array i>"`` / ``"<image i>"`` for in-memory inputs.
-        anomaly_map: ``(H, W)`` float32 anomaly scores (distance to normal) at the output size.
-        score: image anomaly score (by default the maximum of ``anomaly_map``).
-        threshold: the decision threshold in force, or ``None`` when the model has none.
-        error: with ``on_error="skip"``, why the image could not be scored (map and score are None).
-    """
-
-    source: str
-    anomaly_map: np.ndarray | None
-    score: float | None
-    threshold: float | None = None
-    error: str | None = None
-
-    @property
-    def is_anomalous(self) -> bool | None:
-        """``True`` (NG) when the score reaches the threshold; ``None`` without a threshold."""
-        if self.threshold is None or self.score is None:
-            return None
-        return bool(self.score >= self.threshold)
-
-    @property
-    def verdict(self) -> str | None:
-        """``"NG"``, ``"OK"``, or ``None`` when there is no threshold (or an error)."""
-        return scoring.verdict(self.score, self.threshold)
-
-    @property
-    def mask(self) -> np.ndarray | None:
-        """Binary defect mask ``anomaly_map >= threshold``; ``None`` without a threshold."""
-        if self.threshold is None or self.anomaly_map is None:
-            return None
-        return self.anomaly_map >= self.threshold
-
-
 class PatchKNN:
     """Anomaly detector: nearest-neighbour distance of test patches to a bank of normal patches.
 
@@ -218,7 +174,7 @@ class PatchKNN:
                 "PatchKNN.from_config / PatchKNN.from_preset, or patchknn.ensemble.EnsemblePatchKNN"
             )
         self.weights = weights
-        self.device = _check_device(device)
+        self.device = check_device(device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if num_workers != "auto" and (
@@ -322,7 +278,7 @@ class PatchKNN:
         ext = PatchFeatureExtractor(
             net, self.config.grid_size, self.config.aggregation, self.config.layer_norm, self.config.precision
         )
-        if self.config.precision == "bfloat16" and self.device.type == "cpu" and not _native_bf16():
+        if self.config.precision == "bfloat16" and self.device.type == "cpu" and not native_bf16():
             warnings.warn(
                 "precision='bfloat16' on a CPU without native bfloat16 (AVX512-BF16 or AMX) is emulated "
                 "and slower than float32; set precision='float32' for speed on this machine",
@@ -372,7 +328,7 @@ class PatchKNN:
 
     def fit_store(self, store: TrainingStore, t0: float) -> PatchKNN:
         """Everything after the features: PCA, bank, coreset, index, threshold (``skipped_`` set)."""
-        _seed_everything(self.config.seed)
+        seed_everything(self.config.seed)
         ext = self.extractor
         grid_cells = store.grid_cells
         dim = store.dim
@@ -516,19 +472,9 @@ class PatchKNN:
         """
         grids, weights = self.score_batch(images)
         decision = self.threshold_ if threshold is None else float(threshold)
-        s = self.config.image_size
-        out = []
-        for j, grid in enumerate(grids):
-            name = names[j] if names is not None else f"<image {j}>"
-            base = scoring.grid_to_map(grid, (s, s), self.config)
-            score = scoring.image_score(grid, self.config, float(weights[j]), amap=base)
-            size = _resolve_size(output_size, s, sizes[j] if sizes is not None else (s, s))
-            amap = base if size == (s, s) else scoring.grid_to_map(grid, size, self.config)
-            if not (np.isfinite(score) and np.isfinite(amap).all()):  # never a silent NaN
-                out.append(Prediction(name, None, None, None, error=_NON_FINITE))
-                continue
-            out.append(Prediction(name, amap, score, decision))
-        return out
+        return scoring.predictions(
+            grids, weights, self.config, names=names, sizes=sizes, output_size=output_size, threshold=decision
+        )
 
     @staticmethod
     def _errors_before(batches: Any, names: list[str], start: int, stop: int) -> Iterator[Prediction]:
@@ -704,57 +650,6 @@ class PatchKNN:
     def progress_bar(self, total: int, desc: str) -> tqdm:
         disable = not self.progress or not sys.stderr.isatty()
         return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
-
-
-# ----------------------------------------------------------------------------------- helpers
-def _check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but no CUDA device is available; use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
-
-
-def _native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 convolutions natively (oneDNN with AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-
-
-def as_sources(images: Sequence[Any] | str | Path | Iterable[Any]) -> list[Any]:
-    """``fit``/``predict`` inputs as a list: a folder or path(s) expanded to image files (sorted),
-    in-memory images (PIL, arrays) as given."""
-    from patchknn.data import expand_inputs
-
-    if isinstance(images, str | Path):
-        return list(expand_inputs([images]))
-    items = list(images)
-    if items and all(isinstance(x, str | Path) for x in items):
-        return list(expand_inputs(items))
-    return items
-
-
-def _resolve_size(output_size: OutputSize, image_size: int, original: tuple[int, int]) -> tuple[int, int]:
-    if output_size is None or output_size == "input":
-        return (image_size, image_size)
-    if output_size == "original":
-        return (int(original[0]), int(original[1]))
-    if isinstance(output_size, int):
-        return (output_size, output_size)
-    if isinstance(output_size, tuple) and len(output_size) == 2:
-        return (int(output_size[0]), int(output_size[1]))
-    raise ConfigError(f"output_size must be None, 'input', 'original', an int or (H, W); got {output_size!r}")
 
 
 __all__ = ["PatchKNN", "Prediction", "__version__"]

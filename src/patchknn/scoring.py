@@ -12,14 +12,15 @@ so that every path gives the same numbers.
   the OK/NG verdict do not depend on ``output_size``.
 * :func:`reweight`: PatchCore's re-weighting of the most anomalous patch (``image_score="reweighted"``).
 * :func:`verdict`: ``"NG"`` when the score reaches the threshold.
+* :func:`predictions`: all of the above for a batch, as :class:`Prediction` objects.
 
 Example:
     >>> import numpy as np
     >>> from patchknn.config import PatchKNNConfig
-    >>> cfg = PatchKNNConfig(image_size=8, grid_size=2)
+    >>> cfg = PatchKNNConfig(image_size=32, grid_size=2)
     >>> grid = np.array([[0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
-    >>> grid_to_map(grid, (8, 8), cfg).shape
-    (8, 8)
+    >>> grid_to_map(grid, (32, 32), cfg).shape
+    (32, 32)
     >>> image_score(grid, cfg)
     1.0
     >>> verdict(1.0, 0.5), verdict(0.2, 0.5), verdict(0.2, None)
@@ -28,14 +29,86 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from patchknn.config import PatchKNNConfig
+from patchknn.errors import ConfigError
 
-__all__ = ["grid_to_map", "image_score", "reweight", "verdict"]
+__all__ = [
+    "OutputSize",
+    "Prediction",
+    "grid_to_map",
+    "image_score",
+    "predictions",
+    "resolve_size",
+    "reweight",
+    "verdict",
+]
+
+
+OutputSize = int | tuple[int, int] | Literal["input", "original"] | None
+NON_FINITE = (
+    "the anomaly map contains NaN or infinite values (numerical overflow in the backbone, or a "
+    "damaged model); no score is given"
+)
+
+
+@dataclass
+class Prediction:
+    """The result for one image.
+
+    Attributes:
+        source: the file path, or ``"<array i>"`` / ``"<image i>"`` for in-memory inputs.
+        anomaly_map: ``(H, W)`` float32 anomaly scores (distance to normal) at the output size.
+        score: image anomaly score (by default the maximum of ``anomaly_map``).
+        threshold: the decision threshold in force, or ``None`` when the model has none.
+        error: with ``on_error="skip"``, why the image could not be scored (map and score are None).
+    """
+
+    source: str
+    anomaly_map: np.ndarray | None
+    score: float | None
+    threshold: float | None = None
+    error: str | None = None
+
+    @property
+    def is_anomalous(self) -> bool | None:
+        """``True`` (NG) when the score reaches the threshold; ``None`` without a threshold."""
+        if self.threshold is None or self.score is None:
+            return None
+        return bool(self.score >= self.threshold)
+
+    @property
+    def verdict(self) -> str | None:
+        """``"NG"``, ``"OK"``, or ``None`` when there is no threshold (or an error)."""
+        return verdict(self.score, self.threshold)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """Binary defect mask ``anomaly_map >= threshold``; ``None`` without a threshold."""
+        if self.threshold is None or self.anomaly_map is None:
+            return None
+        return self.anomaly_map >= self.threshold
+
+
+def resolve_size(output_size: OutputSize, image_size: int, original: tuple[int, int]) -> tuple[int, int]:
+    """The map size for ``output_size`` (see :meth:`PatchKNN.predict <patchknn.model.PatchKNN.predict>`)."""
+    if output_size is None or output_size == "input":
+        return (image_size, image_size)
+    if output_size == "original":
+        return (int(original[0]), int(original[1]))
+    if isinstance(output_size, int):
+        return (output_size, output_size)
+    if isinstance(output_size, tuple) and len(output_size) == 2:
+        return (int(output_size[0]), int(output_size[1]))
+    raise ConfigError(f"output_size must be None, 'input', 'original', an int or (H, W); got {output_size!r}")
 
 
 def grid_to_map(grid: np.ndarray, size: tuple[int, int], config: PatchKNNConfig) -> np.ndarray:
@@ -107,3 +180,34 @@ def verdict(score: float | None, threshold: float | None) -> str | None:
     if score is None or threshold is None:
         return None
     return "NG" if score >= threshold else "OK"
+
+
+def predictions(
+    grids: np.ndarray,
+    weights: np.ndarray,
+    config: PatchKNNConfig,
+    *,
+    names: Sequence[str] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    output_size: OutputSize = None,
+    threshold: float | None = None,
+) -> list[Prediction]:
+    """``(B, grid, grid)`` patch distances (and PatchCore weights) -> one :class:`Prediction` each.
+
+    The score is taken from the map at ``config.image_size`` whatever ``output_size`` is, so the
+    score and verdict never depend on the size a map is drawn at. A map or score that is not
+    finite gives a :class:`Prediction` with ``error`` set (the caller decides whether that stops).
+    """
+    s = config.image_size
+    out = []
+    for j, grid in enumerate(grids):
+        name = names[j] if names is not None else f"<image {j}>"
+        base = grid_to_map(grid, (s, s), config)
+        score = image_score(grid, config, float(weights[j]), amap=base)
+        size = resolve_size(output_size, s, sizes[j] if sizes is not None else (s, s))
+        amap = base if size == (s, s) else grid_to_map(grid, size, config)
+        if not (np.isfinite(score) and np.isfinite(amap).all()):  # never a silent NaN
+            out.append(Prediction(name, None, None, None, error=NON_FINITE))
+            continue
+        out.append(Prediction(name, amap, score, threshold))
+    return out

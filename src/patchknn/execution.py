@@ -1,0 +1,60 @@
+"""How a model runs, apart from what it computes: device checks, CPU features, seeding, inputs.
+
+Example:
+    >>> check_device("cpu").type
+    'cpu'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchknn.errors import ConfigError
+
+__all__ = ["as_sources", "check_device", "native_bf16", "seed_everything"]
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a :class:`torch.device`, or :class:`ConfigError` saying what is allowed."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but no CUDA device is available; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (oneDNN with AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy's global generator (the fit's random steps draw from seeded generators
+    of their own as well)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def as_sources(images: Sequence[Any] | str | Path | Iterable[Any]) -> list[Any]:
+    """``fit``/``predict`` inputs as a list: a folder or path(s) expanded to image files (sorted),
+    in-memory images (PIL, arrays) as given."""
+    from patchknn.data import expand_inputs
+
+    if isinstance(images, str | Path):
+        return list(expand_inputs([images]))
+    items = list(images)
+    if items and all(isinstance(x, str | Path) for x in items):
+        return list(expand_inputs(items))
+    return items
