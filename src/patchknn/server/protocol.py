@@ -207,8 +207,8 @@ class GuardedH11Protocol(H11Protocol):
             self._answer_and_close(
                 503,
                 "too_many_connections",
-                f"{self.guard.pending} connections are already waiting to send their request headers "
-                f"(the limit); retry in {self.guard.retry_after_s} s",
+                f"too many connections are waiting to send their request headers (at most "
+                f"{self.guard.max_pending_connections}); retry in {self.guard.retry_after_s} s",
                 {"retry-after": str(self.guard.retry_after_s)},
             )
             return
