@@ -107,6 +107,11 @@ def register(app: typer.Typer) -> None:
         from patchknn.server.auth import KeyChecker, check_bind, load_api_keys
         from patchknn.server.settings import ServerSettings, load_models
 
+        if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
+            levels = "critical, error, warning, info, debug or trace"
+            typer.echo(f"error: --log-level {log_level!r}: use {levels}", err=True)
+            raise typer.Exit(2)
+        log_level = log_level.lower()
         logging.config.dictConfig(log_config(log_level))  # one format for patchknn's and uvicorn's lines
         keys = load_api_keys(api_key_file)
         settings = ServerSettings(
