@@ -32,13 +32,14 @@ from patchknn.backbones.base import WeightsArg
 from patchknn.config import PatchKNNConfig, preset
 from patchknn.coreset import greedy_coreset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
-from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
+from patchknn.errors import ConfigError, NotFittedError, PatchKNNError
 from patchknn.execution import as_sources, check_device, native_bf16, seed_everything
 from patchknn.features import PatchFeatureExtractor, TrainingStore
 from patchknn.index import IndexParams, MemoryBankIndex, build_index, single_threaded
+from patchknn.persistence import read_model, write_model
 from patchknn.reduction import PCA
 from patchknn.scoring import OutputSize, Prediction
-from patchknn.serialization import bank_shape, check_model_contents, load_model, save_model
+from patchknn.serialization import read_meta
 
 OnError = Literal["stop", "skip"]
 IndexFactory = Callable[[Path, "PatchKNN"], Any]
@@ -65,6 +66,9 @@ def model_kind(kind: str) -> type[PatchKNN]:
     if kind not in MODEL_KINDS and kind in BUILTIN_KINDS:
         importlib.import_module(BUILTIN_KINDS[kind])
     return MODEL_KINDS[kind]
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PatchKNNConfig))
+
+
 class PatchKNN:
     """Anomaly detector: nearest-neighbour distance of test patches to a bank of normal patches.
 
@@ -140,34 +144,10 @@ class PatchKNN:
         on_error: OnError = "stop",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        self.config = PatchKNNConfig(
-            backbone=backbone,
-            layers=layers,  # type: ignore[arg-type]  # PatchKNNConfig checks and converts
-            image_size=image_size,
-            grid_size=grid_size,
-            pca_variance=pca_variance,
-            k=k,
-            aggregation=aggregation,
-            layer_norm=layer_norm,
-            smoothing_sigma=smoothing_sigma,
-            image_score=image_score,
-            image_score_topk=image_score_topk,
-            index=index,
-            index_nlist=index_nlist,
-            index_nprobe=index_nprobe,
-            hnsw_m=hnsw_m,
-            hnsw_ef_search=hnsw_ef_search,
-            coreset_ratio=coreset_ratio,
-            coreset_dim=coreset_dim,
-            threshold_method=threshold_method,
-            threshold_quantile=threshold_quantile,
-            threshold_sigma=threshold_sigma,
-            calibration_images=calibration_images,
-            tta=tta,  # type: ignore[arg-type]
-            precision=precision,
-            seed=seed,
-            ensemble=ensemble,  # type: ignore[arg-type]
-        )
+        # the config owns the options (validation, defaults, saving): every method parameter of
+        # this signature is one of its fields (tests/test_model.py checks they never drift apart)
+        given = locals()
+        self.config = PatchKNNConfig(**{name: given[name] for name in CONFIG_FIELDS})
         if self.config.ensemble and not self._is_ensemble:
             raise ConfigError(
                 "a configuration with ensemble members makes an EnsemblePatchKNN: use "
@@ -568,25 +548,13 @@ class PatchKNN:
 
     # ------------------------------------------------------------------------------- storage
     def save(self, path: str | Path) -> Path:
-        """Save the fitted model as a directory of safetensors files + ``patchknn.json``."""
+        """Save the fitted model as a directory of safetensors files + ``patchknn.json``
+        (see :mod:`patchknn.persistence`)."""
         self._check_fitted()
-        tensors = {"bank": self.index_.bank}  # type: ignore[union-attr]
-        centroids = getattr(self.index_, "centroids", None)
-        if centroids is not None:  # IVF: the coarse centroids, so that every loader probes the same lists
-            tensors["ivf_centroids"] = centroids
-        if self.pca_ is not None:
-            tensors |= {
-                "pca_mean": self.pca_.mean,
-                "pca_components": self.pca_.components,
-                "pca_explained_variance_ratio": self.pca_.explained_variance_ratio,
-            }
-        backbone = {k: v.detach().cpu().numpy() for k, v in self.extractor.backbone.state_dict().items()}
-        meta = {
-            "config": self.config.to_dict(),
-            "threshold": self.threshold_,
-            "fit_info": self.fit_info_,
-        }
-        return save_model(path, meta, {"tensors": tensors, "backbone": backbone})
+        return write_model(
+            path, self.config, index=self.index_, pca=self.pca_, backbone=self.extractor.backbone,
+            threshold=self.threshold_, fit_info=self.fit_info_,
+        )
 
     @classmethod
     def load(cls, path: str | Path, *, index: IndexFactory | None = None, **runtime: Any) -> PatchKNN:
@@ -600,40 +568,20 @@ class PatchKNN:
                 whose actors read the rows themselves). The bank then never enters this process
                 (its file is still checksummed). For an ensemble it is called once per member.
         """
-        doc, groups = load_model(path, skip={"tensors": ["bank"]} if index is not None else None)
-        kind = doc.get("kind")
+        kind = read_meta(path).get("kind")
         if kind in BUILTIN_KINDS or kind in MODEL_KINDS:
             other = model_kind(kind)
             if not issubclass(cls, other):
                 return other.load(path, index=index, **runtime)
-        try:
-            config = PatchKNNConfig.from_dict(doc["config"])
-        except (KeyError, TypeError) as e:
-            raise ModelFileError(f"{path}: the configuration is missing or damaged ({e})") from e
-        except ConfigError as e:
-            raise ModelFileError(f"{path}: the saved configuration is not usable here: {e}") from e
-        model = cls.from_config(config, **{"weights": "random", **runtime})
-        shape = None if index is None else bank_shape(path)
-        check_model_contents(path, doc, groups, config, bank_shape=shape)  # types, shapes, finiteness
-        tensors, backbone_sd = groups["tensors"], groups["backbone"]
-        net = build_backbone(config.backbone, config.resolved_layers, "random")
-        try:
-            net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in backbone_sd.items()}, strict=True)
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise ModelFileError(f"{path}: backbone weights do not fit {config.backbone}: {e}") from e
-        model._extractor = model._make_extractor(net)
-        if "pca_components" in tensors:
-            model.pca_ = PCA(
-                tensors["pca_mean"], tensors["pca_components"], tensors["pca_explained_variance_ratio"]
-            )
+        saved = read_model(path, skip_bank=index is not None)
+        model = cls.from_config(saved.config, **{"weights": "random", **runtime})
+        model._extractor = model._make_extractor(saved.backbone)
+        model.pca_ = saved.pca
         if index is None:
-            model.index_ = model._build_index(tensors["bank"], tensors.get("ivf_centroids"))
+            model.index_ = model._build_index(saved.bank, saved.centroids)  # type: ignore[arg-type]
         else:
             model.index_ = index(Path(path), model)
-        thr = doc.get("threshold")
-        model.threshold_ = None if thr is None else float(thr)
-        model.fit_info_ = dict(doc.get("fit_info") or {})
-        net.weights_id = str(model.fit_info_.get("weights_id", "unknown"))  # provenance, not a path
+        model.threshold_, model.fit_info_ = saved.threshold, saved.fit_info
         return model
 
     # ------------------------------------------------------------------------------- helpers
