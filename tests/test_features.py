@@ -71,8 +71,8 @@ def test_compact_store_gives_the_same_model_as_full_vectors(monkeypatch):
     pca = compact.pca_
     for got, want, mean, components in calls["project"]:
         assert got.shape == want.shape == (1, 64, pca.n_components)
-        torch.testing.assert_close(mean.cpu(), pca._mean_t)  # the model's own PCA
-        torch.testing.assert_close(components.cpu(), pca._comp_t)
+        torch.testing.assert_close(mean.cpu(), pca.mean_tensor)  # the model's own PCA
+        torch.testing.assert_close(components.cpu(), pca.components_tensor)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
     calls["project"].clear()

@@ -224,7 +224,7 @@ class TrainingStore:
             for i in range(0, self.n_images, step):
                 stop = min(i + step, self.n_images)
                 parts = [torch.from_numpy(a[i:stop]).permute(0, 3, 1, 2) for a in self._maps]
-                proj = self.extractor.project_compact(parts, pca._mean_t, pca._comp_t)
+                proj = self.extractor.project_compact(parts, pca.mean_tensor, pca.components_tensor)
                 bank[i * g : stop * g] = proj.reshape(-1, d).numpy()
         return bank
 

@@ -542,7 +542,7 @@ class PatchKNN:
         pca = self.pca_
         assert pca is not None
         if self._pca_dev is None or self._pca_dev[0] is not pca:
-            self._pca_dev = (pca, pca._mean_t.to(self.device), pca._comp_t.to(self.device))
+            self._pca_dev = (pca, pca.mean_tensor.to(self.device), pca.components_tensor.to(self.device))
         feats = self.extractor.project(images.to(self.device), *self._pca_dev[1:])
         return feats.float().cpu()
 

@@ -74,14 +74,16 @@ class PCA:
         mean: ``(D,)`` float32.
         components: ``(d, D)`` float32, rows ordered by decreasing variance.
         explained_variance_ratio: ``(d,)`` share of the total variance of each kept component.
+        mean_tensor, components_tensor: the same ``mean`` and ``components`` as torch tensors
+            (sharing their memory), for projecting inside torch code.
     """
 
     def __init__(self, mean: np.ndarray, components: np.ndarray, explained_variance_ratio: np.ndarray):
         self.mean = np.ascontiguousarray(mean, dtype=np.float32)
         self.components = np.ascontiguousarray(components, dtype=np.float32)
         self.explained_variance_ratio = np.asarray(explained_variance_ratio, dtype=np.float64)
-        self._mean_t = torch.from_numpy(self.mean)
-        self._comp_t = torch.from_numpy(self.components)
+        self.mean_tensor = torch.from_numpy(self.mean)
+        self.components_tensor = torch.from_numpy(self.components)
 
     @property
     def n_components(self) -> int:
@@ -124,4 +126,4 @@ class PCA:
     def transform(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``(N, D)`` -> ``(N, d)`` float32 tensor."""
         t = torch.as_tensor(x, dtype=torch.float32)
-        return (t - self._mean_t) @ self._comp_t.T
+        return (t - self.mean_tensor) @ self.components_tensor.T
