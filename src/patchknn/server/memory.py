@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from patchknn.data import load_image, load_resized, resize_image
+from patchknn.data import DECODE_FORMATS, load_image, load_resized, resize_image
+from patchknn.errors import ImageError
 
 __all__ = [
     "BYTES_PER_PIXEL",
@@ -133,18 +134,38 @@ def decode_cost(data: bytes, max_pixels: int | None = None) -> DecodeCost:
 
     Raises:
         ImageError: not a readable image header, or more than ``max_pixels`` pixels (the same
-            messages as :func:`patchknn.data.load_image`).
+            reasons as :func:`patchknn.data.load_image` gives).
     """
+    import warnings
+
     from PIL import Image
 
-    from patchknn.data import check_pixels, decode_formats, pil_errors
-
     name = "<bytes>"
-    with pil_errors(name, max_pixels), Image.open(io.BytesIO(data), formats=decode_formats()) as img:
-        width, height = img.size
-        check_pixels(name, height, width, max_pixels)
-        mode, fmt = img.mode, str(img.format)
-        rotated = _may_rotate(img, data)
+    Image.init()
+    formats = [f for f in DECODE_FORMATS if f in Image.OPEN]
+    try:
+        with warnings.catch_warnings():
+            # Pillow's bomb warning: max_pixels below decides; its UserWarnings are about metadata.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            with Image.open(io.BytesIO(data), formats=formats) as img:
+                width, height = img.size
+                mode, fmt = img.mode, str(img.format)
+                rotated = _may_rotate(img, data)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(name, f"refused by Pillow's decompression-bomb guard (max_pixels): {exc}") from None
+    except Exception:  # noqa: BLE001 - Pillow's exception types on bad headers are open-ended
+        raise ImageError(
+            name, f"not a supported image format, or a corrupt header (readable formats: {', '.join(formats)})"
+        ) from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            name,
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(max_pixels; a guard against decompression bombs)",
+        )
+    if width < 1 or height < 1:
+        raise ImageError(name, f"image has no pixels ({width}x{height})")
     per_pixel = bytes_per_pixel(mode, fmt, rotated)
     return DecodeCost(width, height, mode, fmt, rotated, int(math.ceil(width * height * per_pixel)) + FIXED_BYTES)
 

@@ -126,8 +126,9 @@ class _RedactingAccessLog:
 class _TrackedConnection(h11.Connection):
     """An h11 connection that tells its protocol when a request head is complete, and keeps its last error."""
 
-    def __init__(self, *args: Any, on_head: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, max_header_bytes: int, on_head: Any) -> None:
+        super().__init__(h11.SERVER, max_header_bytes)
+        self.max_header_bytes = max_header_bytes
         self._on_head = on_head
         self.last_error: h11.RemoteProtocolError | None = None
 
@@ -149,11 +150,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.conn = _TrackedConnection(
-            h11.SERVER,
-            config.h11_max_incomplete_event_size or h11._connection.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE,
-            on_head=self._head_complete,
-        )
+        self.conn = _TrackedConnection(config.h11_max_incomplete_event_size or 16 * 1024, self._head_complete)
         self.access_logger = _RedactingAccessLog(self.access_logger)  # type: ignore[assignment]
         self._head_timer: asyncio.TimerHandle | None = None
         self._awaiting_head = False
@@ -237,7 +234,7 @@ class GuardedH11Protocol(H11Protocol):
         reason = str(exc).split(":", 1)[0].strip() if exc is not None else ""
         if hint == 431:
             self.guard.note("headers_too_large")
-            limit = self.conn._max_incomplete_event_size
+            limit = self.conn.max_header_bytes
             self._answer_and_close(
                 431, "headers_too_large", f"the request line and headers are larger than {limit:,} bytes"
             )
