@@ -12,7 +12,12 @@ Modules:
     protocol:  uvicorn's h11 protocol with a header deadline, a cap on connections without headers,
                JSON for the parser's errors and an access log without query strings
     metrics:   Prometheus text exposition, hand-written (no extra dependency)
-    app:       the FastAPI application (:func:`create_app`), :func:`server_config` and :func:`run`
+    errors:    error codes, :class:`ApiError`, the JSON error body
+    uploads:   reading the body, multipart, content sniffing, decoding within the budget
+    middleware: request metrics, API keys (header only; keys in URLs refused)
+    responses: the predict answer's schema, anomaly-map encoding
+    running:   ``uvicorn.Config`` with the guarded protocol (:func:`server_config`), :func:`run`
+    app:       the FastAPI application (:func:`create_app`; re-exports the names above it used to hold)
     commands:  ``register(app)`` adds ``patchknn serve`` to the CLI
 
 Example:
