@@ -30,15 +30,22 @@ reads the PRO curve off the same sorted arrays.
 
 from __future__ import annotations
 
-import math
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage
 
 from patchknn.errors import ConfigError
+from patchknn.metrics.checks import (
+    check_fpr_limit,
+    check_max_points,
+    curve_inputs,
+    defined,
+    image_inputs,
+    pixel_inputs,
+    require,
+)
+from patchknn.metrics.pooled import Pooled, subsample
 
 __all__ = [
     "DEFAULT_FPR_LIMIT",
@@ -80,308 +87,6 @@ IntArray = NDArray[np.int64]
 
 # 3x3 (8-connected) neighbourhood inside an image, no connection across images of the stack;
 # the official MVTec AD code labels each map with ``np.ones((3, 3))``.
-_REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
-_REGION_STRUCTURE[1] = True
-
-
-# -- input checks ------------------------------------------------------------------------------
-
-
-def _as_array(values: ArrayLike, name: str) -> np.ndarray:
-    if values is None:
-        raise ConfigError(f"{name} is None; an array is required")
-    try:
-        arr = np.asarray(values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name} must be a numeric array ({exc})") from None
-    if arr.dtype.kind not in "biuf":
-        raise ConfigError(f"{name} must hold real numbers or booleans, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ConfigError(f"{name} is empty (shape {arr.shape}); at least one value is needed")
-    return arr
-
-
-def _as_scores(values: ArrayLike, name: str) -> FloatArray:
-    """Scores as float32 (float16/float32 input) or float64 (anything else), checked finite."""
-    arr = _as_array(values, name)
-    if arr.dtype.kind != "f":
-        arr = arr.astype(np.float64)
-    elif arr.dtype.itemsize < 4:
-        arr = arr.astype(np.float32)
-    elif arr.dtype.itemsize > 8:
-        arr = arr.astype(np.float64)
-    finite = np.isfinite(arr)
-    if not finite.all():
-        bad = arr.size - int(np.count_nonzero(finite))
-        raise ConfigError(f"{name} contains {bad} NaN or infinite value(s); scores must be finite")
-    return arr
-
-
-def _as_targets(values: ArrayLike, name: str, shape: tuple[int, ...], ref_name: str) -> BoolArray:
-    """Ground truth as bool (value > 0 = defective), checked to have ``shape``."""
-    arr = _as_array(values, name)
-    if arr.shape != shape:
-        raise ConfigError(
-            f"{name} has shape {arr.shape} but {ref_name} has shape {shape}; they must be the same"
-        )
-    if arr.dtype.kind == "b":
-        return arr
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ConfigError(f"{name} contains NaN or infinite values")
-    return arr > 0
-
-
-def _pixel_inputs(maps: ArrayLike, masks: ArrayLike) -> tuple[FloatArray, BoolArray]:
-    scores = _as_scores(maps, "maps")
-    if scores.ndim not in (2, 3):
-        raise ConfigError(f"maps must have shape (N, H, W) or (H, W), got shape {scores.shape}")
-    positive = _as_targets(masks, "masks", scores.shape, "maps")
-    if scores.ndim == 2:
-        scores, positive = scores[np.newaxis], positive[np.newaxis]
-    return scores, positive
-
-
-def _image_inputs(scores: ArrayLike, labels: ArrayLike) -> tuple[FloatArray, BoolArray]:
-    values = _as_scores(scores, "scores")
-    if values.ndim != 1:
-        raise ConfigError(f"scores must be 1-D (one score per image), got shape {values.shape}")
-    return values, _as_targets(labels, "labels", values.shape, "scores")
-
-
-def _curve_inputs(scores: ArrayLike, targets: ArrayLike) -> tuple[FloatArray, BoolArray]:
-    values = _as_scores(scores, "maps_or_scores")
-    return values, _as_targets(targets, "targets", values.shape, "maps_or_scores")
-
-
-def _check_fpr_limit(fpr_limit: float) -> float:
-    try:
-        limit = float(fpr_limit)
-    except (TypeError, ValueError):
-        raise ConfigError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}") from None
-    if not 0.0 < limit <= 1.0:
-        raise ConfigError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
-    return limit
-
-
-def _check_max_points(max_points: int | None) -> int | None:
-    if max_points is None:
-        return None
-    if isinstance(max_points, bool) or not isinstance(max_points, int | np.integer) or max_points < 4:
-        raise ConfigError(f"max_points must be None or an integer >= 4, got {max_points!r}")
-    return int(max_points)
-
-
-def _require(condition: bool, what: str) -> None:
-    if not condition:
-        raise ConfigError(f"{what} is undefined for this data: {_UNDEFINED_REASON[what]}")
-
-
-def _defined(value: Any, what: str) -> Any:
-    _require(value is not None, what)
-    return value
-
-
-_UNDEFINED_REASON = {
-    "pixel AUPRC": "the masks contain no defective pixel",
-    "pixel AUROC": "it needs both defective and normal pixels",
-    "pixel F1": "the masks contain no defective pixel",
-    "AUPRO": "it needs at least one ground-truth region and at least one normal pixel",
-    "PRO curve": "it needs at least one ground-truth region and at least one normal pixel",
-    "image AUROC": "it needs both defective and good images",
-    "image F1": "no image is labelled defective",
-    "precision-recall curve": "the targets contain no defective sample",
-    "ROC curve": "it needs both defective and normal samples",
-}
-
-
-# -- the shared core ---------------------------------------------------------------------------
-
-
-def _group_starts(sorted_values: np.ndarray) -> IntArray:
-    """Index of the first element of each run of equal values in an ascending array."""
-    if sorted_values.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    change = np.empty(sorted_values.size, dtype=bool)
-    change[0] = True
-    np.not_equal(sorted_values[1:], sorted_values[:-1], out=change[1:])
-    return np.flatnonzero(change)
-
-
-def _region_weights(positive: BoolArray) -> tuple[FloatArray, int]:
-    """``1 / region size`` for each defective pixel (in C order) and the number of regions.
-
-    Regions are the 8-connected components of each image's mask (``scipy.ndimage.label`` with a 3x3
-    ones structure, as in the official MVTec AD evaluation); images never connect to each other.
-    """
-    labels, n_regions = ndimage.label(positive, structure=_REGION_STRUCTURE)
-    region_of_pixel = labels[positive]
-    del labels
-    sizes = np.bincount(region_of_pixel, minlength=n_regions + 1)
-    return 1.0 / sizes[region_of_pixel], int(n_regions)
-
-
-class _Pooled:
-    """Scores split by class and sorted once; every metric is read off the two sorted arrays.
-
-    ``pos`` / ``neg`` hold the scores of the defective / normal samples in ascending order. With
-    ``regions=True`` (pixel data of shape ``(N, H, W)``) each defective pixel also carries its PRO
-    weight ``1 / region size``, kept in ``pos`` order.
-    """
-
-    def __init__(self, scores: FloatArray, positive: BoolArray, *, regions: bool = False) -> None:
-        flat = scores.reshape(-1)
-        is_pos = positive.reshape(-1)
-        neg = flat[~is_pos]
-        neg.sort()
-        self.neg = neg
-        pos = flat[is_pos]
-        self.n_regions = 0
-        self.pos_weights: FloatArray | None = None
-        if regions:
-            weights, self.n_regions = _region_weights(positive)
-            order = np.argsort(pos)
-            pos = pos[order]
-            self.pos_weights = weights[order]
-        else:
-            pos.sort()
-        self.pos = pos
-        self.n_pos = int(pos.size)
-        self.n_neg = int(neg.size)
-
-    # -- counts at the distinct positive scores (enough for AP, AUROC and the best F1) -------
-
-    @cached_property
-    def _pos_groups(self) -> tuple[np.ndarray, IntArray, IntArray, IntArray, IntArray, IntArray]:
-        """Distinct positive scores ``v`` (ascending) and, for each: how many positives equal ``v``,
-        how many positives / negatives score ``>= v``, and how many negatives score ``< v`` and
-        ``<= v``."""
-        starts = _group_starts(self.pos)
-        values = self.pos[starts]
-        counts = np.diff(np.append(starts, self.n_pos))
-        neg_below = np.searchsorted(self.neg, values, side="left").astype(np.int64)
-        neg_upto = np.searchsorted(self.neg, values, side="right").astype(np.int64)
-        tp = self.n_pos - starts
-        fp = self.n_neg - neg_below
-        return values, counts, tp, fp, neg_below, neg_upto
-
-    def average_precision(self) -> float | None:
-        # Step-wise AP = sum over thresholds of (recall gain) * precision; recall only grows at
-        # thresholds equal to some positive score, so those are the only ones that contribute.
-        if self.n_pos == 0:
-            return None
-        _, counts, tp, fp, _, _ = self._pos_groups
-        return float(np.dot(counts, tp / (tp + fp)) / self.n_pos)
-
-    def auroc(self) -> float | None:
-        # Mann-Whitney: P(score_pos > score_neg) + P(tie) / 2, exactly the trapezoidal ROC area.
-        if self.n_pos == 0 or self.n_neg == 0:
-            return None
-        _, counts, _, _, neg_below, neg_upto = self._pos_groups
-        twice_u = int(np.dot(counts, neg_below + neg_upto))
-        return twice_u / (2 * self.n_pos * self.n_neg)
-
-    def f1_max(self) -> tuple[float, float] | None:
-        # Lowering the threshold to a score no positive has only adds false positives, so the best
-        # F1 is at a distinct positive score. Ties go to the highest such threshold.
-        if self.n_pos == 0:
-            return None
-        values, _, tp, fp, _, _ = self._pos_groups
-        f1 = 2.0 * tp / (tp + fp + self.n_pos)
-        best = f1.size - 1 - int(np.argmax(f1[::-1]))
-        return float(f1[best]), float(values[best])
-
-    # -- counts at every distinct score (curves for plots) ------------------------------------
-
-    def confusion_at_thresholds(self) -> tuple[FloatArray, IntArray, IntArray]:
-        """Every distinct score in falling order, with true / false positives at ``score >= t``."""
-        pos_values = self.pos[_group_starts(self.pos)]
-        neg_values = self.neg[_group_starts(self.neg)]
-        thresholds = np.union1d(pos_values, neg_values)[::-1]
-        tp = self.n_pos - np.searchsorted(self.pos, thresholds, side="left").astype(np.int64)
-        fp = self.n_neg - np.searchsorted(self.neg, thresholds, side="left").astype(np.int64)
-        return thresholds.astype(np.float64), tp, fp
-
-    # -- PRO ------------------------------------------------------------------------------------
-
-    @cached_property
-    def _pro_above(self) -> FloatArray:
-        """``_pro_above[i]`` = PRO when the positives ``pos[i:]`` are predicted defective."""
-        assert self.pos_weights is not None
-        suffix = np.zeros(self.n_pos + 1)
-        suffix[:-1] = np.cumsum(self.pos_weights[::-1])[::-1]
-        suffix /= self.n_regions
-        np.minimum(suffix, 1.0, out=suffix)
-        return suffix
-
-    def pro_pieces(self, fpr_limit: float | None) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-        """The sloped pieces of the PRO curve in order of falling threshold.
-
-        Each distinct normal score ``v`` moves the curve linearly from ``(fpr(> v), pro(> v))`` to
-        ``(fpr(>= v), pro(>= v))``; between pieces the curve only rises vertically (thresholds that
-        only defective pixels have). With ``fpr_limit`` only the pieces that start below the limit
-        are computed. Returns ``(fpr_start, pro_start, fpr_end, pro_end)``.
-        """
-        neg, n_neg = self.neg, self.n_neg
-        first = 0
-        if fpr_limit is not None and fpr_limit < 1.0:
-            # Pieces whose start lies beyond the limit need no work: keep the top ceil(limit * n)
-            # normal scores plus one, widened to the whole run of ties they begin in.
-            first = max(0, n_neg - math.ceil(fpr_limit * n_neg) - 1)
-            first = int(np.searchsorted(neg, neg[first], side="left"))
-        starts = first + _group_starts(neg[first:])
-        ends = np.append(starts[1:], n_neg)
-        values = neg[starts]
-        pro_above = self._pro_above
-        pro_ge = pro_above[np.searchsorted(self.pos, values, side="left")]
-        pro_gt = pro_above[np.searchsorted(self.pos, values, side="right")]
-        fpr_ge = (n_neg - starts) / n_neg
-        fpr_gt = (n_neg - ends) / n_neg
-        return fpr_gt[::-1], pro_gt[::-1], fpr_ge[::-1], pro_ge[::-1]
-
-    def aupro(self, fpr_limit: float) -> float | None:
-        if self.n_regions == 0 or self.n_neg == 0:
-            return None
-        fpr0, pro0, fpr1, pro1 = self.pro_pieces(fpr_limit)
-        full = int(np.searchsorted(fpr1, fpr_limit, side="right"))  # pieces ending at or before it
-        area = float(np.dot(fpr1[:full] - fpr0[:full], pro0[:full] + pro1[:full])) / 2.0
-        if full < fpr1.size and fpr0[full] < fpr_limit:
-            # The piece crossing the limit: interpolate the PRO there (as the official trapezoid).
-            x0, y0 = fpr0[full], pro0[full]
-            y_limit = y0 + (pro1[full] - y0) * (fpr_limit - x0) / (fpr1[full] - x0)
-            area += (fpr_limit - x0) * (y0 + y_limit) / 2.0
-        return float(area / fpr_limit)
-
-    def pro_vertices(self) -> tuple[FloatArray, FloatArray] | None:
-        if self.n_regions == 0 or self.n_neg == 0:
-            return None
-        fpr0, pro0, fpr1, pro1 = self.pro_pieces(None)
-        fpr = np.empty(2 * fpr0.size + 2)
-        pro = np.empty_like(fpr)
-        fpr[0], pro[0], fpr[-1], pro[-1] = 0.0, 0.0, 1.0, 1.0
-        fpr[1:-1:2], pro[1:-1:2], fpr[2:-1:2], pro[2:-1:2] = fpr0, pro0, fpr1, pro1
-        keep = np.ones(fpr.size, dtype=bool)
-        keep[1:] = (np.diff(fpr) != 0) | (np.diff(pro) != 0)
-        return fpr[keep], pro[keep]
-
-
-def _subsample(x: FloatArray, y: FloatArray, max_points: int | None) -> IntArray | None:
-    """Indices of at most ``max_points`` curve points spread evenly along the curve's length
-    (first and last point kept), or ``None`` when the curve is short enough already.
-
-    Each sampled point comes with its predecessor, so steps and corners stay sharp.
-    """
-    n = x.size
-    if max_points is None or n <= max_points:
-        return None
-    length = np.zeros(n)
-    np.cumsum(np.hypot(np.diff(x), np.diff(y)), out=length[1:])
-    targets = np.linspace(0.0, length[-1], (max_points - 2) // 2)
-    picked = np.searchsorted(length, targets, side="left")
-    picked = np.concatenate(([0, n - 1], picked, picked - 1))
-    return np.unique(np.clip(picked, 0, n - 1))
-
-
-# -- public functions --------------------------------------------------------------------------
 
 
 def pixel_auprc(maps: ArrayLike, masks: ArrayLike) -> float:
@@ -407,8 +112,8 @@ def pixel_auprc(maps: ArrayLike, masks: ArrayLike) -> float:
         >>> round(pixel_auprc(maps, masks), 4)
         0.8333
     """
-    scores, positive = _pixel_inputs(maps, masks)
-    return _defined(_Pooled(scores, positive).average_precision(), "pixel AUPRC")
+    scores, positive = pixel_inputs(maps, masks)
+    return defined(Pooled(scores, positive).average_precision(), "pixel AUPRC")
 
 
 def pixel_auroc(maps: ArrayLike, masks: ArrayLike) -> float:
@@ -430,8 +135,8 @@ def pixel_auroc(maps: ArrayLike, masks: ArrayLike) -> float:
         >>> pixel_auroc(maps, masks)
         0.75
     """
-    scores, positive = _pixel_inputs(maps, masks)
-    return _defined(_Pooled(scores, positive).auroc(), "pixel AUROC")
+    scores, positive = pixel_inputs(maps, masks)
+    return defined(Pooled(scores, positive).auroc(), "pixel AUROC")
 
 
 def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
@@ -451,8 +156,8 @@ def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
         >>> image_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
         0.75
     """
-    values, positive = _image_inputs(scores, labels)
-    return _defined(_Pooled(values, positive).auroc(), "image AUROC")
+    values, positive = image_inputs(scores, labels)
+    return defined(Pooled(values, positive).auroc(), "image AUROC")
 
 
 def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
@@ -492,9 +197,9 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = DEFAULT_FPR_LIMI
         >>> aupro(maps, masks)
         0.5
     """
-    limit = _check_fpr_limit(fpr_limit)
-    scores, positive = _pixel_inputs(maps, masks)
-    return _defined(_Pooled(scores, positive, regions=True).aupro(limit), "AUPRO")
+    limit = check_fpr_limit(fpr_limit)
+    scores, positive = pixel_inputs(maps, masks)
+    return defined(Pooled(scores, positive, regions=True).aupro(limit), "AUPRO")
 
 
 def pro_curve(
@@ -526,10 +231,10 @@ def pro_curve(
         >>> fpr.tolist(), pro.tolist()
         ([0.0, 0.0, 0.3333333333333333, 0.6666666666666666, 1.0], [0.0, 1.0, 1.0, 1.0, 1.0])
     """
-    limit = _check_max_points(max_points)
-    scores, positive = _pixel_inputs(maps, masks)
-    fpr, pro = _defined(_Pooled(scores, positive, regions=True).pro_vertices(), "PRO curve")
-    picked = _subsample(fpr, pro, limit)
+    limit = check_max_points(max_points)
+    scores, positive = pixel_inputs(maps, masks)
+    fpr, pro = defined(Pooled(scores, positive, regions=True).pro_vertices(), "PRO curve")
+    picked = subsample(fpr, pro, limit)
     return (fpr, pro) if picked is None else (fpr[picked], pro[picked])
 
 
@@ -556,8 +261,8 @@ def pixel_f1_max(maps: ArrayLike, masks: ArrayLike) -> tuple[float, float]:
         >>> pixel_f1_max(maps, masks)
         (0.8, 0.35)
     """
-    scores, positive = _pixel_inputs(maps, masks)
-    return _defined(_Pooled(scores, positive).f1_max(), "pixel F1")
+    scores, positive = pixel_inputs(maps, masks)
+    return defined(Pooled(scores, positive).f1_max(), "pixel F1")
 
 
 def f1_optimal_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
@@ -580,8 +285,8 @@ def f1_optimal_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, f
         >>> f1_optimal_threshold([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
         (0.35, 0.8)
     """
-    values, positive = _image_inputs(scores, labels)
-    f1, threshold = _defined(_Pooled(values, positive).f1_max(), "image F1")
+    values, positive = image_inputs(scores, labels)
+    f1, threshold = defined(Pooled(values, positive).f1_max(), "image F1")
     return threshold, f1
 
 
@@ -611,14 +316,14 @@ def precision_recall_curve(
         >>> precision.round(3).tolist(), recall.tolist(), thresholds.tolist()
         ([0.5, 0.667, 0.5, 1.0, 1.0], [1.0, 1.0, 0.5, 0.5, 0.0], [0.1, 0.35, 0.4, 0.8])
     """
-    limit = _check_max_points(max_points)
-    values, positive = _curve_inputs(maps_or_scores, targets)
-    pooled = _Pooled(values, positive)
-    _require(pooled.n_pos > 0, "precision-recall curve")
+    limit = check_max_points(max_points)
+    values, positive = curve_inputs(maps_or_scores, targets)
+    pooled = Pooled(values, positive)
+    require(pooled.n_pos > 0, "precision-recall curve")
     thresholds, tp, fp = pooled.confusion_at_thresholds()
     precision = tp / (tp + fp)
     recall = tp / pooled.n_pos
-    picked = _subsample(recall, precision, None if limit is None else limit - 1)
+    picked = subsample(recall, precision, None if limit is None else limit - 1)
     if picked is not None:
         precision, recall, thresholds = precision[picked], recall[picked], thresholds[picked]
     return (
@@ -654,15 +359,15 @@ def roc_curve(
         >>> fpr.tolist(), tpr.tolist(), thresholds.tolist()
         ([0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0], [inf, 0.8, 0.4, 0.35, 0.1])
     """
-    limit = _check_max_points(max_points)
-    values, positive = _curve_inputs(maps_or_scores, targets)
-    pooled = _Pooled(values, positive)
-    _require(pooled.n_pos > 0 and pooled.n_neg > 0, "ROC curve")
+    limit = check_max_points(max_points)
+    values, positive = curve_inputs(maps_or_scores, targets)
+    pooled = Pooled(values, positive)
+    require(pooled.n_pos > 0 and pooled.n_neg > 0, "ROC curve")
     thresholds, tp, fp = pooled.confusion_at_thresholds()
     fpr = np.concatenate(([0.0], fp / pooled.n_neg))
     tpr = np.concatenate(([0.0], tp / pooled.n_pos))
     thresholds = np.concatenate(([np.inf], thresholds))
-    picked = _subsample(fpr, tpr, limit)
+    picked = subsample(fpr, tpr, limit)
     if picked is not None:
         fpr, tpr, thresholds = fpr[picked], tpr[picked], thresholds[picked]
     return fpr, tpr, thresholds
@@ -710,13 +415,13 @@ def compute_all(
         >>> compute_all(maps, np.zeros_like(masks), [0.2, 0.9], [0, 0])["image_auroc"] is None
         True
     """
-    limit = _check_fpr_limit(fpr_limit)
+    limit = check_fpr_limit(fpr_limit)
     if (maps is None) != (masks is None):
         raise ConfigError("give both maps and masks, or neither")
     if (scores is None) != (labels is None):
         raise ConfigError("give both scores and labels, or neither")
-    pixel = None if maps is None else _pixel_inputs(maps, masks)
-    image = None if scores is None else _image_inputs(scores, labels)
+    pixel = None if maps is None else pixel_inputs(maps, masks)
+    image = None if scores is None else image_inputs(scores, labels)
     if pixel is not None and image is not None and pixel[0].shape[0] != image[0].shape[0]:
         raise ConfigError(
             f"maps hold {pixel[0].shape[0]} image(s) but scores hold {image[0].shape[0]}; "
@@ -724,7 +429,7 @@ def compute_all(
         )
     result: dict[str, float | None] = dict.fromkeys(METRIC_KEYS)
     if pixel is not None:
-        pooled = _Pooled(*pixel, regions=True)
+        pooled = Pooled(*pixel, regions=True)
         result["pixel_auprc"] = pooled.average_precision()
         result["pixel_auroc"] = pooled.auroc()
         result["aupro"] = pooled.aupro(limit)
@@ -733,7 +438,7 @@ def compute_all(
             result["pixel_f1_max"], result["pixel_f1_threshold"] = best
         del pooled
     if image is not None:
-        pooled = _Pooled(*image)
+        pooled = Pooled(*image)
         result["image_auroc"] = pooled.auroc()
         best = pooled.f1_max()
         if best is not None:
