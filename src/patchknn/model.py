@@ -29,13 +29,13 @@ from patchknn import scoring
 from patchknn._version import __version__
 from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
+from patchknn.bank import build_memory_bank
 from patchknn.config import PatchKNNConfig, preset
-from patchknn.coreset import greedy_coreset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
 from patchknn.errors import ConfigError, NotFittedError, PatchKNNError
 from patchknn.execution import as_sources, check_device, native_bf16, seed_everything
 from patchknn.features import PatchFeatureExtractor, TrainingStore
-from patchknn.index import IndexParams, MemoryBankIndex, build_index, single_threaded
+from patchknn.index import IndexParams, MemoryBankIndex, build_index
 from patchknn.persistence import read_model, write_model
 from patchknn.reduction import PCA
 from patchknn.scoring import OutputSize, Prediction
@@ -318,36 +318,16 @@ class PatchKNN:
         if not bool(torch.isfinite(store.moments.scatter).all()):
             raise ConfigError("fit: the backbone produced NaN/Inf features; check the input images")
         t_feat = time.perf_counter()
-        if self.config.pca_variance is None:
-            self.pca_ = None
-            bank = store.vectors()
-        else:
-            # one thread: the eigensolver's many small parallel steps run up to 10x slower on 2
-            # threads than on one as soon as anything else wants the CPU
-            with single_threaded():
-                self.pca_ = PCA.from_moments(store.moments, float(self.config.pca_variance))
-            bank = store.projected(self.pca_)
-            store.release()
-        t_pca = time.perf_counter()
-        kept: np.ndarray | None = None  # coreset: the kept rows of the full bank
-        if self.config.coreset_ratio < 1.0:
-            kept = np.sort(
-                greedy_coreset(bank, self.config.coreset_ratio, self.config.coreset_dim, self.config.seed)
-            )
-        t_core = time.perf_counter()
-        index_bank = bank if kept is None else bank[kept]
-        if self.config.k > index_bank.shape[0]:
-            raise ConfigError(f"k={self.config.k} is larger than the memory bank ({index_bank.shape[0]} patches)")
-        self.index_ = self._build_index(index_bank)
+        built = build_memory_bank(store, self.config, self._build_index)
+        self.pca_, self.index_ = built.pca, built.index
+        bank, kept, index_bank = built.full, built.kept, built.index.bank
         t_end = time.perf_counter()
         self.fit_info_ = {
             "n_train_images": filled // grid_cells,
             "n_skipped": len(self.skipped_),
             "bank_size": int(index_bank.shape[0]),
             "bank_size_full": int(bank.shape[0]),
-            "pca_seconds": round(t_pca - t_feat, 3),
-            "coreset_seconds": round(t_core - t_pca, 3),
-            "index_seconds": round(t_end - t_core, 3),
+            **built.seconds,
             "feature_dim": int(dim),
             "n_components": int(bank.shape[1]),
             "fit_seconds": round(t_end - t0, 3),
