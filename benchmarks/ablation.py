@@ -9,9 +9,13 @@ once, stored as float16 under ``--cache-dir``, and every variant that shares it 
 cheap part (pooling, resizing, PCA, search, smoothing, scoring). float16 storage moves the metrics
 by about 1e-4; the rows for the presets are checked with ``patchknn evaluate`` itself.
 
-Speed: after each variant is fitted, the real backbone is put back and ``--speed-images`` test
-images are scored end to end (decode -> backbone -> search -> map), which is the images/s column.
-On a shared machine it is only indicative.
+Speed: after each variant is fitted, the real backbone is put back (channels-last, as PatchKNN's
+own, and warmed up by one untimed image) and ``--speed-images`` test images are scored end to end
+in one ``predict`` call (decode -> backbone -> search -> map), which is the images/s column. Up to
+``batch_size`` (16) images are one batch, so no decoding worker starts and the images are decoded
+serially before the backbone runs: the column compares variants with one another; the absolute
+steady-state rate with decoding in parallel is ``benchmarks/speed.py``'s (docs/speed.md). On a
+shared machine it is only indicative.
 
 Usage::
 
@@ -212,14 +216,16 @@ def run_variant(
         for t in sorted(set(types[labels == 1].tolist()))
         for sel in [(types == t) | (labels == 0)]
     }
-    # end-to-end speed with the real backbone(s) put back
+    # end-to-end speed with the real backbone(s) put back, in the memory layout PatchKNN gives its
+    # own backbone (channels-last: a new module is in the default layout, about a third slower)
     for member in getattr(model, "members", [model]):
         ext = member.extractor
         if isinstance(ext.backbone, CachedBackbone):
-            ext.backbone = ext.backbone.uncached()
+            ext.backbone = ext.backbone.uncached().to(memory_format=torch.channels_last)
         elif isinstance(getattr(ext.backbone, "inner", None), CachedBackbone):  # shared by members
-            ext.backbone.inner = ext.backbone.inner.uncached()
+            ext.backbone.inner = ext.backbone.inner.uncached().to(memory_format=torch.channels_last)
     speed_paths = [str(s.path) for s in samples[:speed_images]]
+    model.predict(speed_paths[:1])  # untimed: the new module's first call (oneDNN set-up)
     t2 = time.perf_counter()
     model.predict(speed_paths)
     speed_s = time.perf_counter() - t2
