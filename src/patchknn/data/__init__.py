@@ -29,16 +29,8 @@ the MVTec layout) and :mod:`~patchknn.data.batches` (streaming batches); everyth
 importable from ``patchknn.data``.
 """
 
-from patchknn.data.batches import (
-    Batch,
-    BatchIterator,
-    ImageDataset,
-    ImageFailure,
-    ImageRecord,
-    auto_workers,
-    iter_batches,
-    source_name,
-)
+from typing import TYPE_CHECKING
+
 from patchknn.data.datasets import MVTecCategory, Sample, expand_inputs, list_categories, list_images
 from patchknn.data.decode import (
     DECODE_FORMATS,
@@ -51,6 +43,31 @@ from patchknn.data.decode import (
     read_image_size,
 )
 from patchknn.data.resize import load_mask, load_resized, resize_image, resize_mask
+
+if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
+    from patchknn.data.batches import (
+        Batch,
+        BatchIterator,
+        ImageDataset,
+        ImageFailure,
+        ImageRecord,
+        auto_workers,
+        iter_batches,
+        source_name,
+    )
+
+# The streaming batches use torch: imported on first use (PEP 562), so decoding and the dataset
+# layouts work without torch (the exported-model runtime, the CLI's start).
+_BATCHES = ("Batch", "BatchIterator", "ImageDataset", "ImageFailure", "ImageRecord", "auto_workers",
+            "iter_batches", "source_name")
+
+
+def __getattr__(name: str) -> object:
+    if name in _BATCHES:
+        from patchknn.data import batches
+
+        return getattr(batches, name)
+    raise AttributeError(f"module 'patchknn.data' has no attribute {name!r}")
 
 __all__ = [
     "DECODE_FORMATS",
