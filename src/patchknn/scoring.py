@@ -6,7 +6,9 @@ The one home of the rules that turn nearest-neighbour distances into what a user
 so that every path gives the same numbers.
 
 * :func:`grid_to_map`: the ``(grid, grid)`` distances upsampled bilinearly to a size, then smoothed
-  (``smoothing_sigma`` grid cells).
+  (``smoothing_sigma`` grid cells). Pure numpy/scipy (no torch), so the exported-model runtime
+  (:mod:`patchknn.runtime`) shares it: the bilinear resize is two interpolation matrices that
+  equal ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.
 * :func:`image_score`: the image's score. It is always taken from the map at the model's input
   resolution (``image_size``), whatever size the map is drawn at for the user, so the score and
   the OK/NG verdict do not depend on ``output_size``.
@@ -31,11 +33,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from patchknn.config import PatchKNNConfig
@@ -46,7 +47,9 @@ __all__ = [
     "Prediction",
     "grid_to_map",
     "image_score",
+    "bilinear_matrix",
     "predictions",
+    "resize_bilinear",
     "resolve_size",
     "reweight",
     "verdict",
@@ -111,13 +114,52 @@ def resolve_size(output_size: OutputSize, image_size: int, original: tuple[int, 
     raise ConfigError(f"output_size must be None, 'input', 'original', an int or (H, W); got {output_size!r}")
 
 
+@lru_cache(maxsize=64)
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """The ``(n_out, n_in)`` matrix of 1-D bilinear resampling with ``align_corners=False``.
+
+    Row ``i`` samples the input at ``(i + 0.5) * n_in / n_out - 0.5`` (clamped at 0) from its two
+    neighbours, exactly as PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``
+    (no antialiasing) does along one axis; a 2-D resize is ``A_h @ grid @ A_w.T``.
+
+    Example:
+        >>> bilinear_matrix(2, 4)
+        array([[1.  , 0.  ],
+               [0.75, 0.25],
+               [0.25, 0.75],
+               [0.  , 1.  ]])
+    """
+    # the source coordinates and weights in float32, as PyTorch's CPU kernel computes them
+    scale = np.float32(np.float32(n_in) / np.float32(n_out))
+    src = scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    lo = np.minimum(src.astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (src - lo.astype(np.float32)).astype(np.float64)
+    mat = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(mat, (rows, lo), 1.0 - frac)
+    np.add.at(mat, (rows, hi), frac)
+    mat.setflags(write=False)
+    return mat
+
+
+def resize_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(h, w)`` -> ``size`` bilinearly (``align_corners=False``), float32; see :func:`bilinear_matrix`."""
+    g = np.asarray(grid, dtype=np.float64)
+    rows = bilinear_matrix(g.shape[0], int(size[0]))
+    cols = bilinear_matrix(g.shape[1], int(size[1]))
+    return (rows @ g @ cols.T).astype(np.float32)
+
+
 def grid_to_map(grid: np.ndarray, size: tuple[int, int], config: PatchKNNConfig) -> np.ndarray:
     """Upsample one ``(grid, grid)`` score map bilinearly to ``size`` and smooth it (if set).
 
-    The smoothing's sigma is ``config.smoothing_sigma`` grid cells, scaled to ``size``.
+    The smoothing's sigma is ``config.smoothing_sigma`` grid cells, scaled to ``size``. ``config``
+    may be any object with the scoring fields (``smoothing_sigma``, ``image_size``,
+    ``image_score``, ``image_score_topk``): the exported-model runtime passes its saved options.
     """
-    t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
-    amap = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    amap = resize_bilinear(grid, size)
     if config.smoothing_sigma > 0:
         g = grid.shape[0]
         sigma = (config.smoothing_sigma * size[0] / g, config.smoothing_sigma * size[1] / g)
