@@ -1,0 +1,376 @@
+"""Score images with an exported model (:func:`patchknn.export.export_model`) without PyTorch.
+
+Needs numpy, Pillow, scipy, safetensors, faiss-cpu and one graph runtime: onnxruntime (``pip install
+'patchknn[onnx]'``) or OpenVINO (``'patchknn[openvino]'``). This module never imports torch
+(``tests/test_export.py`` runs it where importing torch fails).
+
+The path is the torch model's, step by step: images are decoded and resized by
+:func:`patchknn.data.load_resized`; the member graphs give the rows to search; the search is the
+same faiss index kind with the same parameters (flat: exact, the nearest candidates re-checked in
+float64 as the torch model's exact search does for large banks; IVF: the saved coarse centroids and
+``nprobe``; HNSW: rebuilt in bank order on one thread, as saved models are); an ensemble z-scores
+its members with the saved normalisation; maps, scores and verdicts come from the very functions
+of :mod:`patchknn.scoring` that :meth:`PatchKNN.predict_batch <patchknn.model.PatchKNN.predict_batch>`
+calls.
+
+Example:
+    >>> from patchknn.runtime import load                               # doctest: +SKIP
+    >>> model = load("bottle.onnx")                                     # doctest: +SKIP
+    >>> [p.verdict for p in model.predict("bottle/test/broken_large")]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import numpy as np
+
+from patchknn import scoring
+from patchknn.data import DEFAULT_MAX_PIXELS, expand_inputs, load_resized
+from patchknn.errors import ConfigError, ModelFileError, PatchKNNError
+from patchknn.scoring import OutputSize, Prediction
+from patchknn.serialization import load_model, read_meta, sha256_file
+
+EXPORTED_KIND = "exported"  # the same string as patchknn.export.graphs.EXPORTED_KIND (which imports torch)
+BACKENDS = ("auto", "onnxruntime", "openvino")
+#: Extra candidates the exact search re-checks in float64 beyond ``k`` (float32 near-ties).
+RECHECK = 8
+
+
+class SavedOptions(SimpleNamespace):
+    """The saved configuration, read-only by convention: ``options.image_size``, ``options.to_dict()``
+    (the torch-free stand-in for :class:`~patchknn.config.PatchKNNConfig`, which validates
+    backbone names through the torch registry)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def is_exported(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`patchknn.export.export_model`."""
+    try:
+        return read_meta(path).get("kind") == EXPORTED_KIND
+    except (ModelFileError, OSError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------- graphs
+class _Graph:
+    """One member's graph: uint8 ``(B, 3, S, S)`` -> float32 ``(B, grid*grid, d)``."""
+
+    def __init__(self, path: Path, backend: str, threads: int | None) -> None:
+        self.backend = backend
+        if backend == "onnxruntime":
+            try:
+                import onnxruntime as ort
+            except ImportError as e:
+                raise ConfigError("this runtime needs onnxruntime: pip install 'patchknn[onnx]'") from e
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        else:
+            try:
+                import openvino as ov
+            except ImportError as e:
+                raise ConfigError("this runtime needs OpenVINO: pip install 'patchknn[openvino]'") from e
+            config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # never bf16/fp16 behind our back
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = int(threads)
+            self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.uint8)
+        if self.backend == "onnxruntime":
+            out = self._session.run(["rows"], {"images": x})[0]
+        else:
+            out = self._compiled([x])[self._compiled.output(0)]
+        return np.asarray(out, dtype=np.float32)
+
+
+def _pick_backend(backend: str, fmt: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if fmt == "openvino":
+        if backend == "onnxruntime":
+            raise ConfigError("an OpenVINO export runs on OpenVINO; export with format='onnx' for onnxruntime")
+        return "openvino"
+    if backend != "auto":
+        return backend
+    try:
+        import onnxruntime  # noqa: F401
+
+        return "onnxruntime"
+    except ImportError:
+        return "openvino"
+
+
+# ------------------------------------------------------------------------------------------- search
+class _Search:
+    """The member's nearest-neighbour search, rebuilt as the torch model builds it."""
+
+    def __init__(self, desc: dict[str, Any], bank: np.ndarray, centroids: np.ndarray | None) -> None:
+        import faiss
+
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        self.kind = str(desc.get("kind", "flat"))
+        n, d = self.bank.shape
+        if self.kind == "ivf":
+            if centroids is None:
+                raise ModelFileError("an IVF export needs its coarse centroids")
+            self._quantizer = faiss.IndexFlatL2(d)
+            self._quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+            index = faiss.IndexIVFFlat(self._quantizer, d, int(centroids.shape[0]), faiss.METRIC_L2)
+            index.add(self.bank)
+            index.nprobe = int(desc["nprobe"])
+        elif self.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, int(desc["hnsw_m"]))
+            index.hnsw.efConstruction = int(desc["hnsw_ef_construction"])
+            index.hnsw.efSearch = int(desc["hnsw_ef_search"])
+            with contextlib.suppress(AttributeError, TypeError):  # as patchknn.index builds it
+                index.hnsw.rng = faiss.RandomGenerator(int(desc.get("seed", 0)) + 12345)
+            before = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)  # insertion order = bank order, as the torch model builds it
+            try:
+                index.add(self.bank)
+            finally:
+                faiss.omp_set_num_threads(before)
+        else:
+            index = faiss.IndexFlatL2(d)
+            index.add(self.bank)
+        self._index = index
+        self.size = n
+
+    def search(self, rows: np.ndarray, k: int) -> np.ndarray:
+        """Euclidean distances ``(M, k)``, ascending."""
+        q = np.ascontiguousarray(rows, dtype=np.float32)
+        if self.kind == "hnsw":
+            self._index.hnsw.efSearch = max(int(self._index.hnsw.efSearch), k)
+        if self.kind != "flat":
+            sq, _ = self._index.search(q, k)
+            return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32)
+        # exact: faiss' float32 candidates, their distances re-computed in float64
+        depth = min(self.size, k + RECHECK)
+        _, ids = self._index.search(q, depth)
+        ids = np.where(ids < 0, 0, ids)
+        out = np.empty((q.shape[0], k), dtype=np.float32)
+        step = 4096
+        for i in range(0, q.shape[0], step):
+            diff = self.bank[ids[i : i + step]].astype(np.float64) - q[i : i + step, None, :].astype(np.float64)
+            sq = np.einsum("mkd,mkd->mk", diff, diff)
+            out[i : i + step] = np.sqrt(np.sort(sq, axis=1)[:, :k])
+        return out
+
+
+# ------------------------------------------------------------------------------------------- model
+class _Member:
+    def __init__(self, root: Path, desc: dict[str, Any], tensors: dict[str, np.ndarray], backend: str,
+                 threads: int | None) -> None:
+        self.config = SavedOptions(**desc["config"])
+        self.graph = _Graph(root / str(desc["graph"]), backend, threads)
+        self.search = _Search(desc.get("index", {}), tensors["bank"], tensors.get("centroids"))
+        self.k = int(self.config.k)
+
+    def _grid_and_rows(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.graph(images)
+        b, p, d = rows.shape
+        flat = rows.reshape(b * p, d)
+        scores = self.search.search(flat, self.k).mean(axis=1, dtype=np.float64).astype(np.float32)
+        scores[~np.isfinite(flat).all(axis=1)] = np.nan
+        g = int(self.config.grid_size)
+        return scores.reshape(b, g, g), rows
+
+    def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`PatchKNN.score_batch <patchknn.model.PatchKNN.score_batch>`."""
+        grids, rows = self._grid_and_rows(images)
+        weights = np.ones(grids.shape[0], dtype=np.float64)
+        if self.config.image_score == "reweighted":
+            weights = scoring.reweight(grids, rows, self.search.bank, int(self.config.image_score_topk))
+        tta = list(self.config.tta or ())
+        for kind in tta:
+            axis = 3 if kind == "hflip" else 2
+            flipped, _ = self._grid_and_rows(np.flip(images, axis=axis))
+            grids += np.flip(flipped, axis=axis - 1)
+        if tta:
+            grids /= 1 + len(tta)
+        return grids, weights
+
+
+class ExportedModel:
+    """An exported model, loaded for scoring: :meth:`predict` as :meth:`PatchKNN.predict
+    <patchknn.model.PatchKNN.predict>` (same :class:`~patchknn.scoring.Prediction` objects).
+
+    Args:
+        path: the folder written by :func:`patchknn.export.export_model`.
+        backend: ``"auto"`` (onnxruntime for an ONNX export if installed, else OpenVINO, which
+            also reads ONNX), ``"onnxruntime"`` or ``"openvino"``.
+        threads: threads of the graph runtime (``None`` = its default, all cores).
+        batch_size: images per graph call in :meth:`predict`.
+        on_error: ``"stop"`` raises on an unreadable image; ``"skip"`` gives a Prediction with ``error``.
+        max_pixels: decompression-bomb guard, as for :class:`~patchknn.model.PatchKNN`.
+
+    Attributes:
+        config: the saved options (attribute access: ``config.image_size`` ...).
+        threshold_: the decision threshold (``None`` = no verdicts); may be changed.
+        fit_info_: what fitting recorded.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        backend: str = "auto",
+        *,
+        threads: int | None = None,
+        batch_size: int = 16,
+        on_error: Literal["stop", "skip"] = "stop",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        root = Path(path)
+        doc, groups = load_model(root)
+        if doc.get("kind") != EXPORTED_KIND:
+            raise ModelFileError(f"{root}: not an exported model (export it with `patchknn export`)")
+        if on_error not in ("stop", "skip"):
+            raise ConfigError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+        try:
+            self.format = str(doc["export_format"])
+            self.backend = _pick_backend(backend, self.format)
+            self.config = SavedOptions(**doc["config"])
+            members = list(doc["members"])
+            for desc in members:
+                for name, digest in dict(desc["files"]).items():
+                    if Path(name).name != name or sha256_file(root / name) != digest:
+                        raise ModelFileError(f"{root / name}: missing, or its checksum does not match")
+            self.members = [
+                _Member(root, desc, groups[f"member_{i}"], self.backend, threads) for i, desc in enumerate(members)
+            ]
+            self.norm_ = np.asarray(groups["ensemble"]["norm"], np.float64) if "ensemble" in groups else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(f"{root}: the export's description is missing or damaged ({e})") from e
+        except OSError as e:
+            raise ModelFileError(f"{root}: a graph file cannot be read ({e})") from e
+        thr = doc.get("threshold")
+        self.threshold_: float | None = None if thr is None else float(thr)
+        self.fit_info_: dict[str, Any] = dict(doc.get("fit_info") or {})
+        self.path = root
+        self.batch_size = int(batch_size)
+        self.on_error = on_error
+        self.max_pixels = max_pixels
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``(B, 3, S, S)`` (numpy, or anything numpy converts, such as a CPU tensor) ->
+        ``(B, grid, grid)`` patch scores and image weights, as ``PatchKNN.score_batch``."""
+        images = np.asarray(images, dtype=np.uint8)
+        if self.norm_ is None:
+            return self.members[0].score_batch(images)
+        total, weight_sum = None, None
+        for member, (mu, sd) in zip(self.members, self.norm_):
+            grids, weights = member.score_batch(images)
+            z = (grids.astype(np.float64) - mu) / sd
+            total = z if total is None else total + z
+            weight_sum = weights if weight_sum is None else weight_sum + weights
+        n = len(self.members)
+        return (total / n).astype(np.float32), weight_sum / n  # type: ignore[operator]
+
+    def score_grid(self, images: np.ndarray) -> np.ndarray:
+        """``(B, grid, grid)`` patch scores (see :meth:`score_batch`)."""
+        return self.score_batch(images)[0]
+
+    def grid_to_map(self, grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """As :meth:`PatchKNN.grid_to_map <patchknn.model.PatchKNN.grid_to_map>`."""
+        return scoring.grid_to_map(grid, size, self.config)
+
+    def image_score(self, grid: np.ndarray, amap: np.ndarray | None = None, weight: float = 1.0) -> float:
+        """As :meth:`PatchKNN.image_score <patchknn.model.PatchKNN.image_score>`."""
+        s = self.image_size
+        at_input = amap if amap is not None and amap.shape == (s, s) else None
+        return scoring.image_score(grid, self.config, weight, amap=at_input)
+
+    def predict_batch(
+        self,
+        images: np.ndarray,
+        *,
+        names: Sequence[str] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        output_size: OutputSize = None,
+        threshold: float | None = None,
+    ) -> list[Prediction]:
+        """uint8 ``(B, 3, S, S)`` (resized by the loader) -> predictions, as ``PatchKNN.predict_batch``."""
+        grids, weights = self.score_batch(images)
+        decision = self.threshold_ if threshold is None else float(threshold)
+        return scoring.predictions(
+            grids, weights, self.config, names=names, sizes=sizes, output_size=output_size, threshold=decision
+        )
+
+    def predict(
+        self, images: Sequence[Any] | str | Path, output_size: OutputSize = None, *, threshold: float | None = None
+    ) -> list[Prediction]:
+        """Score ``images`` (paths, a folder, PIL images or arrays); one Prediction each, in order."""
+        return list(self.predict_iter(images, output_size=output_size, threshold=threshold))
+
+    def predict_iter(
+        self, images: Sequence[Any] | str | Path, output_size: OutputSize = None, *, threshold: float | None = None
+    ) -> Iterator[Prediction]:
+        """Like :meth:`predict`, yielding each batch's results as they are ready."""
+        sources = _sources(images)
+        for start in range(0, len(sources), self.batch_size):
+            chunk = sources[start : start + self.batch_size]
+            arrays, sizes, names, failed = [], [], [], {}
+            for j, src in enumerate(chunk):
+                name = _name(src, start + j)
+                try:
+                    arr, original = load_resized(src, self.image_size, max_pixels=self.max_pixels)
+                except PatchKNNError as e:
+                    if self.on_error == "stop":
+                        raise
+                    failed[j] = Prediction(name, None, None, None, error=str(e))
+                    continue
+                arrays.append(arr.transpose(2, 0, 1))
+                sizes.append(original)
+                names.append(name)
+            preds: list[Prediction] = []
+            if arrays:
+                preds = self.predict_batch(
+                    np.stack(arrays), names=names, sizes=sizes, output_size=output_size, threshold=threshold
+                )
+            it = iter(preds)
+            for j in range(len(chunk)):
+                pred = failed[j] if j in failed else next(it)
+                if pred.error is not None and j not in failed and self.on_error == "stop":
+                    raise PatchKNNError(f"{pred.source}: {pred.error}")
+                yield pred
+
+
+def _sources(images: Sequence[Any] | str | Path) -> list[Any]:
+    if isinstance(images, str | Path):
+        return list(expand_inputs([images]))
+    items = list(images)
+    if items and all(isinstance(x, str | Path) for x in items):
+        return list(expand_inputs(items))
+    return items
+
+
+def _name(source: Any, index: int) -> str:
+    if isinstance(source, str | os.PathLike):
+        return str(Path(source))
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<bytes #{index}>"
+    if isinstance(source, np.ndarray):
+        return f"<array #{index}>"
+    return str(getattr(source, "filename", "") or f"<PIL image #{index}>")
+
+
+def load(path: str | Path, backend: str = "auto", **options: Any) -> ExportedModel:
+    """Load an exported folder (see :class:`ExportedModel` for ``backend`` and ``options``)."""
+    return ExportedModel(path, backend, **options)
+
+
+__all__ = ["BACKENDS", "EXPORTED_KIND", "ExportedModel", "SavedOptions", "is_exported", "load"]
