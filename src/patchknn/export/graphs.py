@@ -59,9 +59,10 @@ class RowsGraph(nn.Module):
 
 
 def _members(model: PatchKNN) -> tuple[list[PatchKNN], np.ndarray | None]:
-    members = getattr(model, "members", None)
-    if getattr(model, "_is_ensemble", False) and members:
-        return list(members), np.asarray(model.norm_, dtype=np.float64)  # type: ignore[attr-defined]
+    members = getattr(model, "members", None)  # an EnsemblePatchKNN: its members and their normalisation
+    norm = getattr(model, "norm_", None)
+    if members and norm is not None:
+        return list(members), np.asarray(norm, dtype=np.float64)
     return [model], None
 
 
