@@ -27,6 +27,20 @@ Example:
 
 from __future__ import annotations
 
-from patchknn.export.graphs import EXPORT_FORMATS, export_model
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from patchknn.export.graphs import EXPORT_FORMATS, export_model
+
+
+def __getattr__(name: str) -> Any:
+    # the graphs need torch: imported on first use, so `patchknn.export.commands` (registered on
+    # the CLI) keeps `patchknn --help` free of torch
+    if name in ("EXPORT_FORMATS", "export_model"):
+        from patchknn.export import graphs
+
+        return getattr(graphs, name)
+    raise AttributeError(f"module 'patchknn.export' has no attribute {name!r}")
+
 
 __all__ = ["EXPORT_FORMATS", "export_model"]
