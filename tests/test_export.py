@@ -233,3 +233,26 @@ def test_export_command(tmp_path):
     assert_same(ExportedModel(tmp_path / "ov").predict(test), PatchKNN.load(tmp_path / "m").predict(test))
     res = runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "tflite", "--output", str(tmp_path / "x")])
     assert res.exit_code != 0 and "format must be one of" in str(res.exception)
+
+
+def test_server_serves_an_exported_model(tmp_path):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from patchknn.server.app import create_app
+    from patchknn.server.settings import ServedModel, ServerSettings
+
+    model = PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(3))
+    runtime = ExportedModel(export_model(model, tmp_path / "exp"))
+    app = create_app({"tiny": ServedModel("tiny", runtime, "v1")}, ServerSettings())
+    image = _images(1, seed=5)[0]
+    raw = io.BytesIO()
+    Image.fromarray(image).save(raw, format="PNG")
+    expected = model.predict([image])[0]
+    with TestClient(app) as client:
+        body = client.post("/v1/models/tiny/predict", content=raw.getvalue()).json()
+        listed = client.get("/v1/models").json()["models"][0]
+    assert body["score"] == pytest.approx(expected.score, rel=REL) and body["verdict"] == expected.verdict
+    assert listed["config"]["backbone"] == "resnet50" and listed["threshold"] == model.threshold_
