@@ -206,7 +206,7 @@ def test_pruned_flat_equals_brute_force(clustered, k, nlist):
         assert index.stats["pairs"] < 0.5 * len(q) * len(bank)  # most of the bank was skipped
 
 
-def test_pruned_flat_threads_and_factory(clustered, monkeypatch):
+def test_pruned_flat_threads_and_small_bank_factory(clustered, monkeypatch):
     import patchknn.index as ix
 
     bank, q = clustered
@@ -216,9 +216,7 @@ def test_pruned_flat_threads_and_factory(clustered, monkeypatch):
     threads_before = torch.get_num_threads()
     two.search(np.repeat(q, 4, axis=0), 1)
     assert torch.get_num_threads() == threads_before
-    monkeypatch.setattr(ix, "PRUNED_MIN_BANK", 1000)
-    assert isinstance(build_index(bank, "flat"), ix.PrunedFlatIndex)
-    monkeypatch.setattr(ix, "PRUNED_MIN_BANK", 10**9)
+    monkeypatch.setattr(ix, "PRUNED_MIN_BANK", 10**9)  # small banks: faiss's flat index
     assert type(build_index(bank, "flat")) is MemoryBankIndex
 
 
@@ -261,3 +259,111 @@ def test_cuda_flat_with_gpu_faiss_on_a_large_bank(monkeypatch, k):
     # IVF takes the same road (its faiss index is copyable)
     build_index(bank[:2000], "ivf", IndexParams(nlist=8, nprobe=8), device="cuda")
     assert copied[-1] == (0, "IndexIVFFlat")
+
+
+# ------------------------------------------------------------------ the screened exact index
+def brute64(bank, q, k, step=50_000):
+    """float64 scan, chunked: the k smallest Euclidean distances, sorted."""
+    qq = torch.from_numpy(np.asarray(q)).double()
+    best = None
+    for a in range(0, len(bank), step):
+        b = torch.from_numpy(np.asarray(bank[a : a + step])).double()
+        d2 = ((qq * qq).sum(1, keepdim=True) - 2 * qq @ b.T + (b * b).sum(1)[None]).clamp_(min=0)
+        # the expansion loses digits in float64 only far below float32 resolution, but recompute
+        # the candidates from differences to be safe
+        part = d2.topk(min(k + 2, d2.shape[1]), dim=1, largest=False).indices
+        exact = ((qq[:, None, :] - b[part]) ** 2).sum(-1)
+        best = exact if best is None else torch.cat([best, exact], 1)
+    return best.topk(k, dim=1, largest=False).values.sqrt().numpy()
+
+
+@pytest.fixture(scope="module")
+def big_bank():
+    """A seeded clustered bank of 200,000 x 400 with a decaying spectrum (like PCA output), plus
+    queries with adversarial near-ties."""
+    rng = np.random.default_rng(11)
+    n, d = 200_000, 400
+    scale = (np.linspace(2.0, 0.2, d) ** 1.5).astype(np.float32)
+    centres = rng.normal(size=(300, d)).astype(np.float32) * scale
+    bank = centres[rng.integers(300, size=n)]
+    bank += rng.standard_normal((n, d), dtype=np.float32) * (0.6 * scale)
+    bank[1000:1010] = bank[2000:2010]  # exact duplicates
+    bank[3000] = bank[3001]
+    bank[3000, -1] = np.nextafter(bank[3001, -1], np.float32(np.inf))  # 1 ulp apart, in the tail
+    q = centres[rng.integers(300, size=48)] + rng.standard_normal((48, d), dtype=np.float32) * (0.6 * scale)
+    q[0:4] = bank[[5, 2000, 3001, 77_777]]  # on bank rows (distance 0; duplicated ones)
+    q[4:8] = 0.5 * (bank[[10, 20, 30, 40]] + bank[[11, 21, 31, 41]])  # midpoints: near-ties of 2 rows
+    q[8] = bank[3001] + 1e-3 * scale  # two rows 1 ulp apart at nearly the same distance
+    q[9:12] = rng.normal(scale=8.0, size=(3, d)).astype(np.float32) * scale  # far "anomalies"
+    return bank, q.astype(np.float32)
+
+
+def test_screened_exact_equals_float64_scan_on_a_large_wide_bank(big_bank):
+    """Issue 13: the exact search on >= 200k rows x >= 400 dims equals a float64 scan (to the
+    float32 rounding of the result), for k = 1 and k = 4 and near-ties, and screens out most of
+    the bank."""
+    from patchknn.exact import ScreenedFlatIndex
+
+    bank, q = big_bank
+    index = ScreenedFlatIndex(threads=2).build(bank)
+    assert index._index.head_dim < bank.shape[1]  # the screen really is in fewer dimensions
+    exact = brute64(bank, q, 4)
+    for k in (1, 4):
+        got = index.search(q, k)
+        np.testing.assert_allclose(got, exact[:, :k], rtol=2e-7, atol=1e-6)
+    assert (got[0, 0] == 0) and (got[1, :2] == 0).all()  # a duplicated row: twice distance 0
+    assert got[2, 0] == 0 and 0 < got[2, 1] < 1e-5  # the row 1 ulp away
+    st = index.stats
+    assert st["queries"] == 2 * len(q) and st["screened"] == 2 * len(q) * len(bank)
+    assert st["rechecked"] < 0.05 * st["screened"]  # the bound rules out most rows
+
+
+def test_screened_threads_split_and_factory(clustered, monkeypatch):
+    """The distance of a neighbour is computed in float64 from the vectors alone: any split of the
+    queries gives bit-identical answers; the factory uses the screened index for large banks."""
+    import patchknn.index as ix
+    from patchknn.exact import ScreenedFlatIndex
+
+    bank, q = clustered
+    one = ScreenedFlatIndex(head_dim=4, threads=1, chunk_rows=512).build(bank).search(q, 3)
+    two = ScreenedFlatIndex(head_dim=4, threads=2, chunk_rows=512).build(bank).search(np.repeat(q, 50, axis=0), 3)
+    np.testing.assert_array_equal(np.repeat(one, 50, axis=0), two)
+    np.testing.assert_allclose(one, brute64(bank, q, 3), rtol=2e-7, atol=1e-6)
+    threads_before = torch.get_num_threads()
+    monkeypatch.setattr(ix, "PRUNED_MIN_BANK", 1000)
+    assert isinstance(build_index(bank, "flat"), ix.PrunedFlatIndex)  # narrow banks: clusters prune well
+    monkeypatch.setattr(ix, "SCREENED_MIN_DIM", 12)
+    index = build_index(bank, "flat")
+    assert isinstance(index, ScreenedFlatIndex) and index.kind == "flat"
+    assert index.bank is not None and index.bank.shape == bank.shape
+    np.testing.assert_allclose(index.search(torch.from_numpy(q), 1), brute64(bank, q, 1), rtol=2e-7, atol=1e-6)
+    assert torch.get_num_threads() == threads_before
+
+
+def test_screened_exact_with_large_norms_and_tiny_distances():
+    """Vectors far from the origin with neighbours close together: float32's
+    ||q||^2 - 2 q.b + ||b||^2 cannot separate the neighbours here (its round-off exceeds the gaps);
+    the round-off bound widens the screen and the float64 re-check picks the right rows."""
+    from patchknn.exact import BoundedFlatIndex, ScreenedFlatIndex
+
+    rng = np.random.default_rng(3)
+    d = 64
+    bank = (300.0 + rng.normal(scale=0.01, size=(3000, d))).astype(np.float32)
+    q = (300.0 + rng.normal(scale=0.01, size=(40, d))).astype(np.float32)
+    exact = brute64(bank, q, 2)
+    naive = TorchFlatIndex("cpu").build(bank).search(q, 2)
+    assert np.abs(naive - exact).max() > 1e-3  # the plain float32 expansion is visibly off here
+    got = ScreenedFlatIndex(head_dim=8, threads=1, chunk_rows=256).build(bank).search(q, 2)
+    np.testing.assert_allclose(got, exact, rtol=2e-7, atol=1e-7)
+    # the bound itself: |LB computed in float32 - LB in float64| <= E for every pair
+    state = BoundedFlatIndex(bank, head_dim=8)
+    qt = torch.from_numpy(q)
+    p = state.head_dim
+    qa = torch.empty((len(q), p + 1))
+    qa[:, :p] = qt[:, state.columns[:p]]
+    qa[:, p] = qt[:, state.columns[p:]].double().norm(dim=1)
+    lb32 = torch.addmm(state.aug_sq[None, :], qa, state.aug.T, alpha=-2.0).double() + (qa.double() ** 2).sum(1)[:, None]
+    lb64 = torch.cdist(qa.double(), state.aug.double()) ** 2
+    err = state._error_bound(qt.double().norm(dim=1))
+    assert ((lb32 - lb64).abs() <= err[:, None]).all()
+    assert (lb32 - lb64).abs().max() > 1e-3 * err.min()  # and the check is not vacuous

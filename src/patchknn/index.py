@@ -48,6 +48,10 @@ from patchknn.errors import ConfigError, NotFittedError
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 #: From this bank size on, the exact CPU search is :class:`PrunedFlatIndex` (same results, less work).
 PRUNED_MIN_BANK = 16384
+#: From this dimension on (and PRUNED_MIN_BANK rows), the exact CPU search is
+#: :class:`patchknn.exact.ScreenedFlatIndex`: cluster radii exceed neighbour distances in such
+#: spaces (1.6 % of the pairs pruned on a 711-dim bank), a low-dimensional lower bound does better.
+SCREENED_MIN_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -583,6 +587,10 @@ def build_index(
             return IVFIndex(p, seed, centroids)
         if kind == "hnsw":
             return HNSWIndex(p, seed)
+        if len(bank) >= PRUNED_MIN_BANK and bank.shape[1] >= SCREENED_MIN_DIM:
+            from patchknn.exact import ScreenedFlatIndex  # imports this module
+
+            return ScreenedFlatIndex(threads=threads)
         if len(bank) >= PRUNED_MIN_BANK:
             return PrunedFlatIndex(seed=seed, threads=threads)
         return MemoryBankIndex()
