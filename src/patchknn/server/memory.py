@@ -45,6 +45,7 @@ import io
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "MemoryBudget",
     "decode_cost",
     "prepare_image",
+    "TRIM_AFTER_BYTES",
     "return_freed_memory",
 ]
 
@@ -182,14 +184,15 @@ def _may_rotate(img, data: bytes) -> bool:
 
 
 def prepare_image(
-    data: bytes, image_size: int, max_pixels: int, mode: str | None = None
+    data: bytes, image_size: int, max_pixels: int, mode: str | None = None, trim: bool = False
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Decode and resize exactly as :class:`patchknn.data.ImageDataset` does for ``predict``.
 
     8-bit RGB files go through :func:`~patchknn.data.load_resized` (resized by Pillow straight after
     decoding); every other mode through ``resize_image(load_image(...))``, which gives the same
     pixels as ``load_resized``'s own fallback but holds fewer full-size copies at once. ``mode`` is
-    the header's (:attr:`DecodeCost.mode`); ``None`` takes the ``load_image`` path.
+    the header's (:attr:`DecodeCost.mode`); ``None`` takes the ``load_image`` path. ``trim``: call
+    :func:`return_freed_memory` afterwards (the server does for large images).
     """
     if mode == "RGB":
         resized, original = load_resized(data, image_size, max_pixels=max_pixels)
@@ -199,17 +202,26 @@ def prepare_image(
         resized = resize_image(image, image_size)
         del image
     tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+    if trim:
+        return_freed_memory()
     return tensor, original
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Ask glibc's allocator to give every block of ``threshold`` bytes or more back to the system when it
-    is freed (``mallopt(M_MMAP_THRESHOLD)``), instead of keeping it in per-thread heaps.
+TRIM_AFTER_BYTES = 32 << 20
+"""After a decode that counted at least this much, freed memory is handed back to the system."""
 
-    Decoding allocates and frees hundreds of megabytes in several threads; by default glibc raises its
-    threshold after the first such free and keeps later blocks in the decoding thread's heap, so the
-    resident size can stay above what is in use and grow by heap. Returns whether it was set (only on
-    Linux with glibc; elsewhere nothing changes).
+_LIBC: list[Any] = []
+
+
+def return_freed_memory() -> bool:
+    """Hand memory that the allocator holds but nothing uses back to the system (glibc's ``malloc_trim``).
+
+    A large decode allocates and frees hundreds of megabytes in a decode thread, much of it in pieces
+    of 64 kB (``numpy.asarray`` of a Pillow image) that glibc keeps in that thread's heap; without a
+    trim the resident size stays above what is in use, by up to one decode per thread. Called by the
+    decode threads after each decode of :data:`TRIM_AFTER_BYTES` or more (a few milliseconds), so the
+    allocator's default behaviour, which the backbone's tensors profit from, is left alone. Returns
+    whether anything could be done (Linux with glibc only).
     """
     import ctypes
     import ctypes.util
@@ -217,11 +229,13 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
 
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, int(threshold)))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    trim = _LIBC[0]
+    return bool(trim is not None and trim(0) >= 0)
 
 
 class MemoryBudget:

@@ -67,8 +67,4 @@ def run(app: FastAPI, settings: ServerSettings, *, log_level: str = "info", acce
     """Serve ``app`` with uvicorn on ``settings.host:settings.port`` until interrupted."""
     import uvicorn
 
-    from patchknn.server.memory import return_freed_memory
-
-    return_freed_memory()  # resident memory follows the decode budget (see patchknn.server.memory)
-
     uvicorn.Server(server_config(app, settings, log_level=log_level, access_log=access_log)).run()

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from patchknn.data import DECODE_FORMATS
 from patchknn.errors import ImageError
 from patchknn.server.errors import ApiError, image_error
-from patchknn.server.memory import DecodeCost, MemoryBudget, decode_cost, prepare_image
+from patchknn.server.memory import TRIM_AFTER_BYTES, DecodeCost, MemoryBudget, decode_cost, prepare_image
 
 __all__ = [
     "decode_in_pool",
@@ -202,7 +202,8 @@ async def decode_in_pool(
     """
     loop = asyncio.get_running_loop()
     try:
-        job = pool.submit(prepare_image, data, image_size, max_pixels, cost.mode)
+        trim = cost.bytes >= TRIM_AFTER_BYTES  # give a large decode's freed memory back at once
+        job = pool.submit(prepare_image, data, image_size, max_pixels, cost.mode, trim)
     except BaseException:
         budget.release(cost.bytes)
         raise
