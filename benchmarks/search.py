@@ -1,0 +1,220 @@
+"""Exact k-NN search speed against the hardware limit (issue 13).
+
+For each memory bank: queries/s of a brute-force faiss ``IndexFlatL2``, the cluster-pruned
+``PrunedFlatIndex`` and the screened ``ScreenedFlatIndex`` (build time, re-checked pairs, agreement
+with the brute force), and, measured in the same run, the GEMM rates of this CPU in float32,
+bfloat16 and int8 (``torch._int_mm``) at the search's shape: the "fp32 limit" is the queries/s a
+full scan would reach at the float32 GEMM rate (``rate / (2 N d)``), the "scan-equivalent" rate of
+an index is the GEMM rate a full scan would need to match it.
+
+Banks: synthetic clustered banks of the sizes of MVTec bottle and magnetic_tile with the ``paper``
+preset (163,856 x 201 and 597,408 x 711, the dimensions measured on the real data) by default,
+or real features saved by ``--save-features`` (the ``paper`` preset fitted on a category's
+``train/good``; the queries are the searched rows of some of its test images, recorded through
+the model's index)::
+
+    python benchmarks/search.py --save-features /tmp/feats --data-root "$PATCHKNN_MTD_ROOT" \\
+        --category magnetic_tile --weights "$PATCHKNN_WEIGHTS_DIR"/resnet50-caffe-msra-stem-layer3.safetensors
+    flock /tmp/patchknn-bench.lock python benchmarks/search.py --features /tmp/feats/magnetic_tile
+
+Run timings under ``flock /tmp/patchknn-bench.lock`` on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+
+def gemm_rates(d: int, threads: int, m: int = 784, n: int = 8192) -> dict[str, float]:
+    """GFLOP/s (GOP/s for int8) of ``(m x d) @ (d x n)`` on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    out = {}
+    a32, b32 = torch.randn(m, d), torch.randn(n, d)
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = a32.to(dt), b32.to(dt)
+        torch.mm(a, b.T)
+        reps, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            torch.mm(a, b.T)
+            reps += 1
+        out[name] = 2 * m * n * d * reps / (time.perf_counter() - t) / 1e9
+    d8 = (d + 7) // 8 * 8
+    a8 = torch.randint(-127, 128, (m, d8), dtype=torch.int8)
+    b8 = torch.randint(-127, 128, (d8, n), dtype=torch.int8)
+    try:
+        torch._int_mm(a8, b8)
+        reps, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            torch._int_mm(a8, b8)
+            reps += 1
+        out["int8"] = 2 * m * n * d8 * reps / (time.perf_counter() - t) / 1e9
+    except RuntimeError:  # pragma: no cover - builds without the int8 kernel
+        out["int8"] = float("nan")
+    return out
+
+
+def synthetic(n: int, d: int, n_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered vectors with a decaying spectrum (like PCA output); 5 % of the queries far away."""
+    rng = np.random.default_rng(seed)
+    scale = (np.linspace(2.0, 0.15, d) ** 1.5).astype(np.float32)
+    centres = rng.normal(size=(max(16, n // 500), d)).astype(np.float32) * scale
+    bank = np.empty((n, d), dtype=np.float32)
+    step = 50_000
+    for a in range(0, n, step):
+        rows = min(step, n - a)
+        bank[a : a + rows] = centres[rng.integers(len(centres), size=rows)]
+        bank[a : a + rows] += rng.standard_normal((rows, d), dtype=np.float32) * (0.7 * scale)
+    q = centres[rng.integers(len(centres), size=n_queries)] + rng.standard_normal((n_queries, d), dtype=np.float32) * (
+        0.7 * scale
+    )
+    far = max(1, n_queries // 20)
+    q[:far] = rng.normal(scale=3.0, size=(far, d)).astype(np.float32) * scale
+    return bank, q.astype(np.float32)
+
+
+def save_features(out: Path, data_root: Path, category: str, weights: str | None, n_test: int) -> None:
+    from patchknn import PatchKNN
+
+    rows: list[np.ndarray] = []
+
+    class Recorder:  # records what the model searches, answers with the real index
+        def __init__(self, inner):
+            self.inner, self.bank, self.size = inner, inner.bank, inner.size
+
+        def search(self, queries, k=1):
+            rows.append(np.array(queries, dtype=np.float32, copy=True))
+            return self.inner.search(queries, k)
+
+    train = sorted(p for p in (data_root / category / "train" / "good").iterdir() if p.is_file())
+    tests = sorted(p for p in (data_root / category / "test").glob("*/*") if p.is_file())
+    rng = np.random.default_rng(0)
+    pick = [tests[i] for i in sorted(rng.choice(len(tests), min(n_test, len(tests)), replace=False))]
+    model = PatchKNN(threshold_method="none", **({"weights": weights} if weights else {}))
+    model.fit(train)
+    bank = model.index_.bank
+    model.index_ = Recorder(model.index_)
+    model.predict(pick)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "bank.npy", bank)
+    np.save(out / "queries.npy", np.concatenate(rows))
+    print(f"saved {bank.shape} bank and {sum(len(r) for r in rows)} queries to {out}")
+
+
+def bench_bank(name: str, bank: np.ndarray, q: np.ndarray, threads: int, args: argparse.Namespace) -> dict:
+    from patchknn.exact import ScreenedFlatIndex
+    from patchknn.index import PrunedFlatIndex
+
+    n, d = bank.shape
+    res: dict = {"bank": name, "rows": n, "dim": d, "threads": threads}
+    rates = gemm_rates(d, threads)
+    res["gemm_gflops"] = {k: round(v, 1) for k, v in rates.items()}
+    res["fp32_limit_qps"] = round(rates["fp32"] * 1e9 / (2 * n * d), 1)
+    flop_q = 2.0 * n * d
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+
+    nb = min(len(q), args.brute_queries)
+    flat = faiss.IndexFlatL2(d)
+    flat.add(bank)
+    flat.search(q[:8], 1)
+    t = time.perf_counter()
+    sq, _ = flat.search(q[:nb], 1)
+    res["faiss_flat_qps"] = round(nb / (time.perf_counter() - t), 1)
+    ref = np.sqrt(np.maximum(sq[:, 0], 0))
+    del flat
+    gc.collect()
+
+    if n <= args.pruned_max_rows:
+        t = time.perf_counter()
+        pr = PrunedFlatIndex(seed=0, threads=threads).build(bank)
+        res["pruned_build_s"] = round(time.perf_counter() - t, 1)
+        pr.search(q[:8], 1)
+        pr.stats["pairs"] = 0
+        t = time.perf_counter()
+        got = pr.search(q, 1)
+        res["pruned_qps"] = round(len(q) / (time.perf_counter() - t), 1)
+        res["pruned_pair_fraction"] = round(pr.stats["pairs"] / (len(q) * n), 4)
+        res["pruned_max_rel_diff_vs_faiss"] = float(np.max(np.abs(got[:nb, 0] - ref) / np.maximum(ref, 1e-6)))
+        del pr
+        gc.collect()
+
+    t = time.perf_counter()
+    sc = ScreenedFlatIndex(threads=threads).build(bank)
+    res["screened_build_s"] = round(time.perf_counter() - t, 1)
+    res["screened_head_dim"] = sc._index.head_dim
+    sc.search(q[:8], 1)
+    sc.stats.clear()
+    t = time.perf_counter()
+    got = sc.search(q, 1)
+    res["screened_qps"] = round(len(q) / (time.perf_counter() - t), 1)
+    res["screened_recheck_fraction"] = round(sc.stats["rechecked"] / sc.stats["screened"], 5)
+    res["screened_max_rel_diff_vs_faiss"] = float(np.max(np.abs(got[:nb, 0] - ref) / np.maximum(ref, 1e-6)))
+    res["screened_scan_equivalent_gflops"] = round(res["screened_qps"] * flop_q / 1e9, 1)
+    res["speedup_vs_faiss_flat"] = round(res["screened_qps"] / res["faiss_flat_qps"], 2)
+    res["fraction_of_fp32_limit_faiss"] = round(res["faiss_flat_qps"] / res["fp32_limit_qps"], 2)
+    res["screened_vs_fp32_limit"] = round(res["screened_qps"] / res["fp32_limit_qps"], 2)
+    if "pruned_qps" in res:
+        res["speedup_vs_pruned"] = round(res["screened_qps"] / res["pruned_qps"], 2)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", type=Path, action="append", default=[], help="folder with bank.npy, queries.npy")
+    ap.add_argument("--synthetic", action="append", default=None, help="N,D (default: bottle and magnetic_tile sizes)")
+    ap.add_argument("--queries", type=int, default=784, help="queries per index timing (784 = one image)")
+    ap.add_argument("--brute-queries", type=int, default=196, help="queries for the faiss brute force")
+    ap.add_argument(
+        "--pruned-max-rows", type=int, default=200_000, help="skip PrunedFlatIndex above (minutes of k-means)"
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-features", type=Path, default=None)
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--category", default="bottle")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--test-images", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.save_features is not None:
+        if args.data_root is None:
+            ap.error("--save-features needs --data-root")
+        save_features(args.save_features / args.category, args.data_root, args.category, args.weights, args.test_images)
+        return
+    results = []
+    for folder in args.features:
+        bank = np.load(folder / "bank.npy")
+        q = np.load(folder / "queries.npy")
+        q = q[np.random.default_rng(0).permutation(len(q))[: args.queries]]
+        results.append(bench_bank(folder.name, bank, q, args.threads, args))
+        print(json.dumps(results[-1]), flush=True)
+        del bank
+        gc.collect()
+    specs = args.synthetic if args.synthetic is not None else ([] if args.features else ["163856,201", "597408,711"])
+    for spec in specs:
+        n, d = (int(x) for x in spec.split(","))
+        bank, q = synthetic(n, d, args.queries)
+        results.append(bench_bank(f"synthetic {n}x{d}", bank, q, args.threads, args))
+        print(json.dumps(results[-1]), flush=True)
+        del bank
+        gc.collect()
+    cols = ["bank", "rows", "dim", "faiss_flat_qps", "pruned_qps", "screened_qps", "fp32_limit_qps",
+            "screened_vs_fp32_limit", "screened_recheck_fraction"]
+    print("\n| " + " | ".join(cols) + " | GEMM GFLOP/s fp32 / bf16 / int8 |")
+    print("|" + "---|" * (len(cols) + 1))
+    for r in results:
+        g = r["gemm_gflops"]
+        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {g['fp32']} / {g['bf16']} / {g['int8']} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
