@@ -188,9 +188,10 @@ def test_best_preset_on_bottle(mvtec_root, tmp_path):
     assert_same(ExportedModel(out).predict(test), expected)
 
 
-#: The ``fast`` preset's backbone runs in bfloat16 under torch; the export runs it in float32.
-#: Measured on bottle (24 training images, every 3rd test image): 0.041 of the map's max; see docs/export.md.
-FAST_REL = 0.06
+#: The ``fast`` preset's backbone runs in bfloat16 under torch; the export runs it in float32. The
+#: largest map difference measured on bottle: 0.041 of the map's max (24 training images, every 3rd
+#: test image) and 0.050 (20 training images, every 4th test image, this test); see docs/export.md.
+FAST_REL = 0.08
 
 
 @pytest.mark.mvtec
