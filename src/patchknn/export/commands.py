@@ -31,5 +31,5 @@ def register(app: typer.Typer) -> None:
 
         out = export_model(model_path, output, format=format)
         if not quiet:
-            files = sorted(p.name for p in out.iterdir() if p.is_file())
+            files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
             typer.echo(f"exported ({format}) -> {out}: {', '.join(files)}")
