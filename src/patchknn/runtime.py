@@ -159,7 +159,7 @@ class _Search:
         _, ids = self._index.search(q, depth)
         ids = np.where(ids < 0, 0, ids)
         out = np.empty((q.shape[0], k), dtype=np.float32)
-        step = 4096
+        step = 1024  # (step, k + RECHECK, d) float64 differences: about 50 MB at d = 700
         for i in range(0, q.shape[0], step):
             diff = self.bank[ids[i : i + step]].astype(np.float64) - q[i : i + step, None, :].astype(np.float64)
             sq = np.einsum("mkd,mkd->mk", diff, diff)
