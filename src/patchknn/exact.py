@@ -86,13 +86,10 @@ class BoundedFlatIndex:
         n, d = bank.shape
         self.bank = torch.from_numpy(bank)
         step = max(1, (1 << 24) // max(1, d))  # rows per pass: bounded float64 temporaries
-        mean = torch.zeros(d, dtype=torch.float64)
-        for a in range(0, n, step):
-            mean += self.bank[a : a + step].double().sum(0)
-        mean /= max(1, n)
-        var = torch.zeros(d, dtype=torch.float64)
-        for a in range(0, n, step):
-            var += ((self.bank[a : a + step].double() - mean) ** 2).sum(0)
+        # column variances from a stride sample (the order only matters for speed, not exactness)
+        sample = self.bank[:: max(1, n // 65536)].double()
+        var = sample.var(0, unbiased=False)
+        del sample
         self.columns = torch.argsort(var, descending=True, stable=True)  # most variance first
         p = int(head_dim) if head_dim is not None else auto_head_dim(var[self.columns].numpy())
         self.head_dim = p = max(1, min(p, d))
@@ -113,9 +110,9 @@ class BoundedFlatIndex:
         for a in range(0, n, step):
             rows = self.bank.index_select(0, self.order[a : a + step])
             self.aug[a : a + step, :p] = rows.index_select(1, head_cols)
-            r64 = rows.double()
-            sq = (r64 * r64).sum(1)
-            tail_sq = (r64 * r64).index_select(1, tail_cols).sum(1) if len(tail_cols) else torch.zeros_like(sq)
+            r64 = rows.double().square_()
+            sq = r64.sum(1)
+            tail_sq = r64.index_select(1, tail_cols).sum(1) if len(tail_cols) else torch.zeros_like(sq)
             self.aug[a : a + step, p] = tail_sq.sqrt()
             a64 = self.aug[a : a + step].double()
             self.aug_sq[a : a + step] = (a64 * a64).sum(1)
