@@ -2,12 +2,15 @@
 
 :func:`build_index` is the factory: it takes the memory bank ``(N, d)`` and an index kind
 
-* ``"flat"``: exact search (the paper). On the CPU a faiss ``IndexFlatL2`` for small banks, and
-  from :data:`PRUNED_MIN_BANK` vectors on :class:`PrunedFlatIndex`, which returns the same
-  neighbours but skips the clusters of the bank that cannot hold them (bounds from the triangle
-  inequality): 6-10x less time on MVTec bottle. On a CUDA device a faiss GPU index when this faiss
-  build has GPU support, otherwise an exact chunked ``||q||^2 - 2 q.b + ||b||^2`` search with
-  torch on that device (:class:`TorchFlatIndex`).
+* ``"flat"``: exact search (the paper). On the CPU a faiss ``IndexFlatL2`` for small banks; from
+  :data:`PRUNED_MIN_BANK` vectors on, :class:`PrunedFlatIndex` for narrow banks (it skips the
+  clusters of the bank that cannot hold a query's neighbours, bounds from the triangle inequality:
+  6-10x less time on MVTec bottle, 201 dims) and, from :data:`SCREENED_MIN_DIM` dimensions on,
+  :class:`patchknn.exact.ScreenedFlatIndex` (a low-dimensional lower bound with a proven round-off
+  margin, then a float64 re-check: the float64 scan's answer; there cluster radii exceed the
+  neighbour distances and cluster pruning skips almost nothing). On a CUDA device the plain faiss
+  flat index on the GPU when this faiss build has GPU support, otherwise an exact chunked
+  ``||q||^2 - 2 q.b + ||b||^2`` search with torch on that device (:class:`TorchFlatIndex`).
 * ``"ivf"``: faiss ``IndexIVFFlat`` (inverted lists; approximate unless ``nprobe >= nlist``). The
   k-means training is seeded, so the same bank and seed give the same index.
 * ``"hnsw"``: faiss ``IndexHNSWFlat`` (graph; approximate). Vectors are inserted one thread at a
