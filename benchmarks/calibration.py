@@ -56,6 +56,8 @@ from patchknn.threshold import threshold_metrics
 #: Candidate rules, each a function of the held-out normal image scores (``--rules``).
 RULES: dict[str, Any] = {
     "q0.99": lambda s: float(np.quantile(s, 0.99)),
+    "q0.95": lambda s: float(np.quantile(s, 0.95)),
+    "q0.9": lambda s: float(np.quantile(s, 0.9)),
     "max": lambda s: float(np.max(s)),
     "mean+3sd": lambda s: float(s.mean() + 3 * s.std(ddof=1)),
     "mean+4sd": lambda s: float(s.mean() + 4 * s.std(ddof=1)),
