@@ -40,8 +40,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from _live import LiveServer  # noqa: E402
 from conftest import tiny_model  # noqa: E402
-from test_server import LiveServer, assert_error  # noqa: E402
+from test_server import assert_error  # noqa: E402
 
 from patchknn.errors import ImageError  # noqa: E402
 from patchknn.server.auth import load_api_keys  # noqa: E402
