@@ -32,7 +32,7 @@ from patchknn.backbones.base import WeightsArg
 from patchknn.bank import build_memory_bank
 from patchknn.config import PatchKNNConfig, preset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
-from patchknn.errors import ConfigError, NotFittedError, PatchKNNError
+from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
 from patchknn.execution import as_sources, check_device, native_bf16, seed_everything
 from patchknn.features import PatchFeatureExtractor, TrainingStore
 from patchknn.index import IndexParams, MemoryBankIndex, build_index
@@ -549,6 +549,8 @@ class PatchKNN:
                 (its file is still checksummed). For an ensemble it is called once per member.
         """
         kind = read_meta(path).get("kind")
+        if kind == "exported":  # patchknn.export's output: graphs for onnxruntime/OpenVINO, no backbone weights
+            raise ModelFileError(f"{path}: an exported model (patchknn export); load it with patchknn.runtime.load")
         if kind in BUILTIN_KINDS or kind in MODEL_KINDS:
             other = model_kind(kind)
             if not issubclass(cls, other):
