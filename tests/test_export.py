@@ -257,3 +257,9 @@ def test_server_serves_an_exported_model(tmp_path):
         listed = client.get("/v1/models").json()["models"][0]
     assert body["score"] == pytest.approx(expected.score, rel=REL) and body["verdict"] == expected.verdict
     assert listed["config"]["backbone"] == "resnet50" and listed["threshold"] == model.threshold_
+
+
+def test_torch_load_of_an_export_says_what_it_is(tmp_path):
+    out = export_model(PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(3)), tmp_path / "exp")
+    with pytest.raises(ModelFileError, match="exported model.*patchknn.runtime.load"):
+        PatchKNN.load(out)
