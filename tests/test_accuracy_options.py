@@ -350,7 +350,7 @@ def test_cli_fit_predict_best_preset_ensemble(synthetic_root, tmp_path):
     assert len(rows) == 2 and all(r["error"] is None and r["verdict"] in ("OK", "NG") for r in rows)
 
 
-DOCS_WITH_ABLATION_COMMANDS = ("docs/accuracy.md",)
+DOCS_WITH_ABLATION_COMMANDS = ("docs/accuracy.md", "README.md")
 
 
 def test_documented_ablation_commands_name_real_variants():
