@@ -14,6 +14,36 @@ from typing import Annotated, Any
 import typer
 
 from patchknn.errors import PatchKNNError
+from patchknn.options import (
+    AggOpt,
+    BackboneOpt,
+    BatchOpt,
+    CoresetOpt,
+    DeviceOpt,
+    GridOpt,
+    ImageSizeOpt,
+    IndexOpt,
+    KOpt,
+    LayerNormOpt,
+    LayersOpt,
+    MaxPixelsOpt,
+    OnErrorOpt,
+    PcaOpt,
+    Preset,
+    QuietOpt,
+    ScoreOpt,
+    SeedOpt,
+    SetOpt,
+    SigmaOpt,
+    ThresholdOpt,
+    TtaOpt,
+    WeightsOpt,
+    WorkersOpt,
+    max_pixels_option,
+    method_options,
+    runtime_options,
+    workers_option,
+)
 
 app = typer.Typer(
     name="patchknn",
@@ -22,182 +52,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-# ------------------------------------------------------------------------- shared option types
-Preset = Annotated[str, typer.Option("--preset", help="Named configuration: paper (default), ...")]
-BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="Backbone name (see `patchknn info`).")]
-WeightsOpt = Annotated[
-    str | None, typer.Option("--weights", help="Local backbone weights file (offline use).")
-]
-LayersOpt = Annotated[
-    str | None, typer.Option("--layers", help="Comma-separated layer names, e.g. layer1,layer2,layer3.")
-]
-ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input resize (pixels).")]
-GridOpt = Annotated[int | None, typer.Option("--grid-size", help="Patch grid side.")]
-PcaOpt = Annotated[
-    float | None, typer.Option("--pca-variance", help="Variance PCA keeps, in (0,1]; 0 disables PCA.")
-]
-KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Nearest neighbours averaged per patch.")]
-AggOpt = Annotated[int | None, typer.Option("--aggregation", help="Local feature averaging (odd; 1=off).")]
-LayerNormOpt = Annotated[
-    bool | None, typer.Option("--layer-norm/--no-layer-norm", help="L2-normalise each layer's features.")
-]
-SigmaOpt = Annotated[float | None, typer.Option("--smoothing-sigma", help="Map blur in grid cells (0=off).")]
-ScoreOpt = Annotated[str | None, typer.Option("--image-score", help="max (paper) or topk_mean.")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
-IndexOpt = Annotated[str | None, typer.Option("--index", help="Search: flat (exact), ivf or hnsw.")]
-CoresetOpt = Annotated[
-    float | None, typer.Option("--coreset-ratio", help="Share of the memory bank kept (1 = all).")
-]
-TtaOpt = Annotated[str | None, typer.Option("--tta", help="Flip test-time augmentation: hflip,vflip.")]
-ThresholdOpt = Annotated[
-    str | None, typer.Option("--threshold-method", help="Threshold calibration: quantile, sigma, none.")
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Any other method option as NAME=VALUE (repeatable), e.g. index_nprobe=16."),
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per backbone call.")]
-WorkersOpt = Annotated[
-    str,
-    typer.Option(
-        "--workers", help="Image-decoding worker processes, or auto (none for one batch, else 1-2)."
-    ),
-]
-
-
-def _workers(value: str) -> Any:
-    """``--workers``: ``auto`` or a non-negative integer."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        from patchknn.errors import ConfigError
-
-        raise ConfigError(f"--workers must be an integer >= 0 or auto, got {value!r}") from None
-OnErrorOpt = Annotated[
-    str, typer.Option("--on-error", help="Unreadable image: stop (default) or skip and report it.")
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
-MaxPixelsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-pixels", min=0, help="Largest width*height of an input image (decompression-bomb guard; "
-        "default 64000000; 0 = no limit).",
-    ),
-]
-
-
-def method_options(
-    preset_name: str,
-    backbone: str | None = None,
-    layers: str | None = None,
-    image_size: int | None = None,
-    grid_size: int | None = None,
-    pca_variance: float | None = None,
-    k: int | None = None,
-    aggregation: int | None = None,
-    layer_norm: bool | None = None,
-    smoothing_sigma: float | None = None,
-    image_score: str | None = None,
-    seed: int | None = None,
-    index: str | None = None,
-    coreset_ratio: float | None = None,
-    tta: str | None = None,
-    threshold_method: str | None = None,
-    settings: list[str] | None = None,
-) -> Any:
-    """The configuration from ``--preset`` plus every flag that was given."""
-    from patchknn.config import preset
-
-    given: dict[str, Any] = {
-        "backbone": backbone,
-        "layers": tuple(x.strip() for x in layers.split(",") if x.strip()) if layers else None,
-        "image_size": image_size,
-        "grid_size": grid_size,
-        "k": k,
-        "aggregation": aggregation,
-        "layer_norm": layer_norm,
-        "smoothing_sigma": smoothing_sigma,
-        "image_score": image_score,
-        "seed": seed,
-        "index": index,
-        "coreset_ratio": coreset_ratio,
-        "tta": tuple(x.strip() for x in tta.split(",") if x.strip()) if tta is not None else None,
-        "threshold_method": threshold_method,
-    }
-    overrides = {key: v for key, v in given.items() if v is not None}
-    if pca_variance is not None:
-        overrides["pca_variance"] = None if pca_variance == 0 else pca_variance
-    overrides |= parse_settings(settings or [])
-    return preset(preset_name, **overrides)
-
-
-def parse_settings(items: list[str]) -> dict[str, Any]:
-    """``["k=3", "tta=hflip,vflip", "pca_variance=none"]`` -> typed option values."""
-    import dataclasses
-
-    from patchknn.config import PatchKNNConfig
-    from patchknn.errors import ConfigError
-
-    fields = {f.name: f for f in dataclasses.fields(PatchKNNConfig)}
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or name not in fields:
-            raise ConfigError(f"--set expects NAME=VALUE with NAME one of {sorted(fields)}, got {item!r}")
-        default = fields[name].default
-        raw = raw.strip()
-        value: Any
-        if raw.lower() in ("none", "null") and name in ("pca_variance", "layers"):
-            value = None  # the options whose "off" value is None
-        elif isinstance(default, bool):
-            if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ConfigError(f"--set {name}= expects true or false, got {raw!r}")
-            value = raw.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, int) and not isinstance(default, bool):
-            value = _number(raw, int, name)
-        elif isinstance(default, float) or name == "pca_variance":
-            value = _number(raw, float, name)
-        elif isinstance(default, tuple) or name == "layers":
-            value = tuple(x.strip() for x in raw.split(",") if x.strip())
-        else:
-            value = raw
-        out[name] = value
-    return out
-
-
-def _number(raw: str, kind: type, name: str) -> Any:
-    from patchknn.errors import ConfigError
-
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ConfigError(f"--set {name}: {raw!r} is not a valid {kind.__name__}") from None
-
-
-def _max_pixels(value: int | None) -> dict[str, Any]:
-    """``--max-pixels``: not given -> the package default; 0 -> no limit."""
-    return {} if value is None else {"max_pixels": value or None}
-
-
-def _runtime(
-    weights: str | None, device: str, batch_size: int, workers: str, on_error: str, quiet: bool,
-    max_pixels: int | None = None,
-):
-    return {
-        **_max_pixels(max_pixels),
-        "weights": weights,
-        "device": device,
-        "batch_size": batch_size,
-        "num_workers": _workers(workers),
-        "on_error": on_error,
-        "progress": not quiet,
-    }
-
 
 # ------------------------------------------------------------------------------------ commands
 @app.command()
@@ -236,7 +90,7 @@ def fit(
         preset_name, backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
         smoothing_sigma, image_score, seed, index, coreset_ratio, tta, threshold_method, settings,
     )
-    runtime = _runtime(weights, device, batch_size, workers, on_error, quiet, max_pixels)
+    runtime = runtime_options(weights, device, batch_size, workers, on_error, quiet, max_pixels)
     model = PatchKNN.from_config(config, **runtime)
     model.fit([str(p) for p in train_dir])
     model.save(output)
@@ -275,8 +129,8 @@ def predict(
     from patchknn.model import PatchKNN
 
     model = PatchKNN.load(
-        model_path, device=device, batch_size=batch_size, num_workers=_workers(workers), on_error=on_error,
-        progress=not quiet, **_max_pixels(max_pixels),
+        model_path, device=device, batch_size=batch_size, num_workers=workers_option(workers), on_error=on_error,
+        progress=not quiet, **max_pixels_option(max_pixels),
     )
     if threshold is not None:
         model.threshold_ = float(threshold)
@@ -341,7 +195,7 @@ def evaluate(
         from patchknn.errors import ConfigError
 
         raise ConfigError("give --category NAME (repeatable) or --all")
-    runtime = _runtime(weights, device, batch_size, workers, "stop", quiet, max_pixels)
+    runtime = runtime_options(weights, device, batch_size, workers, "stop", quiet, max_pixels)
     collector = None
     if report is not None:
         from patchknn.report import ReportCollector

@@ -306,8 +306,47 @@ def preset(name: str, **overrides: Any) -> PatchKNNConfig:
     return PatchKNNConfig.from_dict(values)
 
 
+#: Options whose "off"/default value is ``None``, written ``none`` (or ``null``) in text.
+NONE_FIELDS = ("pca_variance", "layers")
+
+
+def parse_option(name: str, raw: str, *, list_sep: str = ",", where: str = "--set") -> tuple[str, Any]:
+    """One option from text: ``("k", "3")`` -> ``("k", 3)``; the one parser of option values (the
+    CLI's ``--set NAME=VALUE``, ensemble member specs, server and Ray job settings).
+
+    Names may use ``-`` for ``_``; booleans are true/false/yes/no/on/off/1/0; lists (``layers``,
+    ``tta``, ``ensemble``) are split on ``list_sep``; ``none``/``null`` is ``None`` for the options
+    of :data:`NONE_FIELDS`. The value is checked when the configuration is built.
+
+    Example:
+        >>> parse_option("layer-norm", "yes"), parse_option("layers", "layer2/layer3", list_sep="/")
+        (('layer_norm', True), ('layers', ('layer2', 'layer3')))
+    """
+    fields = {f.name: f for f in dataclasses.fields(PatchKNNConfig)}
+    name, raw = name.strip().replace("-", "_"), raw.strip()
+    if name not in fields:
+        raise ConfigError(f"{where}: unknown option {name!r}; the options are {sorted(fields)}")
+    default = fields[name].default
+    if raw.lower() in ("none", "null") and name in NONE_FIELDS:
+        return name, None
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ConfigError(f"{where}: {name} must be true or false, got {raw!r}")
+        return name, raw.lower() in ("true", "1", "yes", "on")
+    if isinstance(default, tuple) or name == "layers":
+        return name, tuple(x.strip() for x in raw.split(list_sep) if x.strip())
+    if isinstance(default, int | float) or name in _REAL_FIELDS:
+        kind = float if (isinstance(default, float) or name in _REAL_FIELDS) else int
+        try:
+            return name, kind(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: {name}={raw!r} is not a valid {kind.__name__}") from None
+    return name, raw
+
+
 def parse_member(spec: str) -> dict[str, Any]:
-    """The options of one ensemble member: ``"backbone=efficientnet-lite2+layer_norm=true"`` -> dict.
+    """The options of one ensemble member: ``"backbone=efficientnet-lite2+layer_norm=true"`` -> dict
+    (lists inside a member are separated by ``/``: ``layers=layer2/layer3``).
 
     Example:
         >>> parse_member("backbone=efficientnet-lite2+layer_norm=true")
@@ -315,35 +354,16 @@ def parse_member(spec: str) -> dict[str, Any]:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"an ensemble member must be a non-empty 'NAME=VALUE[+NAME=VALUE]' string, got {spec!r}")
-    fields = {f.name: f for f in dataclasses.fields(PatchKNNConfig)}
     out: dict[str, Any] = {}
     for part in spec.split("+"):
         name, sep, raw = part.partition("=")
-        name, raw = name.strip().replace("-", "_"), raw.strip()
-        if not sep or name not in fields:
+        if not sep:
             raise ConfigError(
                 f"ensemble member {spec!r}: expected NAME=VALUE[+NAME=VALUE...] with NAME an option, got {part!r}"
             )
+        name, value = parse_option(name, raw, list_sep="/", where=f"ensemble member {spec!r}")
         if name in ENSEMBLE_SHARED:
             raise ConfigError(f"ensemble member {spec!r}: {name} is shared by all members and cannot differ")
-        default = fields[name].default
-        value: Any
-        if raw.lower() in ("none", "null"):
-            value = None
-        elif isinstance(default, bool):
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ConfigError(f"ensemble member {spec!r}: {name} must be true or false, got {raw!r}")
-            value = raw.lower() in ("true", "1", "yes", "on")
-        elif isinstance(default, tuple) or name == "layers":
-            value = tuple(x.strip() for x in raw.split("/") if x.strip())
-        elif isinstance(default, int | float) or name in _REAL_FIELDS:
-            kind = float if (isinstance(default, float) or name in _REAL_FIELDS) else int
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise ConfigError(f"ensemble member {spec!r}: {name}={raw!r} is not a valid {kind.__name__}") from None
-        else:
-            value = raw
         out[name] = value
     return out
 

@@ -14,7 +14,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add ``fit-many`` and ``score-archive`` to ``app`` (called at the bottom of :mod:`patchknn.cli`)."""
-    from patchknn import cli
+    from patchknn import options as opt
 
     AddressOpt = Annotated[
         str | None,
@@ -39,27 +39,27 @@ def register(app: typer.Typer) -> None:
         category: Annotated[
             list[str] | None, typer.Option("--category", "-c", help="Only this category of the root (repeatable).")
         ] = None,
-        preset_name: cli.Preset = "paper",
-        backbone: cli.BackboneOpt = None,
-        weights: cli.WeightsOpt = None,
-        layers: cli.LayersOpt = None,
-        image_size: cli.ImageSizeOpt = None,
-        grid_size: cli.GridOpt = None,
-        pca_variance: cli.PcaOpt = None,
-        k: cli.KOpt = None,
-        aggregation: cli.AggOpt = None,
-        layer_norm: cli.LayerNormOpt = None,
-        smoothing_sigma: cli.SigmaOpt = None,
-        image_score: cli.ScoreOpt = None,
-        seed: cli.SeedOpt = None,
-        index: cli.IndexOpt = None,
-        coreset_ratio: cli.CoresetOpt = None,
-        tta: cli.TtaOpt = None,
-        threshold_method: cli.ThresholdOpt = None,
-        settings: cli.SetOpt = None,
-        device: cli.DeviceOpt = "cpu",
-        batch_size: cli.BatchOpt = 16,
-        on_error: cli.OnErrorOpt = "stop",
+        preset_name: opt.Preset = "paper",
+        backbone: opt.BackboneOpt = None,
+        weights: opt.WeightsOpt = None,
+        layers: opt.LayersOpt = None,
+        image_size: opt.ImageSizeOpt = None,
+        grid_size: opt.GridOpt = None,
+        pca_variance: opt.PcaOpt = None,
+        k: opt.KOpt = None,
+        aggregation: opt.AggOpt = None,
+        layer_norm: opt.LayerNormOpt = None,
+        smoothing_sigma: opt.SigmaOpt = None,
+        image_score: opt.ScoreOpt = None,
+        seed: opt.SeedOpt = None,
+        index: opt.IndexOpt = None,
+        coreset_ratio: opt.CoresetOpt = None,
+        tta: opt.TtaOpt = None,
+        threshold_method: opt.ThresholdOpt = None,
+        settings: opt.SetOpt = None,
+        device: opt.DeviceOpt = "cpu",
+        batch_size: opt.BatchOpt = 16,
+        on_error: opt.OnErrorOpt = "stop",
         force: Annotated[bool, typer.Option("--force", help="Fit even the variants that are up to date.")] = False,
         concurrency: Annotated[
             int | None, typer.Option("--concurrency", help="At most this many variants at once (default: all "
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         address: AddressOpt = None,
         num_cpus: NumCpusOpt = None,
         num_gpus: NumGpusOpt = None,
-        quiet: cli.QuietOpt = False,
+        quiet: opt.QuietOpt = False,
     ) -> None:
         """Fit one model per variant as parallel Ray tasks; skip those already up to date.
 
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         """
         from patchknn.distributed.fit_many import REPORT_FILE, discover_variants, fit_many
 
-        config = cli.method_options(
+        config = opt.method_options(
             preset_name, backbone=backbone, layers=layers, image_size=image_size, grid_size=grid_size,
             pca_variance=pca_variance, k=k, aggregation=aggregation, layer_norm=layer_norm,
             smoothing_sigma=smoothing_sigma, image_score=image_score, seed=seed, index=index,
@@ -124,8 +124,8 @@ def register(app: typer.Typer) -> None:
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the Parquet parts (and maps).")],
         concurrency: Annotated[int, typer.Option("--concurrency", help="Scoring actors (each loads the model).")] = 1,
-        batch_size: cli.BatchOpt = 16,
-        device: cli.DeviceOpt = "cpu",
+        batch_size: opt.BatchOpt = 16,
+        device: opt.DeviceOpt = "cpu",
         cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", help="Ray CPUs per actor.")] = 1,
         gpus_per_worker: Annotated[
             float, typer.Option("--gpus-per-worker", help="Ray GPUs per actor (default 1 with --device cuda; "
@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
         address: AddressOpt = None,
         num_cpus: NumCpusOpt = None,
         num_gpus: NumGpusOpt = None,
-        quiet: cli.QuietOpt = False,
+        quiet: opt.QuietOpt = False,
     ) -> None:
         """Score an image archive with Ray Data into Parquet parts; re-run to resume after an interruption."""
         from patchknn.distributed.score_archive import PARTS_DIR, score_archive

@@ -16,8 +16,25 @@ Example:
 
 from __future__ import annotations
 
-from patchknn.report.collect import ReportCollector, category_data, select_gallery
-from patchknn.report.html import render, write_report
+from typing import TYPE_CHECKING
+
 from patchknn.report.layout import ReportError
+
+if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
+    from patchknn.report.collect import ReportCollector, category_data, select_gallery
+    from patchknn.report.html import render, write_report
+
+# The page and the collector draw with matplotlib (a second to import): loaded on first use, so
+# that registering `patchknn report` keeps the CLI's start light (PEP 562).
+_LAZY = {"ReportCollector": "collect", "category_data": "collect", "select_gallery": "collect",
+         "render": "html", "write_report": "html"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"patchknn.report.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'patchknn.report' has no attribute {name!r}")
 
 __all__ = ["ReportCollector", "ReportError", "category_data", "render", "select_gallery", "write_report"]
