@@ -155,3 +155,31 @@ def test_set_params_validates_changes_and_discards_the_fit(rng_images):
     assert model.get_params()["k"] == 2  # a refused change leaves the options as they were
     clone = PatchKNN(**model.get_params(), weights="random", progress=False)
     assert clone.config == model.config
+
+
+def test_auto_precision_is_bfloat16_only_where_it_is_native(monkeypatch):
+    """The fast preset's precision="auto": bfloat16 where the CPU has it natively, float32 where
+    oneDNN would emulate it (about 2x slower than float32)."""
+    import torch
+
+    from patchknn import execution
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(execution, "native_bf16", lambda native=native: native)
+        assert execution.resolve_precision("auto", torch.device("cpu")) == expected
+        assert execution.resolve_precision("float32", torch.device("cpu")) == "float32"
+        model = PatchKNN.from_preset("fast", backbone="resnet50", weights="random", image_size=64, grid_size=8)
+        assert model.config.precision == "auto" and model.extractor.precision == expected
+    assert execution.resolve_precision("auto", torch.device("cuda")) == "bfloat16"
+
+
+def test_native_bf16_follows_the_cpu_flags():
+    from pathlib import Path
+
+    from patchknn.execution import native_bf16
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = next(line for line in info.read_text().splitlines() if line.startswith("flags")).split()
+    assert native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

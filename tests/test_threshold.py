@@ -383,7 +383,7 @@ def test_fast_preset_calibration_groups_agree_on_real_bottle(mvtec_root, caffe_w
     bottle (<= ~38). Every fold must now score like the others."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # bfloat16 emulated on this CPU
-        model = PatchKNN.from_preset("fast", weights=str(caffe_weights), progress=False)
+        model = PatchKNN.from_preset("fast", precision="bfloat16", weights=str(caffe_weights), progress=False)
         model.fit(mvtec_root / "bottle" / "train" / "good")
     cal = model.fit_info_["calibration"]
     scores = np.array(cal["image_scores"])

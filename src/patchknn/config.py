@@ -67,9 +67,10 @@ class PatchKNNConfig:
             without their own patches (cross-validation, so no image is lost to the bank).
         tta: test-time augmentations whose maps are averaged: a subset of ``("hflip", "vflip")``;
             empty = none (paper). Only for categories whose normal images are flip-invariant.
-        precision: number format of the backbone: ``"float32"`` (paper) or ``"bfloat16"`` (autocast:
+        precision: number format of the backbone: ``"float32"`` (paper), ``"bfloat16"`` (autocast:
             about 2x faster on CPUs with native bfloat16 (AVX512-BF16/AMX) and on GPUs, features
-            within ~0.5 % of float32; on a CPU without it, slower than float32: a warning says so).
+            within ~0.5 % of float32; on a CPU without it, slower than float32: a warning says so)
+            or ``"auto"`` (bfloat16 where it is native, float32 elsewhere; the ``fast`` preset).
             The PCA, memory bank and search stay float32.
         seed: seeds every random choice (random projections, coreset start, index training).
         ensemble: more members of an ensemble (see :mod:`patchknn.ensemble`), each given as the
@@ -262,7 +263,7 @@ IMAGE_SCORES = ("max", "topk_mean", "reweighted")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 THRESHOLD_METHODS = ("quantile", "sigma", "none")
 TTA_KINDS = ("hflip", "vflip")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "auto")
 #: options every ensemble member shares with the main configuration
 ENSEMBLE_SHARED = (
     "image_size", "grid_size", "ensemble", "threshold_method", "threshold_quantile", "threshold_sigma",
@@ -289,7 +290,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (PatchCore) searched with IVF lists (nprobe 8), the backbone in bfloat16; chosen from
     # benchmarks/speed.py on bottle (pixel AUPRC within 0.005 of the paper's exact search, 30 % of
     # its model bytes, 8 % without the backbone weights), see docs/speed.md.
-    "fast": {"coreset_ratio": 0.07, "index": "ivf", "precision": "bfloat16"},
+    "fast": {"coreset_ratio": 0.07, "index": "ivf", "precision": "auto"},
 }
 
 

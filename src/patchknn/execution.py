@@ -16,7 +16,7 @@ import torch
 
 from patchknn.errors import ConfigError
 
-__all__ = ["as_sources", "check_device", "native_bf16", "seed_everything"]
+__all__ = ["as_sources", "check_device", "native_bf16", "resolve_precision", "seed_everything"]
 
 
 def check_device(device: str) -> torch.device:
@@ -33,11 +33,30 @@ def check_device(device: str) -> torch.device:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 convolutions natively (oneDNN with AVX512-BF16 or AMX)."""
+    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX).
+
+    oneDNN reports bfloat16 as "supported" on any AVX-512 CPU, emulating it where the instructions
+    are missing (about 2x *slower* than float32 there), so on Linux the CPU's own flags decide.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+        if flags:
+            return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    except OSError:
+        pass
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bfloat16"`` on a GPU or a CPU with native bfloat16, else ``"float32"``;
+    other values as given."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
 
 
 def seed_everything(seed: int) -> None:

@@ -33,7 +33,7 @@ from patchknn.bank import build_memory_bank
 from patchknn.config import PatchKNNConfig, preset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
-from patchknn.execution import as_sources, check_device, native_bf16, seed_everything
+from patchknn.execution import as_sources, check_device, native_bf16, resolve_precision, seed_everything
 from patchknn.features import PatchFeatureExtractor, TrainingStore
 from patchknn.index import IndexParams, MemoryBankIndex, build_index
 from patchknn.persistence import read_model, write_model
@@ -256,7 +256,8 @@ class PatchKNN:
 
     def _make_extractor(self, net: torch.nn.Module) -> PatchFeatureExtractor:
         ext = PatchFeatureExtractor(
-            net, self.config.grid_size, self.config.aggregation, self.config.layer_norm, self.config.precision
+            net, self.config.grid_size, self.config.aggregation, self.config.layer_norm,
+            resolve_precision(self.config.precision, self.device),
         )
         if self.config.precision == "bfloat16" and self.device.type == "cpu" and not native_bf16():
             warnings.warn(
