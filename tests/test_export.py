@@ -71,9 +71,11 @@ def test_each_backbone_exports_equal_maps(backbone, tmp_path):
     assert is_exported(out) and not is_exported(tmp_path)
     names = sorted(p.name for p in out.iterdir())
     assert "member-0.onnx" in names and not any(n.endswith((".pt", ".pkl", ".pickle")) for n in names)
-    runtime = ExportedModel(out)
+    runtime = ExportedModel(out, "onnxruntime")
     assert runtime.threshold_ == model.threshold_ is not None
-    assert_same(runtime.predict(test), model.predict(test))
+    expected = model.predict(test)
+    assert_same(runtime.predict(test), expected)
+    assert_same(ExportedModel(out).predict(test), expected)  # auto: OpenVINO
     # batch of one and the "original" output size go through the same functions
     assert_same(runtime.predict(test[:1], output_size="original"), model.predict(test[:1], output_size="original"))
 
@@ -105,7 +107,7 @@ def test_ensemble_and_openvino_export(tmp_path):
     onnx_dir = export_model(model, tmp_path / "onnx")
     doc = json.loads((onnx_dir / "patchknn.json").read_text())
     assert doc["model_kind"] == "ensemble" and len(doc["members"]) == 2
-    assert_same(ExportedModel(onnx_dir).predict(test), expected)
+    assert_same(ExportedModel(onnx_dir, "onnxruntime").predict(test), expected)
     assert_same(ExportedModel(onnx_dir, "openvino").predict(test), expected)  # OpenVINO reads ONNX too
     ov_dir = export_model(model, tmp_path / "ov", format="openvino")
     assert {"member-0.xml", "member-0.bin", "member-1.xml"} <= {p.name for p in ov_dir.iterdir()}
@@ -198,7 +200,7 @@ FAST_REL = 0.08
 @pytest.mark.slow
 def test_fast_preset_bfloat16_tolerance_on_bottle(mvtec_root, caffe_weights, tmp_path):
     train, test = _bottle(mvtec_root, n_train=20, test_step=4)
-    model = PatchKNN.from_preset("fast", weights=str(caffe_weights), progress=False).fit(train)
+    model = PatchKNN.from_preset("fast", precision="bfloat16", weights=str(caffe_weights), progress=False).fit(train)
     out = export_model(model, tmp_path / "exp")
     expected = model.predict(test)
     got = ExportedModel(out).predict(test)
