@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 
 from patchknn import metrics
-from patchknn.cli import parse_settings
 from patchknn.config import preset
 from patchknn.data import MVTecCategory
 from patchknn.evaluation import _mask_for
 from patchknn.model import PatchKNN
+from patchknn.options import parse_settings
 from patchknn.threshold import threshold_metrics
 
 #: Candidate rules, each a function of the held-out normal image scores (``--rules``).
