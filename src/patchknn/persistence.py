@@ -9,6 +9,7 @@ backbone's own weights (so that a model runs offline, anywhere).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from patchknn.backbones import Backbone, build_backbone
 from patchknn.config import PatchKNNConfig
 from patchknn.errors import ConfigError, ModelFileError
 from patchknn.reduction import PCA
-from patchknn.serialization import bank_shape, check_model_contents, load_model, save_model
+from patchknn.serialization import bank_shape, load_model, save_model
 
-__all__ = ["SavedModel", "read_model", "write_model"]
+__all__ = ["SavedModel", "check_model_contents", "read_model", "write_model"]
 
 
 def write_model(
@@ -116,3 +117,88 @@ def read_model(path: str | Path, *, skip_bank: bool = False) -> SavedModel:
         threshold=None if thr is None else float(thr),
         fit_info=fit_info,
     )
+
+
+_COUNT_KEYS = ("n_train_images", "n_skipped", "bank_size", "feature_dim", "n_components")
+
+
+def check_model_contents(
+    path: str | Path,
+    doc: dict[str, Any],
+    groups: dict[str, Any],
+    config: Any,
+    bank_shape: tuple[int, int] | None = None,
+) -> None:
+    """Check what :func:`load_model` read for a :class:`~patchknn.model.PatchKNN` against its
+    configuration, so that a damaged or hand-edited model fails here with a clear message.
+
+    Checks: ``threshold`` is a finite number or null; ``fit_info`` is an object whose counts are
+    non-negative integers; the ``tensors`` and ``backbone`` groups exist; the bank is a non-empty,
+    finite, floating-point ``(N, d)`` matrix with ``N >= k``; the PCA tensors come together, are
+    finite and agree with each other, with the bank and with the backbone's feature size (without
+    PCA the bank has the feature size); every backbone tensor is finite. Extra tensors are allowed.
+    A bank that was not read (``load_model(skip=...)``) is checked by its ``bank_shape`` (from
+    the file's header); its values are then checked by whoever reads them.
+
+    Raises:
+        ModelFileError: naming ``path`` and the problem.
+    """
+    from patchknn.backbones import backbone_class
+
+    def fail(reason: str) -> ModelFileError:
+        return ModelFileError(f"{path}: {reason}")
+
+    thr = doc.get("threshold")
+    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, int | float) or not math.isfinite(thr)):
+        raise fail(f"the threshold must be a finite number or null, got {thr!r}")
+    info = doc.get("fit_info", {})
+    if info is None:
+        info = {}
+    if not isinstance(info, dict):
+        raise fail(f"fit_info must be a JSON object, got {type(info).__name__}")
+    for key in _COUNT_KEYS:
+        value = info.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise fail(f"fit_info.{key} must be a non-negative integer, got {value!r}")
+
+    tensors, backbone = groups.get("tensors"), groups.get("backbone")
+    has_bank = isinstance(tensors, dict) and ("bank" in tensors or bank_shape is not None)
+    if not isinstance(tensors, dict) or not isinstance(backbone, dict) or not has_bank:
+        raise fail("tensors are missing from the model (need the memory bank and the backbone weights)")
+    bank = tensors.get("bank")
+    shape = tuple(bank.shape) if bank is not None else tuple(bank_shape)  # type: ignore[arg-type]
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1 or (bank is not None and bank.dtype.kind != "f"):
+        kind = bank.dtype if bank is not None else "bank of shape"
+        raise fail(f"the memory bank must be a non-empty float (N, d) matrix, got {kind} {shape}")
+    if config.k > shape[0]:
+        raise fail(f"k={config.k} is larger than the memory bank ({shape[0]} patches)")
+    cls = backbone_class(config.backbone)
+    feature_dim = sum(cls.layer_info(n).channels for n in config.resolved_layers)
+    pca_keys = ("pca_mean", "pca_components", "pca_explained_variance_ratio")
+    present = [k for k in pca_keys if k in tensors]
+    if present:
+        if len(present) != len(pca_keys):
+            raise fail(f"incomplete PCA: has {present}, needs {list(pca_keys)}")
+        mean, comps, ratio = (tensors[k] for k in pca_keys)
+        if comps.ndim != 2 or comps.shape[1] != feature_dim or comps.shape[0] < 1:
+            raise fail(
+                f"PCA components have shape {comps.shape}, expected (d, {feature_dim}) for the "
+                f"{config.backbone} layers {list(config.resolved_layers)}"
+            )
+        if mean.shape != (feature_dim,) or ratio.shape != (comps.shape[0],):
+            raise fail(f"PCA mean {mean.shape} / variance ratios {ratio.shape} disagree with components {comps.shape}")
+        if shape[1] != comps.shape[0]:
+            raise fail(f"PCA and memory bank dimensions disagree ({comps.shape[0]} vs {shape[1]})")
+        for k in pca_keys:
+            _check_finite(fail, k, tensors[k])
+    elif shape[1] != feature_dim:
+        raise fail(f"the memory bank has {shape[1]} dimensions, the backbone's features {feature_dim}")
+    if bank is not None:
+        _check_finite(fail, "the memory bank", bank)
+    for name, value in backbone.items():
+        _check_finite(fail, f"backbone tensor {name!r}", value)
+
+
+def _check_finite(fail: Any, what: str, value: np.ndarray) -> None:
+    if value.dtype.kind in "fc" and not np.isfinite(value).all():
+        raise fail(f"{what} contains NaN or infinite values")
