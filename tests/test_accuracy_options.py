@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from patchknn import PatchKNN
 from patchknn.backbones import build_backbone
 from patchknn.config import PRESETS, preset
-from patchknn.ensemble import EnsemblePatchKNN, _loo_stats
+from patchknn.ensemble import EnsemblePatchKNN
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
 from patchknn.features import PatchFeatureExtractor
 
@@ -268,12 +268,22 @@ def test_ensemble_of_views_shares_one_backbone_pass(images):
         EnsemblePatchKNN([{}, {"image_size": 96}], preset("paper", **SMALL), **RUNTIME)
 
 
-def test_leave_one_out_calibration_excludes_own_patches(images, fitted):
+def test_ensemble_calibrates_on_held_out_grids_by_the_single_models_folds(images):
+    """The ensemble's threshold comes from its members' held-out grids of the same images, made by
+    the single model's folds (patchknn.threshold.held_out_grids): the calibration images score
+    well above a training image's own ~0, and the threshold is the same rule on those scores."""
+    from patchknn.threshold import threshold_from_scores
+
     train, _ = images
-    # scored against the full bank a training image is at distance ~0; without its own patches not
-    assert fitted.predict([train[2]])[0].score < 1e-2
-    mu, sd = _loo_stats(fitted, [train[2]])
-    assert mu > 0.1 and sd > 0
+    ens = EnsemblePatchKNN([{}, {"layer_norm": True}], preset("paper", **SMALL), **RUNTIME).fit(train)
+    cal = ens.fit_info_["calibration"]
+    scores = np.array(cal["image_scores"])
+    assert len(scores) == min(ens.config.calibration_images, len(train)) == cal["n_images"]
+    own = ens.predict([train[0]])[0].score  # a training image against the full banks
+    assert scores.min() > own
+    expected = threshold_from_scores(scores, "quantile", quantile=ens.config.threshold_quantile)
+    assert ens.threshold_ == pytest.approx(expected, rel=1e-5)
+    assert not any(hasattr(m, "held_out_") for m in ens.members)  # nothing kept after fitting
 
 
 # --------------------------------------------------------------------------------- best preset

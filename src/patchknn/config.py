@@ -103,7 +103,7 @@ class PatchKNNConfig:
     threshold_method: str = "quantile"
     threshold_quantile: float = 0.99
     threshold_sigma: float = 3.0
-    calibration_images: int = 16
+    calibration_images: int = 32
     tta: tuple[str, ...] = ()
     precision: str = "float32"
     seed: int = 0
@@ -326,7 +326,9 @@ def parse_option(name: str, raw: str, *, list_sep: str = ",", where: str = "--se
     fields = {f.name: f for f in dataclasses.fields(PatchKNNConfig)}
     name, raw = name.strip().replace("-", "_"), raw.strip()
     if name not in fields:
-        raise ConfigError(f"{where}: unknown option {name!r}; the options are {sorted(fields)}")
+        raise ConfigError(
+            f"{where}: expected NAME=VALUE with NAME an option, got {name!r}; the options are {sorted(fields)}"
+        )
     default = fields[name].default
     if raw.lower() in ("none", "null") and name in NONE_FIELDS:
         return name, None

@@ -40,14 +40,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from torch import nn
 
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
-from patchknn.data import iter_batches
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
 from patchknn.model import IndexFactory, PatchKNN, as_sources, register_model_kind
 from patchknn.serialization import load_model, save_model
@@ -192,14 +190,14 @@ class EnsemblePatchKNN(PatchKNN):
         skipped_now = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
         for member, store in zip(self.members, stores):
             member.skipped_ = list(skipped_now)
-            member.fit_store(store, t0)
+            member.fit_store(store, t0, keep_held_out=True)
         self.skipped_ = list(self.lead.skipped_)
-        skipped = {src for src, _ in self.skipped_}
-        usable = [s for s in sources if not (isinstance(s, str | Path) and str(s) in skipped)]
-        n_cal = max(1, min(self.config.calibration_images or 8, len(usable) - 1))
-        picks = sorted(set(np.linspace(0, len(usable) - 1, n_cal).round().astype(int).tolist()))
-        cal = [usable[i] for i in picks]
-        loo = [_loo_grids(m, cal) for m in self.members]  # each (n_cal, g, g)
+        # each member's held-out grids of the same images, by the folds (and coreset replacements)
+        # of the single model's calibration (patchknn.threshold.held_out_grids)
+        held = [m.__dict__.pop("held_out_") for m in self.members]
+        cal, loo = held[0][0], [grids for _, grids in held]
+        if not cal:
+            raise ConfigError("an ensemble needs calibration_images >= 1 to normalise its members")
         self.norm_ = np.array([(g.mean(), max(g.std(), 1e-12)) for g in loo], dtype=np.float64)
         z = np.mean([(g - mu) / sd for g, (mu, sd) in zip(loo, self.norm_)], axis=0).astype(np.float32)
         size = (self.config.image_size, self.config.image_size)
@@ -216,6 +214,7 @@ class EnsemblePatchKNN(PatchKNN):
             "method": self.config.threshold_method,
             "threshold": self.threshold_,
             "n_images": len(cal),
+            "image_scores": [round(float(v), 6) for v in scores],
             "units": "mean of the members' z-scores",
             "image": _summary(scores, IMAGE_QUANTILES),
             "patch": _summary(z.ravel(), PATCH_QUANTILES),
@@ -377,47 +376,6 @@ def _state_key(net: nn.Module) -> tuple[Any, ...]:
     """Identity of a network's weights: same object, or the same weights provenance."""
     wid = str(getattr(net, "weights_id", "") or "")
     return (wid,) if wid and not wid.startswith("random") else (id(net),)
-
-
-@torch.inference_mode()
-def _loo_grids(member: PatchKNN, images: Sequence[Any]) -> np.ndarray:
-    """``member``'s patch-score grids of its own training ``images``, each image scored without its
-    own patches: ``(n, grid, grid)``.
-
-    An image's own patches are found in the bank as exact matches (distance ~ 0) of its patch
-    vectors, so this holds whatever subsampling built the bank (a coreset keeps some of them).
-    """
-    bank = member.index_.bank  # type: ignore[union-attr]
-    k = member.config.k
-    g = member.config.grid_size
-    depth = min(bank.shape[0], k + 48)
-    grids: list[np.ndarray] = []
-    for batch in iter_batches(images, image_size=member.config.image_size, batch_size=member.batch_size):
-        for rows in member.query_rows(batch.images):
-            q = np.ascontiguousarray(rows.numpy(), dtype=np.float32)
-            dist, ids = faiss.knn(q, bank, depth)
-            dist = np.sqrt(np.maximum(dist, 0))
-            # the image's own rows: its patch vectors themselves, up to float error (not near-duplicates)
-            tol = 1e-3 * max(float(np.median(np.linalg.norm(q, axis=1))), 1e-12)
-            own = np.unique(ids[dist[:, 0] <= tol, 0])
-            keep = ~np.isin(ids, own)
-            out = np.empty(q.shape[0], dtype=np.float64)
-            for r in range(q.shape[0]):
-                d = dist[r][keep[r]][:k]
-                if d.shape[0] < k:  # all near neighbours were the image's own: search the rest exactly
-                    mask = np.ones(bank.shape[0], dtype=bool)
-                    mask[own] = False
-                    rest = np.sort(np.sqrt(((bank[mask] - q[r]) ** 2).sum(axis=1)))[:k]
-                    d = rest if rest.shape[0] == k else dist[r][:k]  # a bank of this image only: no held-out
-                out[r] = d.mean()
-            grids.append(out.reshape(g, g))
-    return np.stack(grids)
-
-
-def _loo_stats(member: PatchKNN, images: Sequence[Any]) -> tuple[float, float]:
-    """Mean and standard deviation of :func:`_loo_grids`."""
-    grids = _loo_grids(member, images)
-    return float(grids.mean()), float(max(grids.std(), 1e-12))
 
 
 register_model_kind(ENSEMBLE_KIND, EnsemblePatchKNN)

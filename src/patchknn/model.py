@@ -130,7 +130,7 @@ class PatchKNN:
         threshold_method: str = "quantile",
         threshold_quantile: float = 0.99,
         threshold_sigma: float = 3.0,
-        calibration_images: int = 16,
+        calibration_images: int = 32,
         tta: Sequence[str] = (),
         precision: str = "float32",
         seed: int = 0,
@@ -307,8 +307,13 @@ class PatchKNN:
         ext = self.extractor
         return TrainingStore(ext, capacity, compact=self.config.pca_variance is not None and ext.can_project)
 
-    def fit_store(self, store: TrainingStore, t0: float) -> PatchKNN:
-        """Everything after the features: PCA, bank, coreset, index, threshold (``skipped_`` set)."""
+    def fit_store(self, store: TrainingStore, t0: float, *, keep_held_out: bool = False) -> PatchKNN:
+        """Everything after the features: PCA, bank, coreset, index, threshold (``skipped_`` set).
+
+        ``keep_held_out``: also keep ``held_out_`` = the calibration images and their held-out
+        grids (:func:`patchknn.threshold.held_out_grids`), for an ensemble that combines its
+        members' grids and calibrates on the result by the same folds.
+        """
         seed_everything(self.config.seed)
         ext = self.extractor
         grid_cells = store.grid_cells
@@ -335,23 +340,25 @@ class PatchKNN:
             "feature_seconds": round(t_feat - t0, 3),
             "weights_id": str(getattr(ext.backbone, "weights_id", "unknown")),
         }
-        self._calibrate_threshold(bank, filled // grid_cells, kept)
+        self._calibrate_threshold(bank, filled // grid_cells, kept, keep_held_out)
         return self
 
     def _calibrate_threshold(
-        self, bank: np.ndarray, n_images: int, bank_rows: np.ndarray | None = None
+        self, bank: np.ndarray, n_images: int, bank_rows: np.ndarray | None = None, keep_held_out: bool = False
     ) -> None:
         """Set ``threshold_`` from held-out normal scores (see :mod:`patchknn.threshold`).
 
         ``bank`` is the full bank before any subsampling (rows ``[i*G*G, (i+1)*G*G)`` = image
         ``i``); with a coreset pass the kept row numbers as ``bank_rows``.
         """
+        from patchknn.threshold import calibrate, held_out_grids
+
         self.threshold_ = None
+        index_bank = None if bank_rows is None else self.index_.bank  # type: ignore[union-attr]
+        if keep_held_out:
+            self.held_out_ = held_out_grids(self, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
         if self.config.threshold_method == "none":
             return
-        from patchknn.threshold import calibrate
-
-        index_bank = None if bank_rows is None else self.index_.bank  # type: ignore[union-attr]
         cal = calibrate(self, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
         self.threshold_ = cal.threshold
         self.fit_info_["calibration"] = cal.info
