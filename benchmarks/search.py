@@ -109,8 +109,8 @@ def save_features(out: Path, data_root: Path, category: str, weights: str | None
 
 
 def bench_bank(name: str, bank: np.ndarray, q: np.ndarray, threads: int, args: argparse.Namespace) -> dict:
-    from patchknn.exact import ScreenedFlatIndex
     from patchknn.index import PrunedFlatIndex
+    from patchknn.index.screened import ScreenedFlatIndex
 
     n, d = bank.shape
     res: dict = {"bank": name, "rows": n, "dim": d, "threads": threads}

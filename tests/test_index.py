@@ -302,7 +302,7 @@ def test_screened_exact_equals_float64_scan_on_a_large_wide_bank(big_bank):
     """Issue 13: the exact search on >= 200k rows x >= 400 dims equals a float64 scan (to the
     float32 rounding of the result), for k = 1 and k = 4 and near-ties, and screens out most of
     the bank."""
-    from patchknn.exact import ScreenedFlatIndex
+    from patchknn.index.screened import ScreenedFlatIndex
 
     bank, q = big_bank
     index = ScreenedFlatIndex(threads=2).build(bank)
@@ -322,7 +322,7 @@ def test_screened_threads_split_and_factory(clustered, monkeypatch):
     """The distance of a neighbour is computed in float64 from the vectors alone: any split of the
     queries gives bit-identical answers; the factory uses the screened index for large banks."""
     import patchknn.index as ix
-    from patchknn.exact import ScreenedFlatIndex
+    from patchknn.index.screened import ScreenedFlatIndex
 
     bank, q = clustered
     one = ScreenedFlatIndex(head_dim=4, threads=1, chunk_rows=512).build(bank).search(q, 3)
@@ -344,7 +344,7 @@ def test_screened_exact_with_large_norms_and_tiny_distances():
     """Vectors far from the origin with neighbours close together: float32's
     ||q||^2 - 2 q.b + ||b||^2 cannot separate the neighbours here (its round-off exceeds the gaps);
     the round-off bound widens the screen and the float64 re-check picks the right rows."""
-    from patchknn.exact import BoundedFlatIndex, ScreenedFlatIndex
+    from patchknn.index.screened import BoundedFlatIndex, ScreenedFlatIndex
 
     rng = np.random.default_rng(3)
     d = 64

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchknn.index import MemoryBankIndex, default_threads
+from patchknn.index.base import MemoryBankIndex, default_threads
 
 #: Bank rows per screened chunk (the ``(queries x rows)`` block stays within the CPU's L2 cache).
 CHUNK_ROWS = 8192
