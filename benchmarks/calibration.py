@@ -49,9 +49,9 @@ from patchknn import metrics
 from patchknn.config import preset
 from patchknn.data import MVTecCategory
 from patchknn.evaluation import _mask_for
+from patchknn.metrics.decision import threshold_metrics
 from patchknn.model import PatchKNN
 from patchknn.options import parse_settings
-from patchknn.threshold import threshold_metrics
 
 #: Candidate rules, each a function of the held-out normal image scores (``--rules``).
 RULES: dict[str, Any] = {

@@ -202,7 +202,7 @@ class EnsemblePatchKNN(PatchKNN):
         z = np.mean([(g - mu) / sd for g, (mu, sd) in zip(loo, self.norm_)], axis=0).astype(np.float32)
         size = (self.config.image_size, self.config.image_size)
         scores = np.array([self.image_score(g, self.grid_to_map(g, size)) for g in z])
-        from patchknn.threshold import IMAGE_QUANTILES, PATCH_QUANTILES, _summary, threshold_from_scores
+        from patchknn.threshold import IMAGE_QUANTILES, PATCH_QUANTILES, summarize, threshold_from_scores
 
         self.threshold_ = None
         if self.config.threshold_method != "none":
@@ -216,8 +216,8 @@ class EnsemblePatchKNN(PatchKNN):
             "n_images": len(cal),
             "image_scores": [round(float(v), 6) for v in scores],
             "units": "mean of the members' z-scores",
-            "image": _summary(scores, IMAGE_QUANTILES),
-            "patch": _summary(z.ravel(), PATCH_QUANTILES),
+            "image": summarize(scores, IMAGE_QUANTILES),
+            "patch": summarize(z.ravel(), PATCH_QUANTILES),
         }
         infos = [m.fit_info_ for m in self.members]
         self.fit_info_ = {

@@ -124,7 +124,7 @@ def evaluate_category(
     }
     # the calibrated decision threshold (normal images only) beside the F1-optimal one
     # (image_f1_threshold, which needs the test labels), and how the calibrated one decides
-    from patchknn.threshold import threshold_metrics
+    from patchknn.metrics.decision import threshold_metrics
 
     row["threshold"] = model.threshold_
     row |= threshold_metrics(maps, masks, scores, labels, model.threshold_)

@@ -1,7 +1,7 @@
 """Heat-map overlays: the image, its anomaly map in a perceptual colour map, the defect contour.
 
 Colours should mean the same on every image of a model: pass the range of
-:func:`patchknn.threshold.color_scale` (from the model's normal-score statistics) as
+:func:`color_scale` (from the model's normal-score statistics) as
 ``vmin``/``vmax``, or use :func:`model_scale`. ``vmax=None`` falls back to each map's own
 maximum, which makes every image look anomalous; say so where you show such images.
 
@@ -48,8 +48,6 @@ def normalize(amap: np.ndarray, vmin: float = 0.0, vmax: float | None = None) ->
 
 def model_scale(model: Any, threshold: float | None = None) -> tuple[float, float] | None:
     """The colour range of a fitted :class:`~patchknn.model.PatchKNN` (``None``: uncalibrated)."""
-    from patchknn.threshold import color_scale
-
     thr = threshold if threshold is not None else getattr(model, "threshold_", None)
     return color_scale(getattr(model, "fit_info_", None), thr)
 
@@ -197,3 +195,33 @@ __all__ = [
     "side_by_side",
     "truth_overlay",
 ]
+
+
+#: The reference value (the threshold) sits at this fraction of the colour range.
+REFERENCE_POSITION = 2.0 / 3.0
+
+
+def color_scale(
+    fit_info: dict[str, Any] | None, threshold: float | None = None
+) -> tuple[float, float] | None:
+    """A colour range ``(vmin, vmax)`` that means the same on every image of a model.
+
+    ``vmin`` is the median patch score of held-out normal images (typical normal texture is
+    dark); the reference value, the decision threshold (``threshold`` when given, else the
+    calibrated one, else the 99th percentile of held-out normal image scores), sits at 2/3 of the
+    range, so the predicted defect outline is always drawn at the same colour. Without
+    calibration statistics: ``(0, 1.5 * threshold)`` when a threshold is given, else ``None``
+    (the caller must fall back to a per-image scale and say so).
+    """
+    cal = (fit_info or {}).get("calibration") or {}
+    patch, image = cal.get("patch") or {}, cal.get("image") or {}
+    ref = threshold if threshold is not None else cal.get("threshold")
+    if ref is None:
+        ref = image.get("q99")
+    if ref is None:
+        return None
+    vmin = float(patch.get("q50", 0.0))
+    if not vmin < ref:
+        vmin = 0.0 if ref > 0 else float(ref) - 1.0
+    vmax = vmin + (float(ref) - vmin) / REFERENCE_POSITION
+    return vmin, vmax
