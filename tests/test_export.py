@@ -29,8 +29,10 @@ from patchknn.scoring import resize_bilinear
 REL = 1e-4
 
 
-def assert_same(runtime_preds, torch_preds, rel=REL):
-    """Maps equal to ``rel`` (of each map's max, and elementwise), scores too, verdicts identical."""
+def assert_same(runtime_preds, torch_preds, rel=REL, map_rel=None):
+    """Maps equal to ``rel`` elementwise, or within ``map_rel`` (default ``rel``) of the map's max;
+    scores to ``rel``; verdicts identical."""
+    map_rel = rel if map_rel is None else map_rel
     assert len(runtime_preds) == len(torch_preds)
     worst = 0.0
     for a, b in zip(runtime_preds, torch_preds):
@@ -39,7 +41,7 @@ def assert_same(runtime_preds, torch_preds, rel=REL):
         scale = float(np.abs(b.anomaly_map).max())
         err = float(np.abs(a.anomaly_map - b.anomaly_map).max()) / scale
         worst = max(worst, err)
-        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=rel, atol=rel * scale)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=rel, atol=map_rel * scale)
         assert a.score == pytest.approx(b.score, rel=rel)
         assert a.threshold == b.threshold and a.verdict == b.verdict
     return worst
@@ -168,6 +170,14 @@ def _bottle(mvtec_root: Path, n_train: int = 24, test_step: int = 3):
     return train, test
 
 
+#: The paper preset's maps: scores agree to 1e-6 and verdicts exactly, but cells of the flat black
+#: background, whose patches nearly coincide with bank patches (distance ~0.5 % of the map's max),
+#: carry the float32 noise of the 1,792-channel features in absolute terms (~2e-5 of a patch vector's
+#: norm, graph vs torch's oneDNN convolutions): measured 1.03e-4 of the map's max with onnxruntime
+#: and OpenVINO alike (24 training images, every 4th test image). Stated tolerance: 2e-4.
+PAPER_MAP_REL = 2e-4
+
+
 @pytest.mark.mvtec
 @pytest.mark.slow
 def test_paper_preset_on_bottle(mvtec_root, caffe_weights, tmp_path):
@@ -176,7 +186,8 @@ def test_paper_preset_on_bottle(mvtec_root, caffe_weights, tmp_path):
     out = export_model(model, tmp_path / "exp")
     expected = model.predict(test)
     assert {p.verdict for p in expected} == {"OK", "NG"}  # the comparison covers both verdicts
-    assert_same(ExportedModel(out).predict(test), expected)
+    for backend in ("openvino", "onnxruntime"):
+        assert_same(ExportedModel(out, backend).predict(test), expected, map_rel=PAPER_MAP_REL)
 
 
 @pytest.mark.mvtec
