@@ -13,7 +13,7 @@ import torch
 from conftest import TINY, tiny_model
 from typer.testing import CliRunner
 
-from patchknn import PatchKNN
+from patchknn import PatchKNN, scoring
 from patchknn.backbones import build_backbone
 from patchknn.config import PRESETS, preset
 from patchknn.ensemble import EnsemblePatchKNN
@@ -86,13 +86,13 @@ def test_aggregation_averages_neighbourhoods_and_layer_norm_gives_unit_norms():
 # ----------------------------------------------------------------------------------- smoothing
 def test_smoothing_reduces_variance_and_keeps_mean(fitted):
     grid = np.random.default_rng(0).random((8, 8)).astype(np.float32)
-    raw = fitted.grid_to_map(grid, (64, 64))
-    smooth = _with(fitted, smoothing_sigma=1.0).grid_to_map(grid, (64, 64))
+    raw = scoring.grid_to_map(grid, (64, 64), fitted.config)
+    smooth = scoring.grid_to_map(grid, (64, 64), _with(fitted, smoothing_sigma=1.0).config)
     assert smooth.shape == raw.shape == (64, 64)
     assert smooth.var() < 0.5 * raw.var()
     assert smooth.mean() == pytest.approx(raw.mean(), rel=0.05)
     # sigma is in grid cells: at twice the output size it blurs the same share of the image
-    big = _with(fitted, smoothing_sigma=1.0).grid_to_map(grid, (128, 128))
+    big = scoring.grid_to_map(grid, (128, 128), _with(fitted, smoothing_sigma=1.0).config)
     assert big[::2, ::2].var() == pytest.approx(smooth.var(), rel=0.1)
 
 
@@ -139,12 +139,12 @@ def test_tta_is_flip_equivariant_and_averages_views(images, fitted):
     np.testing.assert_allclose(b, a[:, ::-1], rtol=1e-5, atol=1e-5)
     # the averaged grid is the mean of the plain grid and the flipped-back grid of the mirror image
     x = _tensor(test)
-    g0 = fitted.score_grid(x)
-    g1 = fitted.score_grid(torch.flip(x, dims=(3,)))[:, :, ::-1]
-    np.testing.assert_allclose(model.score_grid(x), (g0 + g1) / 2, rtol=1e-5, atol=1e-6)
+    g0 = fitted.score_batch(x)[0]
+    g1 = fitted.score_batch(torch.flip(x, dims=(3,)))[0][:, :, ::-1]
+    np.testing.assert_allclose(model.score_batch(x)[0], (g0 + g1) / 2, rtol=1e-5, atol=1e-6)
     # both flips: three views averaged
-    both = _with(fitted, tta=("hflip", "vflip")).score_grid(x)
-    g2 = fitted.score_grid(torch.flip(x, dims=(2,)))[:, ::-1, :]
+    both = _with(fitted, tta=("hflip", "vflip")).score_batch(x)[0]
+    g2 = fitted.score_batch(torch.flip(x, dims=(2,)))[0][:, ::-1, :]
     np.testing.assert_allclose(both, (g0 + g1 + g2) / 3, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="tta"):
         preset("paper", tta=("rot90",))
@@ -166,8 +166,8 @@ def test_ensemble_averages_normalised_member_maps(images, ensemble):
     ens = ensemble
     assert ens.norm_.shape == (2, 2) and (ens.norm_[:, 1] > 0).all()
     x = _tensor(test)
-    expected = np.mean([(m.score_grid(x) - mu) / sd for m, (mu, sd) in zip(ens.members, ens.norm_)], axis=0)
-    np.testing.assert_allclose(ens.score_grid(x), expected, rtol=1e-5, atol=1e-5)
+    expected = np.mean([(m.score_batch(x)[0] - mu) / sd for m, (mu, sd) in zip(ens.members, ens.norm_)], axis=0)
+    np.testing.assert_allclose(ens.score_batch(x)[0], expected, rtol=1e-5, atol=1e-5)
     pred = ens.predict([test])[0]
     assert pred.anomaly_map.shape == (64, 64) and np.isfinite(pred.anomaly_map).all()
     assert [m.config.backbone for m in ens.members] == ["resnet50", "efficientnet-lite2"]
@@ -258,7 +258,7 @@ def test_ensemble_of_views_shares_one_backbone_pass(images):
     inner = ens.members[0].extractor.backbone.inner
     handle = inner.register_forward_hook(lambda *a: calls.append(1))
     try:
-        grids = ens.score_grid(_tensor(test))
+        grids = ens.score_batch(_tensor(test))[0]
     finally:
         handle.remove()
     assert len(calls) == 1 and grids.shape == (1, 8, 8)

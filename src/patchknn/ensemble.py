@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from patchknn import scoring
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
@@ -200,8 +201,7 @@ class EnsemblePatchKNN(PatchKNN):
             raise ConfigError("an ensemble needs calibration_images >= 1 to normalise its members")
         self.norm_ = np.array([(g.mean(), max(g.std(), 1e-12)) for g in loo], dtype=np.float64)
         z = np.mean([(g - mu) / sd for g, (mu, sd) in zip(loo, self.norm_)], axis=0).astype(np.float32)
-        size = (self.config.image_size, self.config.image_size)
-        scores = np.array([self.image_score(g, self.grid_to_map(g, size)) for g in z])
+        scores = np.array([scoring.image_score(g, self.config) for g in z])
         from patchknn.threshold import IMAGE_QUANTILES, PATCH_QUANTILES, summarize, threshold_from_scores
 
         self.threshold_ = None

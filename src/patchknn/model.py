@@ -451,22 +451,16 @@ class PatchKNN:
                 yield Prediction(names[idx], None, None, None, error=reason)
 
     @torch.inference_mode()
-    def score_grid(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 ``(B, 3, S, S)`` (already resized) -> ``(B, grid, grid)`` patch anomaly scores.
-
-        With ``tta``, the grids of the flipped images, flipped back, are averaged with the plain one.
-        """
-        return self.score_batch(images)[0]
-
-    @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Like :meth:`score_grid`, plus each image's score weight (1 unless ``image_score`` is
-        ``"reweighted"``: PatchCore's re-weighting of the most anomalous patch, see :meth:`image_score`)."""
+        """uint8 ``(B, 3, S, S)`` (already resized) -> ``(B, grid, grid)`` patch anomaly scores (with
+        ``tta``, the flipped images' grids, flipped back, averaged in), plus each image's score
+        weight (1 unless ``image_score`` is ``"reweighted"``: PatchCore's re-weighting of the most
+        anomalous patch, see :func:`patchknn.scoring.reweight`)."""
         self._check_fitted()
         grids, rows = self._grid_and_rows(images)
         weights = np.ones(grids.shape[0], dtype=np.float64)
         if self.config.image_score == "reweighted":
-            weights = self._reweight(grids, rows)
+            weights = scoring.reweight(grids, rows, self.index_.bank, self.config.image_score_topk)  # type: ignore[union-attr]
         for kind in self.config.tta:
             axis = 3 if kind == "hflip" else 2  # images (B, 3, H, W) -> grid axis = axis - 1
             flipped, _ = self._grid_and_rows(torch.flip(images, dims=(axis,)))
@@ -496,21 +490,6 @@ class PatchKNN:
         scores[~np.isfinite(rows_np).all(axis=1)] = np.nan
         g = self.config.grid_size
         return scores.reshape(b, g, g), rows_np.reshape(b, p, -1)
-
-    def _reweight(self, grids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """PatchCore's weights against this model's bank (see :func:`patchknn.scoring.reweight`)."""
-        return scoring.reweight(grids, rows, self.index_.bank, self.config.image_score_topk)  # type: ignore[union-attr]
-
-    def grid_to_map(self, grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Upsample one ``(grid, grid)`` score map to ``size`` (see :func:`patchknn.scoring.grid_to_map`)."""
-        return scoring.grid_to_map(grid, size, self.config)
-
-    def image_score(self, grid: np.ndarray, amap: np.ndarray | None = None, weight: float = 1.0) -> float:
-        """The image's score (see :func:`patchknn.scoring.image_score`); ``amap`` is ignored unless
-        it is the map at ``image_size`` (the score never depends on the size a map is drawn at)."""
-        s = self.config.image_size
-        at_input = amap if amap is not None and amap.shape == (s, s) else None
-        return scoring.image_score(grid, self.config, weight, amap=at_input)
 
     @torch.inference_mode()
     def _features(self, images: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,7 @@ class ServedModel:
     Attributes:
         name: the name in URLs.
         model: the fitted :class:`~patchknn.model.PatchKNN` (or an object with the same
-            ``config`` / ``threshold_`` / ``score_grid`` / ``grid_to_map`` / ``image_score``).
+            ``config`` / ``threshold_`` / ``predict_batch``, e.g. an exported model).
         version: content fingerprint (see :func:`model_version`), or any string.
         saved_by: the patchknn version that saved it.
     """
@@ -266,4 +266,4 @@ def warm_up(model: Any) -> None:
     import torch
 
     size = int(model.config.image_size)
-    model.score_grid(torch.zeros((1, 3, size, size), dtype=torch.uint8))
+    model.predict_batch(torch.zeros((1, 3, size, size), dtype=torch.uint8))
