@@ -117,7 +117,7 @@ def bottle_evaluation(mvtec_root, caffe_weights, tmp_path_factory):
     results_path, report_dir = base / "results.json", base / "report"
     result = CliRunner().invoke(
         app,
-        ["evaluate", "--data-root", str(mvtec_root), "--category", "bottle", "--backbone", "resnet50-caffe",
+        ["evaluate", "--data-root", str(mvtec_root), "--category", "bottle",
          "--weights", str(caffe_weights), "--output", str(results_path), "--report", str(report_dir), "--quiet"],
     )
     assert result.exit_code == 0, result.output

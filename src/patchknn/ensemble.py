@@ -16,14 +16,14 @@ that use the same backbone network (same name, layers and weights) share one bac
 
 Members are given as backbone names or as dictionaries of options that replace the shared ones::
 
-    EnsemblePatchKNN(["resnet50-caffe", "efficientnet-lite2"])              # two backbones
+    EnsemblePatchKNN(["resnet50-keras", "efficientnet-lite2"])              # two backbones
     EnsemblePatchKNN([{}, {"layer_norm": True}], preset("best"))            # one backbone, two views
 
 A member that changes the backbone gets that backbone's default layers unless it names ``layers``.
 
 Example:
     >>> from patchknn.ensemble import EnsemblePatchKNN
-    >>> ens = EnsemblePatchKNN(["resnet50-caffe", "efficientnet-lite2"])    # doctest: +SKIP
+    >>> ens = EnsemblePatchKNN(["resnet50-keras", "efficientnet-lite2"])    # doctest: +SKIP
     >>> ens.fit("bottle/train/good").predict(["bottle/test/broken_large/000.png"])[0].score  # doctest: +SKIP
     >>> ens.save("bottle.ensemble"); EnsemblePatchKNN.load("bottle.ensemble")  # doctest: +SKIP
 
@@ -62,8 +62,8 @@ def member_configs(config: PatchKNNConfig, members: Sequence[MemberSpec]) -> lis
 
     Example:
         >>> from patchknn.config import preset
-        >>> [c.backbone for c in member_configs(preset("paper"), ["resnet50-caffe", "efficientnet-lite2"])]
-        ['resnet50-caffe', 'efficientnet-lite2']
+        >>> [c.backbone for c in member_configs(preset("paper"), ["resnet50-keras", "efficientnet-lite2"])]
+        ['resnet50-keras', 'efficientnet-lite2']
         >>> [c.layer_norm for c in member_configs(preset("paper"), [{}, {"layer_norm": True}])]
         [False, True]
     """
@@ -113,7 +113,7 @@ class EnsemblePatchKNN(PatchKNN):
 
     def __init__(
         self,
-        members: Sequence[MemberSpec] | None = ("resnet50-caffe", "efficientnet-lite2"),
+        members: Sequence[MemberSpec] | None = ("resnet50-keras", "efficientnet-lite2"),
         config: PatchKNNConfig | None = None,
         *,
         weights: WeightsArg | Sequence[WeightsArg] = None,
