@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -202,27 +203,44 @@ def test_best_preset_on_bottle(mvtec_root, tmp_path):
     assert_same(ExportedModel(out).predict(test), expected)
 
 
-#: The ``fast`` preset's backbone runs in bfloat16 under torch; the export runs it in float32. The
-#: largest map difference measured on bottle: 0.041 of the map's max (24 training images, every 3rd
-#: test image) and 0.050 (20 training images, every 4th test image, this test); see docs/export.md.
-FAST_REL = 0.08
+@pytest.mark.mvtec
+@pytest.mark.slow
+def test_fast_preset_on_bottle(mvtec_root, caffe_weights, tmp_path):
+    # precision "auto": float32 on a CPU without native bfloat16 (this project's CI), so exact
+    train, test = _bottle(mvtec_root, n_train=20, test_step=4)
+    model = PatchKNN.from_preset("fast", weights=str(caffe_weights), progress=False).fit(train)
+    expected = model.predict(test)
+    assert {p.verdict for p in expected} == {"OK", "NG"}
+    if model.extractor.precision == "float32":
+        assert_same(ExportedModel(export_model(model, tmp_path / "exp")).predict(test), expected)
+
+
+#: A bfloat16 backbone (the ``fast`` preset on a GPU or a CPU with native bfloat16) against its float32
+#: export: the largest map difference measured on bottle is 0.041 of the map's max (24 training images,
+#: every 3rd test image) and 0.050 (20 training images, every 4th test image, this test), with the IVF
+#: or the flat index alike; see docs/export.md.
+BF16_REL = 0.08
 
 
 @pytest.mark.mvtec
 @pytest.mark.slow
-def test_fast_preset_bfloat16_tolerance_on_bottle(mvtec_root, caffe_weights, tmp_path):
+def test_bfloat16_backbone_tolerance_on_bottle(mvtec_root, caffe_weights, tmp_path):
     train, test = _bottle(mvtec_root, n_train=20, test_step=4)
-    model = PatchKNN.from_preset("fast", precision="bfloat16", weights=str(caffe_weights), progress=False).fit(train)
+    model = PatchKNN.from_preset("fast", weights=str(caffe_weights), progress=False, precision="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # emulated bfloat16 on this CPU: slow, and said so
+        model.fit(train)
+    assert model.extractor.precision == "bfloat16"
     out = export_model(model, tmp_path / "exp")
     expected = model.predict(test)
     got = ExportedModel(out).predict(test)
     assert [p.verdict for p in got] == [p.verdict for p in expected]
+    assert {p.verdict for p in expected} == {"OK", "NG"}
     worst = max(
         float(np.abs(a.anomaly_map - b.anomaly_map).max() / np.abs(b.anomaly_map).max()) for a, b in zip(got, expected)
     )
-    assert {p.verdict for p in expected} == {"OK", "NG"}
-    print(f"fast preset: float32 export vs bfloat16 torch, worst map difference {worst:.4g} of the map's max")
-    assert worst <= FAST_REL
+    print(f"bfloat16 backbone vs its float32 export: worst map difference {worst:.4g} of the map's max")
+    assert 1e-3 < worst <= BF16_REL  # the export really is float32, and within the stated tolerance
 
 
 def test_export_command(tmp_path):
