@@ -68,7 +68,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: a temporary file in the same folder,
+    fsynced, renamed over ``path``, then the folder fsynced; a failure leaves ``path`` as it was
+    and no temporary file behind. The one atomic writer of the package."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -167,7 +171,7 @@ def _write_locked(root: Path, meta: dict[str, Any], blobs: dict[str, bytes]) -> 
         name = f"{stem}-{digest[:16]}.safetensors"
         target = root / name
         if not (target.is_file() and target.stat().st_size == len(blob) and sha256_file(target) == digest):
-            _atomic_write(target, blob)
+            atomic_write(target, blob)
         files[stem] = {"file": name, "sha256": digest, "bytes": str(len(blob))}
     document = {
         **meta,
@@ -176,7 +180,7 @@ def _write_locked(root: Path, meta: dict[str, Any], blobs: dict[str, bytes]) -> 
         "patchknn_version": __version__,
         "files": files,
     }
-    _atomic_write(root / META_FILE, json.dumps(document, indent=2, sort_keys=True, allow_nan=False).encode())
+    atomic_write(root / META_FILE, json.dumps(document, indent=2, sort_keys=True, allow_nan=False).encode())
     # the new model is in place; what is left is housekeeping, whose failure must not fail the save
     keep = {f["file"] for f in files.values()}
     with suppress(OSError):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from patchknn.config import PatchKNNConfig
+from patchknn.distributed.score_archive import write_json
 from patchknn.errors import ConfigError, DatasetError, PatchKNNError
 
 FINGERPRINT_KEY = "training_fingerprint"
@@ -348,7 +348,7 @@ def fit_many(
             output=out, results=rows, seconds=round(time.perf_counter() - t0, 3),
             config=config.to_dict() | {"weights": None if weights is None else str(weights)},
         )
-        _write_json(out / REPORT_FILE, report.to_dict())
+        write_json(out / REPORT_FILE, report.to_dict())
         return report
 
     try:
@@ -392,10 +392,4 @@ def _run_tasks(
                     done({"name": v.name, "model": str(out / v.name), "status": FAILED,
                           "n_files": len(v.sources), "error": f"{type(exc).__name__}: {exc}"})
 
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, default=str)
-    os.replace(tmp, path)
 

@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,12 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from patchknn.distributed.parts import MAPS_DIR, PARTS_DIR, PartStore
 from patchknn.errors import ConfigError, DatasetError
 
 MANIFEST_FILE = "score-archive.json"
 SUMMARY_FILE = "summary.json"
-PARTS_DIR = "parts"
-MAPS_DIR = "maps"
 LIST_SUFFIXES = (".txt", ".lst")
 
 
@@ -93,14 +91,6 @@ def list_archive(sources: Sequence[str | os.PathLike[str]]) -> tuple[list[str], 
         raise DatasetError("the archive sources hold no image")
     base = os.path.commonpath(roots) if roots else "/"
     return unique, base
-
-
-def map_relpath(image: str, base: str) -> str:
-    """Where an image's map goes under ``maps/``: its path under ``base`` + ``.npy``."""
-    rel = os.path.relpath(image, base)
-    if rel.startswith(".."):
-        rel = os.path.join("_abs", image.lstrip(os.sep))
-    return rel + ".npy"
 
 
 # ---------------------------------------------------------------------------- the actor class
@@ -182,79 +172,6 @@ class ArchiveScorer:
         return (pred.score, pred.verdict, pred.threshold, pred.error, blob)
 
 
-# ------------------------------------------------------------------------------ the part files
-class PartStore:
-    """The output folder: manifest, completed parts, maps."""
-
-    def __init__(self, output: str | os.PathLike[str]) -> None:
-        self.root = Path(output)
-        self.parts = self.root / PARTS_DIR
-        self.maps = self.root / MAPS_DIR
-
-    def part_files(self) -> list[Path]:
-        return sorted(self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
-
-    def clean_temporaries(self) -> None:
-        if self.parts.is_dir():
-            for tmp in self.parts.glob(".part-*.tmp"):
-                tmp.unlink(missing_ok=True)
-
-    def done(self) -> set[str]:
-        """Images recorded in completed parts."""
-        import pyarrow.parquet as pq
-
-        out: set[str] = set()
-        for f in self.part_files():
-            out.update(pq.read_table(f, columns=["image"]).column("image").to_pylist())
-        return out
-
-    def next_index(self) -> int:
-        numbers = [int(f.stem.split("-")[1]) for f in self.part_files() if f.stem.split("-")[1].isdigit()]
-        return max(numbers, default=-1) + 1
-
-    def write_part(self, table: Any, index: int, base: str) -> Path:
-        """Write the maps of ``table`` (column ``map_npy``), then the part itself, atomically."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if "map_npy" in table.column_names:
-            blobs = table.column("map_npy").to_pylist()
-            rels: list[str | None] = []
-            for image, blob in zip(table.column("image").to_pylist(), blobs, strict=True):
-                if blob is None:
-                    rels.append(None)
-                    continue
-                rel = map_relpath(image, base)
-                target = self.maps / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_bytes(target, blob)
-                rels.append(os.path.join(MAPS_DIR, rel))
-            table = table.drop_columns(["map_npy"]).append_column("map", pa.array(rels, pa.string()))
-        self.parts.mkdir(parents=True, exist_ok=True)
-        final = self.parts / f"part-{index:05d}.parquet"
-        fd, tmp = tempfile.mkstemp(prefix=f".part-{index:05d}.", suffix=".tmp", dir=self.parts)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return final
-
-    def read_all(self, columns: Sequence[str] | None = None) -> Any:
-        """All completed rows as one ``pyarrow.Table``."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        tables = [pq.read_table(f, columns=list(columns) if columns else None) for f in self.part_files()]
-        if not tables:
-            return None
-        return pa.concat_tables(tables, promote_options="default")
-
-
 @contextlib.contextmanager
 def _closing(iterator: Any) -> Any:
     try:
@@ -265,19 +182,11 @@ def _closing(iterator: Any) -> Any:
             close()
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """``doc`` as indented JSON at ``path``, atomically (:func:`patchknn.serialization.atomic_write`)."""
+    from patchknn.serialization import atomic_write
 
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    _atomic_bytes(path, json.dumps(doc, indent=2, default=str).encode())
+    atomic_write(path, json.dumps(doc, indent=2, default=str).encode())
 
 
 def model_checksum(model_path: str | os.PathLike[str]) -> str:
@@ -396,7 +305,7 @@ def score_archive(
                 f"{store.root} holds part files but no {MANIFEST_FILE}; use --overwrite or another --output"
             )
         store.root.mkdir(parents=True, exist_ok=True)
-        _write_json(manifest_path, {**wanted, "base": base, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json(manifest_path, {**wanted, "base": base, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     store.clean_temporaries()
     done = store.done()
     todo = [p for p in paths if p not in done]
@@ -422,7 +331,7 @@ def score_archive(
         n_ng=n_ng, seconds=seconds, images_per_second=round(n_scored / seconds, 3) if seconds > 0 else 0.0,
         n_parts=len(store.part_files()),
     )
-    _write_json(store.root / SUMMARY_FILE, summary.to_dict())
+    write_json(store.root / SUMMARY_FILE, summary.to_dict())
     return summary
 
 
