@@ -230,6 +230,13 @@ class PatchKNNConfig:
         """A copy with some options changed (validated)."""
         return dataclasses.replace(self, **changes)
 
+    def describe(self) -> str:
+        """``backbone=...`` and every option that differs from its default, as ``k=v`` text."""
+        changed = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default
+        }
+        return ", ".join(f"{k}={v!r}" for k, v in {"backbone": self.backbone, **changed}.items())
+
     def as_kwargs(self) -> dict[str, Any]:
         """Every option as ``name -> value`` (the keyword arguments of :class:`~patchknn.PatchKNN`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -327,14 +334,14 @@ def parse_option(name: str, raw: str, *, list_sep: str = ",", where: str = "--se
     name, raw = name.strip().replace("-", "_"), raw.strip()
     if name not in fields:
         raise ConfigError(
-            f"{where}: expected NAME=VALUE with NAME an option, got {name!r}; the options are {sorted(fields)}"
+            f"{where} expects NAME=VALUE with NAME an option, got {name!r}; the options are {sorted(fields)}"
         )
     default = fields[name].default
     if raw.lower() in ("none", "null") and name in NONE_FIELDS:
         return name, None
     if isinstance(default, bool):
         if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise ConfigError(f"{where}: {name} must be true or false, got {raw!r}")
+            raise ConfigError(f"{where} {name}= expects true or false, got {raw!r}")
         return name, raw.lower() in ("true", "1", "yes", "on")
     if isinstance(default, tuple) or name == "layers":
         return name, tuple(x.strip() for x in raw.split(list_sep) if x.strip())
@@ -343,7 +350,7 @@ def parse_option(name: str, raw: str, *, list_sep: str = ",", where: str = "--se
         try:
             return name, kind(raw)
         except ValueError:
-            raise ConfigError(f"{where}: {name}={raw!r} is not a valid {kind.__name__}") from None
+            raise ConfigError(f"{where} {name}: {raw!r} is not a valid {kind.__name__}") from None
     return name, raw
 
 

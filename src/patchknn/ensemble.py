@@ -48,7 +48,9 @@ from patchknn import scoring
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
-from patchknn.model import IndexFactory, PatchKNN, as_sources, register_model_kind
+from patchknn.execution import as_sources
+from patchknn.kinds import register_model_kind
+from patchknn.model import IndexFactory, PatchKNN
 from patchknn.serialization import load_model, save_model
 
 __all__ = ["EnsemblePatchKNN", "member_configs"]

@@ -16,7 +16,14 @@ import torch
 
 from patchknn.errors import ConfigError
 
-__all__ = ["as_sources", "check_device", "native_bf16", "resolve_precision", "seed_everything"]
+__all__ = [
+    "as_sources",
+    "check_device",
+    "check_run_options",
+    "native_bf16",
+    "resolve_precision",
+    "seed_everything",
+]
 
 
 def check_device(device: str) -> torch.device:
@@ -57,6 +64,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
+
+
+def check_run_options(*, batch_size: object, num_workers: object, on_error: object, max_pixels: object) -> None:
+    """The estimator's run options (see :class:`~patchknn.model.PatchKNN`), or :class:`ConfigError`
+    saying what is allowed."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if num_workers != "auto" and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+    ):
+        raise ConfigError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
+    if on_error not in ("stop", "skip"):
+        raise ConfigError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    if max_pixels is not None and (
+        isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
+    ):
+        raise ConfigError(f"max_pixels must be a positive integer or None (no limit), got {max_pixels!r}")
 
 
 def seed_everything(seed: int) -> None:

@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import sys
 import time
 import warnings
@@ -33,9 +32,17 @@ from patchknn.bank import build_memory_bank
 from patchknn.config import PatchKNNConfig, preset
 from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
-from patchknn.execution import as_sources, check_device, native_bf16, resolve_precision, seed_everything
+from patchknn.execution import (
+    as_sources,
+    check_device,
+    check_run_options,
+    native_bf16,
+    resolve_precision,
+    seed_everything,
+)
 from patchknn.features import PatchFeatureExtractor, TrainingStore
 from patchknn.index import IndexParams, MemoryBankIndex, build_index
+from patchknn.kinds import BUILTIN_KINDS, MODEL_KINDS, model_kind
 from patchknn.persistence import read_model, write_model
 from patchknn.reduction import PCA
 from patchknn.scoring import OutputSize, Prediction
@@ -45,27 +52,6 @@ OnError = Literal["stop", "skip"]
 IndexFactory = Callable[[Path, "PatchKNN"], Any]
 """``(model_dir, model) -> index``: builds a loaded model's search index from its directory."""
 
-#: Saved-model kinds beyond a single model: the ``kind`` in ``patchknn.json`` -> the class that
-#: builds and loads it. A plugin registry (as the backbones'): :mod:`patchknn.ensemble` registers
-#: ``"ensemble"`` when imported, so this module never imports its subclass.
-MODEL_KINDS: dict[str, type[PatchKNN]] = {}
-
-
-def register_model_kind(kind: str, cls: type[PatchKNN]) -> type[PatchKNN]:
-    """Make ``PatchKNN.load`` / ``PatchKNN.from_config`` hand models of ``kind`` to ``cls``."""
-    MODEL_KINDS[kind] = cls
-    return cls
-
-
-#: Where the built-in kinds live: imported by name on first use (an entry-point table).
-BUILTIN_KINDS = {"ensemble": "patchknn.ensemble"}
-
-
-def model_kind(kind: str) -> type[PatchKNN]:
-    """The class registered for ``kind`` (a built-in kind's module is imported on first use)."""
-    if kind not in MODEL_KINDS and kind in BUILTIN_KINDS:
-        importlib.import_module(BUILTIN_KINDS[kind])
-    return MODEL_KINDS[kind]
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PatchKNNConfig))
 
 
@@ -155,18 +141,7 @@ class PatchKNN:
             )
         self.weights = weights
         self.device = check_device(device)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if num_workers != "auto" and (
-            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
-        ):
-            raise ConfigError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
-        if on_error not in ("stop", "skip"):
-            raise ConfigError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-        if max_pixels is not None and (
-            isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
-        ):
-            raise ConfigError(f"max_pixels must be a positive integer or None (no limit), got {max_pixels!r}")
+        check_run_options(batch_size=batch_size, num_workers=num_workers, on_error=on_error, max_pixels=max_pixels)
         self.max_pixels = max_pixels
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -233,13 +208,7 @@ class PatchKNN:
         return self
 
     def __repr__(self) -> str:
-        changed = {
-            f.name: getattr(self.config, f.name)
-            for f in dataclasses.fields(PatchKNNConfig)
-            if getattr(self.config, f.name) != f.default
-        }
-        inner = ", ".join(f"{k}={v!r}" for k, v in {"backbone": self.config.backbone, **changed}.items())
-        return f"PatchKNN({inner})"
+        return f"{type(self).__name__}({self.config.describe()})"
 
     # ------------------------------------------------------------------------------- fitting
     @property
