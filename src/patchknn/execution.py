@@ -21,6 +21,7 @@ __all__ = [
     "check_device",
     "check_run_options",
     "native_bf16",
+    "progress_bar",
     "resolve_precision",
     "seed_everything",
 ]
@@ -81,6 +82,16 @@ def check_run_options(*, batch_size: object, num_workers: object, on_error: obje
         isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
     ):
         raise ConfigError(f"max_pixels must be a positive integer or None (no limit), got {max_pixels!r}")
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "img") -> Any:
+    """A tqdm progress bar, shown only when ``enabled`` and stderr is a terminal (one rule for
+    fit, predict, calibration and the report)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or not sys.stderr.isatty(), leave=False)
 
 
 def seed_everything(seed: int) -> None:

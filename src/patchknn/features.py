@@ -51,6 +51,7 @@ class PatchFeatureExtractor(nn.Module):
         self.grid_size = int(grid_size)
         self.aggregation = int(aggregation)
         self.layer_norm = bool(layer_norm)
+        self._pca_cache: tuple[PCA, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def dim(self) -> int:
@@ -153,6 +154,29 @@ class PatchFeatureExtractor(nn.Module):
         assert total is not None
         total = total - (mean @ components.T)
         return total.reshape(total.shape[0], g * g, -1).contiguous()
+
+
+    @torch.inference_mode()
+    def query_rows(self, images: torch.Tensor, pca: PCA | None) -> torch.Tensor:
+        """uint8 ``(B, 3, S, S)`` (on this extractor's device) -> the ``(B, grid*grid, d)`` float32
+        CPU vectors searched in the memory bank: the patch vectors, or their PCA projection (layer
+        by layer where :attr:`can_project`: same values up to round-off, less work)."""
+        if pca is None:
+            return self(images).float().cpu()
+        if self.can_project:
+            if self._pca_cache is None or self._pca_cache[0] is not pca:  # the PCA on this device
+                self._pca_cache = (pca, pca.mean_tensor.to(images.device), pca.components_tensor.to(images.device))
+            return self.project(images, *self._pca_cache[1:]).float().cpu()
+        feats = self(images).float().cpu()
+        b, p, _ = feats.shape
+        return pca.transform(feats.reshape(b * p, -1)).reshape(b, p, -1)
+
+    @torch.inference_mode()
+    def fit_parts(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """For :class:`TrainingStore`: the compact per-layer maps and the full patch vectors of a
+        batch, float32 on the CPU."""
+        parts = self.compact_maps(images)
+        return [p.float().cpu() for p in parts], self.assemble(parts).float().cpu()
 
 
 class TrainingStore:

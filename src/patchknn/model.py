@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +21,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from patchknn import scoring
 from patchknn._version import __version__
@@ -37,6 +35,7 @@ from patchknn.execution import (
     check_device,
     check_run_options,
     native_bf16,
+    progress_bar,
     resolve_precision,
     seed_everything,
 )
@@ -64,16 +63,11 @@ class PatchKNN:
     options are about how it runs and are not part of the saved model.
 
     Args:
-        backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
-            smoothing_sigma, image_score, image_score_topk, index, index_nlist, index_nprobe,
-            hnsw_m, hnsw_ef_search, coreset_ratio, coreset_dim, threshold_method,
-            threshold_quantile, threshold_sigma, calibration_images, tta, precision, seed, ensemble: the
-            method's options, see :class:`~patchknn.config.PatchKNNConfig` (defaults = the paper).
-            A configuration with ``ensemble`` members makes an
-            :class:`~patchknn.ensemble.EnsemblePatchKNN`: build it with :meth:`from_config` /
+        backbone ... ensemble: the method's options, every field of
+            :class:`~patchknn.config.PatchKNNConfig` (defaults = the paper). ``ensemble`` members
+            make an :class:`~patchknn.ensemble.EnsemblePatchKNN`: use :meth:`from_config` /
             :meth:`from_preset` (which return one) or that class.
-        weights: backbone weights: ``None`` = the backbone's pretrained default, a file path, or
-            ``"random"`` (tests only).
+        weights: ``None`` = the backbone's pretrained default, a file or folder, or ``"random"``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         batch_size: images per backbone call.
         num_workers: image-decoding worker processes (0 = decode in this process); ``"auto"``
@@ -148,7 +142,6 @@ class PatchKNN:
         self.progress = progress
         self.on_error: OnError = on_error
         self._extractor: PatchFeatureExtractor | None = None
-        self._pca_dev: tuple[PCA, torch.Tensor, torch.Tensor] | None = None  # the PCA, on self.device
         self.pca_: PCA | None = None
         self.index_: MemoryBankIndex | None = None
         self.threshold_: float | None = None
@@ -176,9 +169,8 @@ class PatchKNN:
             >>> PatchKNN.from_preset("paper", k=3, weights="random").config.k
             3
         """
-        fields = {f.name for f in dataclasses.fields(PatchKNNConfig)}
-        method = {k: v for k, v in options.items() if k in fields}
-        runtime = {k: v for k, v in options.items() if k not in fields}
+        method = {k: v for k, v in options.items() if k in CONFIG_FIELDS}
+        runtime = {k: v for k, v in options.items() if k not in CONFIG_FIELDS}
         return cls.from_config(preset(name, **method), **runtime)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -202,7 +194,6 @@ class PatchKNN:
             raise ConfigError("ensemble members make an EnsemblePatchKNN: build one with PatchKNN.from_config")
         self.config = config
         self._extractor = None
-        self._pca_dev = None
         self.pca_, self.index_, self.threshold_ = None, None, None
         self.fit_info_ = {}
         return self
@@ -440,47 +431,15 @@ class PatchKNN:
 
     def query_rows(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, S, S)`` -> the ``(B, grid*grid, d)`` vectors searched in the bank."""
-        if self.pca_ is None:
-            return self._features(images)
-        if self.extractor.can_project:  # the PCA applied layer by layer (same values, less work)
-            return self._projected(images)
-        feats = self._features(images)
-        b, p, _ = feats.shape
-        return self.pca_.transform(feats.reshape(b * p, -1)).reshape(b, p, -1)
+        return self.extractor.query_rows(images.to(self.device), self.pca_)
 
-    def _grid_and_rows(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        feats = self.query_rows(images)
-        b, p, _ = feats.shape
-        rows_np = feats.reshape(b * p, -1).numpy()
-        dist = self.index_.search(rows_np, self.config.k)  # type: ignore[union-attr]
-        scores = dist.mean(axis=1, dtype=np.float64).astype(np.float32)
-        # faiss answers a NaN/Inf query with a huge finite distance: mark such patches NaN instead,
-        # so predict reports them rather than returning a meaningless score
-        scores[~np.isfinite(rows_np).all(axis=1)] = np.nan
-        g = self.config.grid_size
-        return scores.reshape(b, g, g), rows_np.reshape(b, p, -1)
-
-    @torch.inference_mode()
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.extractor(images.to(self.device))
-        return feats.float().cpu()
-
-    @torch.inference_mode()
     def fit_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The compact per-layer maps (CPU) and the full patch vectors (CPU) of a batch."""
-        ext = self.extractor
-        parts = ext.compact_maps(images.to(self.device))
-        feats = ext.assemble(parts)
-        return [p.float().cpu() for p in parts], feats.float().cpu()
+        return self.extractor.fit_parts(images.to(self.device))
 
-    @torch.inference_mode()
-    def _projected(self, images: torch.Tensor) -> torch.Tensor:
-        pca = self.pca_
-        assert pca is not None
-        if self._pca_dev is None or self._pca_dev[0] is not pca:
-            self._pca_dev = (pca, pca.mean_tensor.to(self.device), pca.components_tensor.to(self.device))
-        feats = self.extractor.project(images.to(self.device), *self._pca_dev[1:])
-        return feats.float().cpu()
+    def _grid_and_rows(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.query_rows(images).numpy()
+        return scoring.patch_grid(rows, self.index_, self.config), rows
 
     # ------------------------------------------------------------------------------- storage
     def save(self, path: str | Path) -> Path:
@@ -533,9 +492,8 @@ class PatchKNN:
         if self.index_ is None:
             raise NotFittedError("this PatchKNN is not fitted yet; call fit(images) or PatchKNN.load(path)")
 
-    def progress_bar(self, total: int, desc: str) -> tqdm:
-        disable = not self.progress or not sys.stderr.isatty()
-        return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
+    def progress_bar(self, total: int, desc: str) -> Any:
+        return progress_bar(total, desc, self.progress)
 
 
 __all__ = ["PatchKNN", "Prediction", "__version__"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -46,6 +46,7 @@ __all__ = [
     "OutputSize",
     "Prediction",
     "grid_to_map",
+    "patch_grid",
     "image_score",
     "bilinear_matrix",
     "predictions",
@@ -215,6 +216,17 @@ def reweight(grids: np.ndarray, rows: np.ndarray, bank: np.ndarray, topk: int) -
         e = np.exp(d - d.max())  # softmax of the distances (stable); m* is the nearest, e[0] the least
         out[j] = 1.0 - e[0] / e.sum()
     return out
+
+
+def patch_grid(rows: np.ndarray, index: Any, config: PatchKNNConfig) -> np.ndarray:
+    """``(B, grid*grid, d)`` searched vectors -> ``(B, grid, grid)`` patch scores: the mean distance
+    to the ``k`` nearest bank rows (``index.search``). A patch whose vector is not finite scores NaN
+    (faiss answers such a query with a huge finite distance), so no silent score comes of it."""
+    b, p, d = rows.shape
+    flat = np.ascontiguousarray(rows.reshape(b * p, d), dtype=np.float32)
+    scores = index.search(flat, config.k).mean(axis=1, dtype=np.float64).astype(np.float32)
+    scores[~np.isfinite(flat).all(axis=1)] = np.nan
+    return scores.reshape(b, config.grid_size, config.grid_size)
 
 
 def verdict(score: float | None, threshold: float | None) -> str | None:

@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from patchknn.errors import ConfigError
+from patchknn.execution import progress_bar
 from patchknn.heldout import Folds, score_group, select_images
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def calibrate(
     position = {img: j for j, img in enumerate(chosen)}
     patch_samples: list[np.ndarray] = []
     rng = np.random.default_rng(cfg.seed)
-    with _bar(len(chosen), "fit: calibrate", model.progress and progress) as bar:
+    with progress_bar(len(chosen), "fit: calibrate", model.progress and progress) as bar:
         for group, searcher, excluded, queries in folds:
             group_scores, patches = score_group(model, searcher, excluded, queries, len(group), rng, exact=exact)
             for img, score in zip(group, group_scores):
@@ -231,12 +231,6 @@ def _qname(q: float) -> str:
     """0.5 -> 'q50', 0.99 -> 'q99', 0.999 -> 'q999'."""
     text = f"{q:.4f}".rstrip("0").split(".")[1]
     return "q" + (text if len(text) > 1 else text + "0")
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or not sys.stderr.isatty(), leave=False)
 
 
 __all__ = [

@@ -19,7 +19,6 @@ together.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from PIL import Image
 
 from patchknn import metrics
 from patchknn.errors import PatchKNNError
+from patchknn.execution import progress_bar
 from patchknn.report.layout import (
     ASSETS,
     DATA_FORMAT,
@@ -96,7 +96,7 @@ def category_data(ev: Any, directory: Path, *, per_kind: int = 4, progress: bool
     # the outline in the gallery: the calibrated threshold, else the F1-optimal one (labels needed)
     outline, outline_kind = (threshold, "calibrated") if threshold is not None else (f1_threshold, "f1_optimal")
 
-    with _bar(4, f"report {ev.category}: curves", progress) as bar:
+    with progress_bar(4, f"report {ev.category}: curves", progress, unit="it") as bar:
         curves = _curves(maps, masks, scores, labels, bar)
     names = [f"{s.defect}/{Path(s.path).name}" for s in ev.samples]
     gallery = _gallery(ev, names, outline, scale, directory, per_kind, progress)
@@ -223,7 +223,7 @@ def _gallery(
         old.unlink()
     total = sum(len(v) for v in chosen.values())
     out: dict[str, list[dict[str, Any]]] = {}
-    with _bar(total, f"report {ev.category}: gallery", progress) as bar:
+    with progress_bar(total, f"report {ev.category}: gallery", progress, unit="it") as bar:
         for kind, indices in chosen.items():
             entries = []
             for rank, i in enumerate(indices, 1):
@@ -255,9 +255,3 @@ def _fit_height(panel: np.ndarray, height: int) -> np.ndarray:
         return panel
     width = round(panel.shape[1] * height / panel.shape[0])
     return np.asarray(Image.fromarray(panel).resize((width, height), Image.Resampling.LANCZOS))
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled or not sys.stderr.isatty(), leave=False)
