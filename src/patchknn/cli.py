@@ -106,7 +106,9 @@ def fit(
 
 @app.command()
 def predict(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model saved by `patchknn fit`.")],
+    model_path: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="A model saved by `patchknn fit`, or a `patchknn export` folder.")
+    ],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders to score.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scores and maps.")],
     threshold: Annotated[
@@ -126,12 +128,19 @@ def predict(
     """Score images: scores.csv / scores.json with an OK/NG verdict, and per image the map (.npy), a
     heat-map overlay (colours on the model's fixed scale, predicted region outlined) and, when there
     is a threshold, the binary defect mask (.png)."""
-    from patchknn.model import PatchKNN
+    from patchknn.runtime import is_exported
 
-    model = PatchKNN.load(
-        model_path, device=device, batch_size=batch_size, num_workers=workers_option(workers), on_error=on_error,
-        progress=not quiet, **max_pixels_option(max_pixels),
-    )
+    if is_exported(model_path):  # a `patchknn export` folder: onnxruntime/OpenVINO, no torch
+        from patchknn.runtime import load as load_exported
+
+        model = load_exported(model_path, batch_size=batch_size, on_error=on_error, **max_pixels_option(max_pixels))
+    else:
+        from patchknn.model import PatchKNN
+
+        model = PatchKNN.load(
+            model_path, device=device, batch_size=batch_size, num_workers=workers_option(workers), on_error=on_error,
+            progress=not quiet, **max_pixels_option(max_pixels),
+        )
     if threshold is not None:
         model.threshold_ = float(threshold)
     rows = _write_predictions(model, [str(p) for p in images], output, resolution=resolution, maps=maps)
@@ -400,6 +409,10 @@ _register_distributed(app)
 from patchknn.report.commands import register as _register_report  # noqa: E402 - report
 
 _register_report(app)
+
+from patchknn.export.commands import register as _register_export  # noqa: E402 - export (onnx/openvino extras)
+
+_register_export(app)
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

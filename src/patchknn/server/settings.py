@@ -242,6 +242,8 @@ def load_models(specs: Sequence[str], *, device: str = "cpu", warmup: bool = Tru
         ModelFileError: a model cannot be loaded (from :meth:`PatchKNN.load`).
     """
     from patchknn.model import PatchKNN
+    from patchknn.runtime import is_exported
+    from patchknn.runtime import load as load_exported
     from patchknn.serialization import read_meta
 
     if not specs:
@@ -253,7 +255,8 @@ def load_models(specs: Sequence[str], *, device: str = "cpu", warmup: bool = Tru
         raise ConfigError(f"model name(s) used twice: {', '.join(dupes)}; give distinct names with NAME=PATH")
     served: dict[str, ServedModel] = {}
     for name, path in parsed:
-        model = PatchKNN.load(path, device=device, progress=False)
+        # a `patchknn export` folder runs on onnxruntime/OpenVINO (patchknn.runtime)
+        model = load_exported(path) if is_exported(path) else PatchKNN.load(path, device=device, progress=False)
         doc = read_meta(path)
         served[name] = ServedModel(name, model, model_version(path), str(doc.get("patchknn_version", "unknown")))
         if warmup:
