@@ -295,3 +295,35 @@ def test_torch_load_of_an_export_says_what_it_is(tmp_path):
     out = export_model(PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(3)), tmp_path / "exp")
     with pytest.raises(ModelFileError, match="exported model.*patchknn.runtime.load"):
         PatchKNN.load(out)
+
+
+def test_cli_predict_and_serve_accept_an_export(tmp_path):
+    import csv
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from patchknn.cli import app
+    from patchknn.server.settings import load_models
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, arr in enumerate(_images(3, seed=2)):
+        Image.fromarray(arr).save(folder / f"{i:03d}.png")
+    PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(4)).save(tmp_path / "m")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(tmp_path / "m"), "--output", str(tmp_path / "exp")])
+    assert res.exit_code == 0, res.output
+    rows = {}
+    for name in ("m", "exp"):
+        out = tmp_path / f"out-{name}"
+        res = runner.invoke(app, ["predict", str(tmp_path / name), str(folder), "-o", str(out), "-q"])
+        assert res.exit_code == 0, res.output
+        with open(tmp_path / f"out-{name}" / "scores.csv", newline="") as f:
+            rows[name] = list(csv.DictReader(f))
+        assert len(list((tmp_path / f"out-{name}" / "overlays").iterdir())) == 3
+    assert [r["verdict"] for r in rows["exp"]] == [r["verdict"] for r in rows["m"]]
+    for a, b in zip(rows["exp"], rows["m"]):
+        assert float(a["score"]) == pytest.approx(float(b["score"]), rel=REL)
+    served = load_models([f"line={tmp_path / 'exp'}"])
+    assert isinstance(served["line"].model, ExportedModel)
