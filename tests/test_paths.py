@@ -129,7 +129,8 @@ def test_server_over_http_equals_predict(case):
     from patchknn.server.app import create_app
     from patchknn.server.settings import ServerSettings, load_models
 
-    app = create_app(load_models([f"m={case['dir']}"]), ServerSettings(api_keys=(KEY,), max_batch=4))
+    settings = ServerSettings(api_keys=(KEY,), max_batch=4, request_timeout_s=300)  # a loaded CI machine
+    app = create_app(load_models([f"m={case['dir']}"]), settings)
     got = []
     with LiveServer(app) as live, live.client(headers={"Authorization": f"Bearer {KEY}"}) as client:
         for p in case["paths"]:
