@@ -47,8 +47,8 @@ from torch import nn
 from patchknn import scoring
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
+from patchknn.data import as_sources
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
-from patchknn.execution import as_sources
 from patchknn.kinds import register_model_kind
 from patchknn.model import IndexFactory, PatchKNN
 from patchknn.serialization import load_model, save_model

@@ -7,8 +7,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +15,6 @@ import torch
 from patchknn.errors import ConfigError
 
 __all__ = [
-    "as_sources",
     "check_device",
     "check_run_options",
     "native_bf16",
@@ -99,16 +96,3 @@ def seed_everything(seed: int) -> None:
     of their own as well)."""
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
-
-
-def as_sources(images: Sequence[Any] | str | Path | Iterable[Any]) -> list[Any]:
-    """``fit``/``predict`` inputs as a list: a folder or path(s) expanded to image files (sorted),
-    in-memory images (PIL, arrays) as given."""
-    from patchknn.data import expand_inputs
-
-    if isinstance(images, str | Path):
-        return list(expand_inputs([images]))
-    items = list(images)
-    if items and all(isinstance(x, str | Path) for x in items):
-        return list(expand_inputs(items))
-    return items

@@ -28,10 +28,9 @@ from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
 from patchknn.bank import build_memory_bank
 from patchknn.config import PatchKNNConfig, preset
-from patchknn.data import DEFAULT_MAX_PIXELS, iter_batches, source_name
+from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
 from patchknn.execution import (
-    as_sources,
     check_device,
     check_run_options,
     native_bf16,

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from patchknn import scoring
-from patchknn.data import DEFAULT_MAX_PIXELS, expand_inputs, load_resized
+from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, load_resized, source_name
 from patchknn.errors import ConfigError, ModelFileError, PatchKNNError
 from patchknn.scoring import OutputSize, Prediction
 from patchknn.serialization import load_model, read_meta, sha256_file
@@ -321,12 +320,12 @@ class ExportedModel:
         self, images: Sequence[Any] | str | Path, output_size: OutputSize = None, *, threshold: float | None = None
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, yielding each batch's results as they are ready."""
-        sources = _sources(images)
+        sources = as_sources(images)
         for start in range(0, len(sources), self.batch_size):
             chunk = sources[start : start + self.batch_size]
             arrays, sizes, names, failed = [], [], [], {}
             for j, src in enumerate(chunk):
-                name = _name(src, start + j)
+                name = source_name(src, start + j)
                 try:
                     arr, original = load_resized(src, self.image_size, max_pixels=self.max_pixels)
                 except PatchKNNError as e:
@@ -348,25 +347,6 @@ class ExportedModel:
                 if pred.error is not None and j not in failed and self.on_error == "stop":
                     raise PatchKNNError(f"{pred.source}: {pred.error}")
                 yield pred
-
-
-def _sources(images: Sequence[Any] | str | Path) -> list[Any]:
-    if isinstance(images, str | Path):
-        return list(expand_inputs([images]))
-    items = list(images)
-    if items and all(isinstance(x, str | Path) for x in items):
-        return list(expand_inputs(items))
-    return items
-
-
-def _name(source: Any, index: int) -> str:
-    if isinstance(source, str | os.PathLike):
-        return str(Path(source))
-    if isinstance(source, bytes | bytearray | memoryview):
-        return f"<bytes #{index}>"
-    if isinstance(source, np.ndarray):
-        return f"<array #{index}>"
-    return str(getattr(source, "filename", "") or f"<PIL image #{index}>")
 
 
 def load(path: str | Path, backend: str = "auto", **options: Any) -> ExportedModel:

@@ -31,7 +31,15 @@ importable from ``patchknn.data``.
 
 from typing import TYPE_CHECKING
 
-from patchknn.data.datasets import MVTecCategory, Sample, expand_inputs, list_categories, list_images
+from patchknn.data.datasets import (
+    MVTecCategory,
+    Sample,
+    as_sources,
+    expand_inputs,
+    list_categories,
+    list_images,
+    source_name,
+)
 from patchknn.data.decode import (
     DECODE_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -53,13 +61,12 @@ if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
         ImageRecord,
         auto_workers,
         iter_batches,
-        source_name,
     )
 
 # The streaming batches use torch: imported on first use (PEP 562), so decoding and the dataset
 # layouts work without torch (the exported-model runtime, the CLI's start).
 _BATCHES = ("Batch", "BatchIterator", "ImageDataset", "ImageFailure", "ImageRecord", "auto_workers",
-            "iter_batches", "source_name")
+            "iter_batches")
 
 
 def __getattr__(name: str) -> object:
@@ -72,6 +79,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "DECODE_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "as_sources",
     "auto_workers",
     "check_pixels",
     "decode_formats",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from patchknn.data.datasets import source_name
 from patchknn.data.decode import DEFAULT_MAX_PIXELS, ImageSource, SizeArg, as_hw, check_max_pixels
 from patchknn.data.resize import load_resized
 from patchknn.errors import ConfigError, ImageError
@@ -20,25 +20,6 @@ from patchknn.errors import ConfigError, ImageError
 # -------------------------------------------------------------------------------------------------
 # streaming batches
 # -------------------------------------------------------------------------------------------------
-def source_name(source: Any, index: int | None = None) -> str:
-    """A short printable name for a source: the path for files, ``<bytes #i>``/``<array #i>`` otherwise.
-
-    Example:
-        >>> source_name("a/b.png"), source_name(b"...", 3)
-        ('a/b.png', '<bytes #3>')
-    """
-    suffix = "" if index is None else f" #{index}"
-    if isinstance(source, str | os.PathLike):
-        return str(Path(source))
-    if isinstance(source, bytes | bytearray | memoryview):
-        return f"<bytes{suffix}>"
-    if isinstance(source, np.ndarray):
-        return f"<array{suffix}>"
-    if isinstance(source, Image.Image):
-        return str(getattr(source, "filename", "") or f"<PIL image{suffix}>")
-    return f"<{type(source).__name__}{suffix}>"
-
-
 class ImageRecord(NamedTuple):
     """What :class:`ImageDataset` returns for one index.
 

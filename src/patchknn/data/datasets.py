@@ -6,6 +6,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from patchknn.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, read_image_size
 from patchknn.errors import DatasetError
@@ -299,3 +303,33 @@ def _join_problems(problems: list[str], limit: int = 10) -> str:
     shown = "\n  ".join(problems[:limit])
     more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
     return f"{len(problems)} problems:\n  {shown}{more}"
+
+
+def source_name(source: Any, index: int | None = None) -> str:
+    """A short printable name for a source: the path for files, ``<bytes #i>``/``<array #i>`` otherwise.
+
+    Example:
+        >>> source_name("a/b.png"), source_name(b"...", 3)
+        ('a/b.png', '<bytes #3>')
+    """
+    suffix = "" if index is None else f" #{index}"
+    if isinstance(source, str | os.PathLike):
+        return str(Path(source))
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<bytes{suffix}>"
+    if isinstance(source, np.ndarray):
+        return f"<array{suffix}>"
+    if isinstance(source, Image.Image):
+        return str(getattr(source, "filename", "") or f"<PIL image{suffix}>")
+    return f"<{type(source).__name__}{suffix}>"
+
+
+def as_sources(images: Any) -> list[Any]:
+    """``fit``/``predict`` inputs as a list: a folder or path(s) expanded to image files (sorted),
+    in-memory images (PIL, arrays, bytes) as given."""
+    if isinstance(images, str | Path):
+        return list(expand_inputs([images]))
+    items = list(images)
+    if items and all(isinstance(x, str | Path) for x in items):
+        return list(expand_inputs(items))
+    return items
