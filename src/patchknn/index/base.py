@@ -146,6 +146,8 @@ class MemoryBankIndex:
     def __init__(self) -> None:
         self._index: Any = None
         self.bank: np.ndarray | None = None
+        self._pool: Any = None  # search threads of the torch-based exact searches (_thread_pool)
+        self._pool_size = 0
 
     def build(self, bank: np.ndarray) -> MemoryBankIndex:
         """Index ``bank`` ``(N, d)`` float32; returns ``self``."""
@@ -176,6 +178,22 @@ class MemoryBankIndex:
             raise ConfigError(f"k={k} is larger than the memory bank ({self.size} patches)")
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ConfigError(f"queries must be (M, {self.dim}), got shape {tuple(queries.shape)}")
+
+    def _query_tensor(self, queries: np.ndarray | torch.Tensor, k: int) -> torch.Tensor:
+        """Checked queries as a contiguous float32 CPU tensor (for the torch-based searches)."""
+        self._check_query(queries, k)
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().cpu().numpy()
+        return torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+
+    def _thread_pool(self, threads: int) -> Any:
+        """A pool of ``threads`` search threads, kept while its size is the one asked for."""
+        if self._pool is None or self._pool_size != threads:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="patchknn-search")
+            self._pool_size = threads
+        return self._pool
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
         """Euclidean distances ``(M, k)`` from each query to its ``k`` nearest bank vectors."""

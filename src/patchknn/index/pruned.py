@@ -38,8 +38,6 @@ class PrunedFlatIndex(MemoryBankIndex):
         self.seed = int(seed)
         self.threads = threads
         self.stats = {"queries": 0, "pairs": 0}
-        self._pool: Any = None
-        self._pool_size = 0
 
     @staticmethod
     def auto_nlist(n: int) -> int:
@@ -84,25 +82,18 @@ class PrunedFlatIndex(MemoryBankIndex):
         }
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
-        self._check_query(queries, k)
-        if isinstance(queries, torch.Tensor):
-            queries = queries.detach().cpu().numpy()
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        q = self._query_tensor(queries, k)
         m = q.shape[0]
         if m == 0:
             return np.zeros((0, k), dtype=np.float32)
         threads = min(self.threads or default_threads(), max(1, m // 256))
         if threads == 1:
             return sqrt_sorted(self._search_block(q, k).numpy())
-        if self._pool is None or self._pool_size != threads:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="patchknn-search")
-            self._pool_size = threads
+        pool = self._thread_pool(threads)
         intra = torch.get_num_threads()
         try:
             blocks = torch.tensor_split(q, threads)
-            results = list(self._pool.map(lambda blk: self._search_block(blk, k, single=True), blocks))
+            results = list(pool.map(lambda blk: self._search_block(blk, k, single=True), blocks))
         finally:
             torch.set_num_threads(intra)  # MKL's thread count is process-wide: restore it here
         return sqrt_sorted(torch.cat(results).numpy())

@@ -229,17 +229,12 @@ class ScreenedFlatIndex(MemoryBankIndex):
         self.threads = threads
         self.chunk_rows = int(chunk_rows)
         self.stats: dict[str, int] = {}
-        self._pool: Any = None
-        self._pool_size = 0
 
     def _make(self, bank: np.ndarray) -> Any:
         return BoundedFlatIndex(bank, self.head_dim, self.chunk_rows)
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
-        self._check_query(queries, k)
-        if isinstance(queries, torch.Tensor):
-            queries = queries.detach().cpu().numpy()
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        q = self._query_tensor(queries, k)
         m = q.shape[0]
         if m == 0:
             return np.zeros((0, k), dtype=np.float32)
@@ -256,12 +251,7 @@ class ScreenedFlatIndex(MemoryBankIndex):
             if threads == 1:
                 results = [run(i) for i in range(len(blocks))]
             else:
-                if self._pool is None or self._pool_size != threads:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    self._pool = ThreadPoolExecutor(threads, thread_name_prefix="patchknn-search")
-                    self._pool_size = threads
-                results = list(self._pool.map(run, range(len(blocks))))
+                results = list(self._thread_pool(threads).map(run, range(len(blocks))))
         finally:
             torch.set_num_threads(intra)  # MKL's thread count is process-wide: restore it here
         for st in stats:
