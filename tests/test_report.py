@@ -157,4 +157,4 @@ def test_bottle_report(bottle_evaluation):
     assert len(gallery) >= 8
     data = json.loads((ev.report_dir / "assets" / "bottle.json").read_text())
     assert data["color_scale"]["source"] == "model"
-    assert data["calibration"]["n_images"] == 16
+    assert data["calibration"]["n_images"] == 32  # calibration_images, the default
