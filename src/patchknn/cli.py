@@ -319,7 +319,7 @@ def _write_predictions(
     Files are named after each image's name, or with ``names_under`` after its path under that
     folder (``broken_large/000.png`` -> ``broken_large_000``)."""
     from patchknn.data import load_image
-    from patchknn.visualize import mask_image, model_scale, overlay, save_png
+    from patchknn.visualize import model_scale, save_prediction_files
 
     output.mkdir(parents=True, exist_ok=True)
     if maps:
@@ -340,18 +340,8 @@ def _write_predictions(
             if names_under is not None and src.resolve().is_relative_to(names_under.resolve()):
                 name = "_".join(src.resolve().relative_to(names_under.resolve()).with_suffix("").parts)
             stem = _unique_stem(name, used)
-            np_path = output / "maps" / f"{stem}.npy"
-            _save_npy(np_path, pred.anomaly_map)
             img = load_image(pred.source, max_pixels=model.max_pixels)
-            vmin, vmax = scale if scale is not None else (0.0, None)
-            ov = overlay(img, pred.anomaly_map, vmin=vmin, vmax=vmax, threshold=pred.threshold)
-            ov_path = output / "overlays" / f"{stem}.png"
-            save_png(str(ov_path), ov)
-            row["map"], row["overlay"] = str(np_path.relative_to(output)), str(ov_path.relative_to(output))
-            if pred.mask is not None:
-                mask_path = output / "masks" / f"{stem}.png"
-                save_png(mask_path, mask_image(pred.mask))
-                row["mask"] = str(mask_path.relative_to(output))
+            row.update(save_prediction_files(output, stem, pred, img, scale=scale))
         rows.append(row)
         if pred.error is not None:
             typer.echo(f"skipped {pred.source}: {pred.error}", err=True)
@@ -381,12 +371,6 @@ def _unique_stem(stem: str, used: set[str]) -> str:
         candidate = f"{stem}_{n}"
     used.add(candidate)
     return candidate
-
-
-def _save_npy(path: Path, array: Any) -> None:
-    import numpy as np
-
-    np.save(path, array, allow_pickle=False)
 
 
 def _write_rows(output: Path, rows: list[dict[str, Any]]) -> None:

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,6 +163,49 @@ def save_png(path: Any, array: np.ndarray) -> None:
     Image.fromarray(array).save(str(path), format="PNG", optimize=True)
 
 
+def save_prediction_files(
+    output: Path,
+    stem: str,
+    prediction: Any,
+    image: np.ndarray,
+    *,
+    scale: tuple[float, float] | None,
+    maps: bool = True,
+    overlays: bool = True,
+) -> dict[str, str | None]:
+    """Write what ``patchknn predict`` writes for one scored image, named ``stem``, under ``output``.
+
+    ``maps/STEM.npy`` (the anomaly map) and, when the prediction has a threshold, ``masks/STEM.png``
+    (the binary defect mask) with ``maps``; ``overlays/STEM.png`` (the heat map over ``image``, on the
+    colour ``scale`` of :func:`model_scale`, ``None`` = each map's own range, the predicted region
+    outlined) with ``overlays``. Returns ``{"map", "overlay", "mask"}``: each path relative to
+    ``output``, or ``None`` where nothing was written.
+
+    Args:
+        output: the results folder (subfolders are made as needed).
+        stem: the file name without suffix, unique among the images written there.
+        prediction: a :class:`~patchknn.scoring.Prediction` without error.
+        image: the decoded image (uint8 RGB), resized to the map's size for the overlay.
+    """
+    written: dict[str, str | None] = {"map": None, "overlay": None, "mask": None}
+    amap = prediction.anomaly_map
+    if maps:
+        (output / "maps").mkdir(parents=True, exist_ok=True)
+        np.save(output / "maps" / f"{stem}.npy", amap, allow_pickle=False)
+        written["map"] = f"maps/{stem}.npy"
+    if overlays:
+        (output / "overlays").mkdir(parents=True, exist_ok=True)
+        vmin, vmax = scale if scale is not None else (0.0, None)
+        save_png(output / "overlays" / f"{stem}.png", overlay(image, amap, vmin=vmin, vmax=vmax,
+                                                              threshold=prediction.threshold))
+        written["overlay"] = f"overlays/{stem}.png"
+    if maps and prediction.mask is not None:
+        (output / "masks").mkdir(parents=True, exist_ok=True)
+        save_png(output / "masks" / f"{stem}.png", mask_image(prediction.mask))
+        written["mask"] = f"masks/{stem}.png"
+    return written
+
+
 # ------------------------------------------------------------------------------------ helpers
 def _rgb(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """uint8 RGB, resized (bilinear) to ``size = (h, w)`` when given and different."""
@@ -192,6 +236,7 @@ __all__ = [
     "normalize",
     "overlay",
     "save_png",
+    "save_prediction_files",
     "side_by_side",
     "truth_overlay",
 ]
