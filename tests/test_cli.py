@@ -114,7 +114,7 @@ def test_warnings_keep_their_default_display_outside_the_cli():
 
 
 def test_set_parses_typed_values():
-    from patchknn.cli import method_options
+    from patchknn.options import method_options
 
     c = method_options("paper", settings=["k=3", "pca_variance=none", "tta=hflip,vflip", "threshold_method=none",
                                           "smoothing_sigma=0.5", "layer_norm=true"])

@@ -15,34 +15,16 @@ import typer
 
 from patchknn.errors import PatchKNNError
 from patchknn.options import (
-    AggOpt,
-    BackboneOpt,
-    BatchOpt,
-    CoresetOpt,
-    DeviceOpt,
-    GridOpt,
-    ImageSizeOpt,
-    IndexOpt,
-    KOpt,
-    LayerNormOpt,
-    LayersOpt,
-    MaxPixelsOpt,
-    OnErrorOpt,
-    PcaOpt,
-    Preset,
+    METHOD_FLAGS,
+    MethodChoice,
     QuietOpt,
-    ScoreOpt,
+    ResolutionOpt,
+    RunOptions,
     SeedOpt,
-    SetOpt,
-    SigmaOpt,
-    ThresholdOpt,
-    TtaOpt,
-    WeightsOpt,
-    WorkersOpt,
+    ThresholdOverrideOpt,
     max_pixels_option,
-    method_options,
-    runtime_options,
-    workers_option,
+    run_flags,
+    with_options,
 )
 
 app = typer.Typer(
@@ -53,51 +35,39 @@ app = typer.Typer(
     add_completion=False,
 )
 
+#: the run flags of the commands that fit a model, in the order of their help
+_RUN = ("weights", "device", "batch_size", "workers", "on_error", "quiet", "max_pixels")
+
+
 # ------------------------------------------------------------------------------------ commands
 @app.command()
+@with_options(method=METHOD_FLAGS, run=run_flags(*_RUN))
 def fit(
     train_dir: Annotated[list[Path], typer.Argument(help="Folder(s) or files of defect-free images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")],
-    preset_name: Preset = "paper",
-    backbone: BackboneOpt = None,
-    weights: WeightsOpt = None,
-    layers: LayersOpt = None,
-    image_size: ImageSizeOpt = None,
-    grid_size: GridOpt = None,
-    pca_variance: PcaOpt = None,
-    k: KOpt = None,
-    aggregation: AggOpt = None,
-    layer_norm: LayerNormOpt = None,
-    smoothing_sigma: SigmaOpt = None,
-    image_score: ScoreOpt = None,
-    seed: SeedOpt = None,
-    index: IndexOpt = None,
-    coreset_ratio: CoresetOpt = None,
-    tta: TtaOpt = None,
-    threshold_method: ThresholdOpt = None,
-    settings: SetOpt = None,
-    device: DeviceOpt = "cpu",
-    batch_size: BatchOpt = 16,
-    workers: WorkersOpt = "auto",
-    on_error: OnErrorOpt = "stop",
-    quiet: QuietOpt = False,
-    max_pixels: MaxPixelsOpt = None,
+    method: MethodChoice,
+    run: RunOptions,
+    budget: Annotated[
+        float, typer.Option("--budget", min=0.01, help="With --preset auto: minutes `patchknn tune` may spend.")
+    ] = 10.0,
 ) -> None:
-    """Learn normality from defect-free images and save the model."""
+    """Learn normality from defect-free images and save the model (--preset auto: `patchknn tune`
+    chooses the configuration from these images first, and the model records why)."""
     from patchknn.model import PatchKNN
+    from patchknn.tune.commands import auto_config
 
-    config = method_options(
-        preset_name, backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
-        smoothing_sigma, image_score, seed, index, coreset_ratio, tta, threshold_method, settings,
+    config, tuned = auto_config(
+        method.preset, method.overrides, train_dir, budget, run.model_kwargs(), quiet=run.quiet
     )
-    runtime = runtime_options(weights, device, batch_size, workers, on_error, quiet, max_pixels)
-    model = PatchKNN.from_config(config, **runtime)
+    model = PatchKNN.from_config(config, **run.model_kwargs())
     model.fit([str(p) for p in train_dir])
+    if tuned is not None:
+        model.fit_info_["tune"] = tuned.to_dict()
     model.save(output)
     info = model.fit_info_
     for src, reason in model.skipped_:
         typer.echo(f"skipped {src}: {reason}", err=True)
-    if not quiet:
+    if not run.quiet:
         typer.echo(
             f"fitted on {_count(info['n_train_images'], 'image')} in {info['fit_seconds']:.1f} s: "
             f"{info['bank_size']} patches x {info['n_components']} dims -> {output}"
@@ -105,25 +75,17 @@ def fit(
 
 
 @app.command()
+@with_options(run=run_flags(*_RUN[1:]))
 def predict(
     model_path: Annotated[
         Path, typer.Argument(metavar="MODEL", help="A model saved by `patchknn fit`, or a `patchknn export` folder.")
     ],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders to score.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scores and maps.")],
-    threshold: Annotated[
-        float | None, typer.Option("--threshold", help="Override the model's decision threshold.")
-    ] = None,
-    resolution: Annotated[
-        str, typer.Option("--resolution", help="Map size: input (model input size) or original.")
-    ] = "input",
+    threshold: ThresholdOverrideOpt = None,
+    resolution: ResolutionOpt = "input",
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Write .npy maps and overlays.")] = True,
-    device: DeviceOpt = "cpu",
-    batch_size: BatchOpt = 16,
-    workers: WorkersOpt = "auto",
-    on_error: OnErrorOpt = "stop",
-    quiet: QuietOpt = False,
-    max_pixels: MaxPixelsOpt = None,
+    run: RunOptions = RunOptions(),
 ) -> None:
     """Score images: scores.csv / scores.json with an OK/NG verdict, and per image the map (.npy), a
     heat-map overlay (colours on the model's fixed scale, predicted region outlined) and, when there
@@ -133,22 +95,22 @@ def predict(
     if is_exported(model_path):  # a `patchknn export` folder: onnxruntime/OpenVINO, no torch
         from patchknn.runtime import load as load_exported
 
-        model = load_exported(model_path, batch_size=batch_size, on_error=on_error, **max_pixels_option(max_pixels))
+        model = load_exported(
+            model_path, batch_size=run.batch_size, on_error=run.on_error, **max_pixels_option(run.max_pixels)
+        )
     else:
         from patchknn.model import PatchKNN
 
-        model = PatchKNN.load(
-            model_path, device=device, batch_size=batch_size, num_workers=workers_option(workers), on_error=on_error,
-            progress=not quiet, **max_pixels_option(max_pixels),
-        )
+        model = PatchKNN.load(model_path, **run.load_kwargs())
     if threshold is not None:
         model.threshold_ = float(threshold)
     rows = _write_predictions(model, [str(p) for p in images], output, resolution=resolution, maps=maps)
-    if not quiet:
+    if not run.quiet:
         typer.echo(_summary(rows, output))
 
 
 @app.command()
+@with_options(method=METHOD_FLAGS, run=run_flags(*(n for n in _RUN if n != "on_error")))
 def evaluate(
     data_root: Annotated[Path, typer.Option("--data-root", help="MVTec-AD-style root folder.")],
     category: Annotated[
@@ -163,39 +125,15 @@ def evaluate(
     resolution: Annotated[
         str, typer.Option("--resolution", help="input (masks resized to image size) or original.")
     ] = "input",
-    preset_name: Preset = "paper",
-    backbone: BackboneOpt = None,
-    weights: WeightsOpt = None,
-    layers: LayersOpt = None,
-    image_size: ImageSizeOpt = None,
-    grid_size: GridOpt = None,
-    pca_variance: PcaOpt = None,
-    k: KOpt = None,
-    aggregation: AggOpt = None,
-    layer_norm: LayerNormOpt = None,
-    smoothing_sigma: SigmaOpt = None,
-    image_score: ScoreOpt = None,
-    seed: SeedOpt = None,
-    index: IndexOpt = None,
-    coreset_ratio: CoresetOpt = None,
-    tta: TtaOpt = None,
-    threshold_method: ThresholdOpt = None,
-    settings: SetOpt = None,
-    device: DeviceOpt = "cpu",
-    batch_size: BatchOpt = 16,
-    workers: WorkersOpt = "auto",
-    quiet: QuietOpt = False,
-    max_pixels: MaxPixelsOpt = None,
+    method: MethodChoice = MethodChoice(),
+    run: RunOptions = RunOptions(),
 ) -> None:
     """Fit on train/good of each category, score its test set, report the paper's metrics."""
     from patchknn.data import list_categories
     from patchknn.evaluation import evaluate as run_evaluation
     from patchknn.evaluation import markdown_table
 
-    config = method_options(
-        preset_name, backbone, layers, image_size, grid_size, pca_variance, k, aggregation, layer_norm,
-        smoothing_sigma, image_score, seed, index, coreset_ratio, tta, threshold_method, settings,
-    )
+    config = method.config()
     if all_categories:
         names = list_categories(data_root)
     elif category:
@@ -204,20 +142,19 @@ def evaluate(
         from patchknn.errors import ConfigError
 
         raise ConfigError("give --category NAME (repeatable) or --all")
-    runtime = runtime_options(weights, device, batch_size, workers, "stop", quiet, max_pixels)
     collector = None
     if report is not None:
         from patchknn.report import ReportCollector
 
-        collector = ReportCollector(report, progress=not quiet)
+        collector = ReportCollector(report, progress=not run.quiet)
     results = run_evaluation(
-        data_root, names, config, resolution=resolution, on_category=collector, **runtime  # type: ignore[arg-type]
+        data_root, names, config, resolution=resolution, on_category=collector, **run.model_kwargs()
     )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
     page = collector.finish(results) if collector is not None else None
-    if not quiet:
+    if not run.quiet:
         typer.echo(markdown_table(results))
         if output is not None:
             typer.echo(f"\nresults -> {output}")

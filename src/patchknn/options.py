@@ -1,131 +1,119 @@
-"""The command line's shared options: the typer option types of the method and run flags, and
-the functions that turn them into a configuration (used by every command: ``fit``, ``evaluate``,
-``fit-many``, ...). Light: importing it imports neither torch nor the package's models.
+"""The command line's shared options, defined once.
+
+Two groups of flags recur across commands: the *method* flags (``--preset``, a typed flag per
+common :class:`~patchknn.config.PatchKNNConfig` option, ``--set NAME=VALUE``) and the *run* flags
+(``--weights``, ``--device``, ``--batch-size``, ``--workers``, ``--on-error``, ``--quiet``,
+``--max-pixels``). A command asks for a group by a parameter annotated with its class and
+decorated with :func:`with_options`; typer then sees the group's flags in its place, and the
+command receives one :class:`MethodChoice` or :class:`RunOptions`::
+
+    @app.command()
+    @with_options(method=METHOD_FLAGS, run=run_flags("weights", "device", "batch_size"))
+    def fit(train_dir: Path, method: MethodChoice, run: RunOptions) -> None:
+        model = PatchKNN.from_config(method.config(), **run.model_kwargs())
+
+The method flags are derived from the configuration's fields: the name (``image_size`` ->
+``--image-size``), the value type (the field default's), and the value parser
+(:func:`patchknn.config.parse_option`, the one parser of option values, as ``--set`` uses); only
+the help text is written here. Light: importing this module imports neither torch nor the models.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-Preset = Annotated[str, typer.Option("--preset", help="Named configuration: paper (default), ...")]
-BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="Backbone name (see `patchknn info`).")]
-WeightsOpt = Annotated[
-    str | None, typer.Option("--weights", help="Local backbone weights file (offline use).")
-]
-LayersOpt = Annotated[
-    str | None, typer.Option("--layers", help="Comma-separated layer names, e.g. layer1,layer2,layer3.")
-]
-ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input resize (pixels).")]
-GridOpt = Annotated[int | None, typer.Option("--grid-size", help="Patch grid side.")]
-PcaOpt = Annotated[
-    float | None, typer.Option("--pca-variance", help="Variance PCA keeps, in (0,1]; 0 disables PCA.")
-]
-KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Nearest neighbours averaged per patch.")]
-AggOpt = Annotated[int | None, typer.Option("--aggregation", help="Local feature averaging (odd; 1=off).")]
-LayerNormOpt = Annotated[
-    bool | None, typer.Option("--layer-norm/--no-layer-norm", help="L2-normalise each layer's features.")
-]
-SigmaOpt = Annotated[float | None, typer.Option("--smoothing-sigma", help="Map blur in grid cells (0=off).")]
-ScoreOpt = Annotated[str | None, typer.Option("--image-score", help="max (paper) or topk_mean.")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
-IndexOpt = Annotated[str | None, typer.Option("--index", help="Search: flat (exact), ivf or hnsw.")]
-CoresetOpt = Annotated[
-    float | None, typer.Option("--coreset-ratio", help="Share of the memory bank kept (1 = all).")
-]
-TtaOpt = Annotated[str | None, typer.Option("--tta", help="Flip test-time augmentation: hflip,vflip.")]
-ThresholdOpt = Annotated[
-    str | None, typer.Option("--threshold-method", help="Threshold calibration: quantile, sigma, none.")
-]
+from patchknn.config import PRESETS, PatchKNNConfig, parse_option, preset
+from patchknn.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# ------------------------------------------------------------------------------------ method flags
+#: The method options that have their own flag: field -> (short flag or "", help). Everything
+#: else about a flag comes from the field of PatchKNNConfig; any option at all is ``--set NAME=VALUE``.
+METHOD_FLAG_HELP: dict[str, tuple[str, str]] = {
+    "backbone": ("", "Backbone name (see `patchknn info`)."),
+    "layers": ("", "Comma-separated layer names, e.g. layer1,layer2,layer3."),
+    "image_size": ("", "Input resize (pixels)."),
+    "grid_size": ("", "Patch grid side."),
+    "pca_variance": ("", "Variance PCA keeps, in (0,1]; 0 disables PCA."),
+    "k": ("-k", "Nearest neighbours averaged per patch."),
+    "aggregation": ("", "Local feature averaging (odd; 1=off)."),
+    "layer_norm": ("", "L2-normalise each layer's features."),
+    "smoothing_sigma": ("", "Map blur in grid cells (0=off)."),
+    "image_score": ("", "max (paper), topk_mean or reweighted."),
+    "seed": ("", "Random seed."),
+    "index": ("", "Search: flat (exact), ivf or hnsw."),
+    "coreset_ratio": ("", "Share of the memory bank kept (1 = all)."),
+    "tta": ("", "Flip test-time augmentation: hflip,vflip."),
+    "threshold_method": ("", "Threshold calibration: quantile, sigma, none."),
+}
+#: numeric flags whose 0 means the option's ``None`` (off)
+_ZERO_IS_NONE = ("pca_variance",)
+
+Preset = Annotated[str, typer.Option("--preset", help=f"Named configuration: {', '.join(PRESETS)} (default paper).")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Any other method option as NAME=VALUE (repeatable), e.g. index_nprobe=16."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per backbone call.")]
-WorkersOpt = Annotated[
-    str,
-    typer.Option(
-        "--workers", help="Image-decoding worker processes, or auto (none for one batch, else 1-2)."
-    ),
-]
 
 
-def workers_option(value: str) -> Any:
-    """``--workers``: ``auto`` or a non-negative integer."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        from patchknn.errors import ConfigError
-
-        raise ConfigError(f"--workers must be an integer >= 0 or auto, got {value!r}") from None
-OnErrorOpt = Annotated[
-    str, typer.Option("--on-error", help="Unreadable image: stop (default) or skip and report it.")
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
-MaxPixelsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-pixels", min=0, help="Largest width*height of an input image (decompression-bomb guard; "
-        "default 64000000; 0 = no limit).",
-    ),
-]
+def method_flag(name: str) -> Any:
+    """The typer annotation of the method flag of configuration field ``name`` (one of
+    :data:`METHOD_FLAG_HELP`), for a command that takes that flag alone."""
+    field = {f.name: f for f in dataclasses.fields(PatchKNNConfig)}[name]
+    short, help_text = METHOD_FLAG_HELP[name]
+    flag = "--" + name.replace("_", "-")
+    kind = type(field.default) if isinstance(field.default, bool | int | float | str) else str  # lists: text
+    decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    return Annotated[kind | None, typer.Option(*decls, *([short] if short else []), help=help_text)]
 
 
-def method_options(
-    preset_name: str,
-    backbone: str | None = None,
-    layers: str | None = None,
-    image_size: int | None = None,
-    grid_size: int | None = None,
-    pca_variance: float | None = None,
-    k: int | None = None,
-    aggregation: int | None = None,
-    layer_norm: bool | None = None,
-    smoothing_sigma: float | None = None,
-    image_score: str | None = None,
-    seed: int | None = None,
-    index: str | None = None,
-    coreset_ratio: float | None = None,
-    tta: str | None = None,
-    threshold_method: str | None = None,
-    settings: list[str] | None = None,
-) -> Any:
-    """The configuration from ``--preset`` plus every flag that was given."""
-    from patchknn.config import preset
+def _flag_value(name: str, value: Any) -> Any:
+    """A method flag's value as the configuration's (through the one parser of option values)."""
+    if name in _ZERO_IS_NONE and value == 0:
+        return None
+    return parse_option(name, str(value).lower() if isinstance(value, bool) else str(value),
+                        where=f"--{name.replace('_', '-')}")[1]
 
-    given: dict[str, Any] = {
-        "backbone": backbone,
-        "layers": tuple(x.strip() for x in layers.split(",") if x.strip()) if layers else None,
-        "image_size": image_size,
-        "grid_size": grid_size,
-        "k": k,
-        "aggregation": aggregation,
-        "layer_norm": layer_norm,
-        "smoothing_sigma": smoothing_sigma,
-        "image_score": image_score,
-        "seed": seed,
-        "index": index,
-        "coreset_ratio": coreset_ratio,
-        "tta": tuple(x.strip() for x in tta.split(",") if x.strip()) if tta is not None else None,
-        "threshold_method": threshold_method,
-    }
-    overrides = {key: v for key, v in given.items() if v is not None}
-    if pca_variance is not None:
-        overrides["pca_variance"] = None if pca_variance == 0 else pca_variance
-    overrides |= parse_settings(settings or [])
-    return preset(preset_name, **overrides)
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """What the method flags chose: a preset name and the options given on top of it.
+
+    Attributes:
+        preset: the ``--preset`` name.
+        overrides: the options given by flags and ``--set``, as configuration values.
+    """
+
+    preset: str = "paper"
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def config(self) -> PatchKNNConfig:
+        """The validated configuration (:class:`~patchknn.errors.ConfigError` on a bad value)."""
+        return preset(self.preset, **self.overrides)
+
+
+def method_choice(preset_name: str = "paper", settings: list[str] | None = None, **flags: Any) -> MethodChoice:
+    """The :class:`MethodChoice` of ``--preset``, the method flags (``None`` = not given) and ``--set``."""
+    overrides = {name: _flag_value(name, v) for name, v in flags.items() if v is not None}
+    return MethodChoice(preset_name, overrides | parse_settings(settings or []))
+
+
+def method_options(preset_name: str = "paper", settings: list[str] | None = None, **flags: Any) -> PatchKNNConfig:
+    """The configuration from ``--preset`` plus every flag that was given (flags by field name)."""
+    return method_choice(preset_name, settings, **flags).config()
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
     """``["k=3", "tta=hflip,vflip", "pca_variance=none"]`` -> typed option values
     (:func:`patchknn.config.parse_option`, the one parser of option values)."""
-    from patchknn.config import parse_option
-    from patchknn.errors import ConfigError
-
     out: dict[str, Any] = {}
     for item in items:
         name, sep, raw = item.partition("=")
@@ -136,9 +124,74 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------------------- run flags
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per backbone call.")]
+WorkersOpt = Annotated[
+    str, typer.Option("--workers", help="Image-decoding worker processes, or auto (none for one batch, else 1-2).")
+]
+OnErrorOpt = Annotated[str, typer.Option("--on-error", help="Unreadable image: stop (default) or skip and report it.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+MaxPixelsOpt = Annotated[
+    int | None,
+    typer.Option("--max-pixels", min=0, help="Largest width*height of an input image (decompression-bomb guard; "
+                 "default 64000000; 0 = no limit)."),
+]
+WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Local backbone weights file (offline use).")]
+#: ``predict`` and ``score-archive``: what to do with a saved model's answers
+ThresholdOverrideOpt = Annotated[
+    float | None, typer.Option("--threshold", help="Override the model's decision threshold.")
+]
+ResolutionOpt = Annotated[str, typer.Option("--resolution", help="Map size: input (model input size) or original.")]
+
+
+def workers_option(value: str) -> Any:
+    """``--workers``: ``auto`` or a non-negative integer."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--workers must be an integer >= 0 or auto, got {value!r}") from None
+
+
 def max_pixels_option(value: int | None) -> dict[str, Any]:
     """``--max-pixels``: not given -> the package default; 0 -> no limit."""
     return {} if value is None else {"max_pixels": value or None}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The run flags of a command (those it does not offer keep these defaults)."""
+
+    weights: str | None = None
+    device: str = "cpu"
+    batch_size: int = 16
+    workers: str = "auto"
+    on_error: str = "stop"
+    quiet: bool = False
+    max_pixels: int | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The run options of :meth:`PatchKNN.load <patchknn.model.PatchKNN.load>`."""
+        return {
+            **max_pixels_option(self.max_pixels),
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "num_workers": workers_option(self.workers),
+            "on_error": self.on_error,
+            "progress": not self.quiet,
+        }
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword-only :class:`~patchknn.PatchKNN` options (the load options and the weights)."""
+        return {**self.load_kwargs(), "weights": self.weights}
+
+
+_RUN_ANNOTATIONS: dict[str, Any] = {
+    "weights": WeightsOpt, "device": DeviceOpt, "batch_size": BatchOpt, "workers": WorkersOpt,
+    "on_error": OnErrorOpt, "quiet": QuietOpt, "max_pixels": MaxPixelsOpt,
+}
 
 
 def runtime_options(
@@ -146,12 +199,69 @@ def runtime_options(
     max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """The keyword-only :class:`~patchknn.PatchKNN` options from the CLI's run flags."""
-    return {
-        **max_pixels_option(max_pixels),
-        "weights": weights,
-        "device": device,
-        "batch_size": batch_size,
-        "num_workers": workers_option(workers),
-        "on_error": on_error,
-        "progress": not quiet,
-    }
+    return RunOptions(weights, device, batch_size, workers, on_error, quiet, max_pixels).model_kwargs()
+
+
+# ------------------------------------------------------------------------------------------ groups
+@dataclass(frozen=True)
+class OptionGroup:
+    """Flags a command receives as one value: typer parameters and the function that builds it."""
+
+    parameters: tuple[inspect.Parameter, ...]
+    build: Callable[..., Any]
+
+
+def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+#: ``--preset``, the method flags and ``--set`` -> :class:`MethodChoice`
+METHOD_FLAGS = OptionGroup(
+    (
+        _keyword("preset_name", Preset, "paper"),
+        *(_keyword(name, method_flag(name), None) for name in METHOD_FLAG_HELP),
+        _keyword("settings", SetOpt, None),
+    ),
+    method_choice,
+)
+
+
+def run_flags(*names: str) -> OptionGroup:
+    """The run flags ``names`` (in this order; from :class:`RunOptions`' fields) -> :class:`RunOptions`."""
+    defaults = RunOptions()
+    return OptionGroup(
+        tuple(_keyword(n, _RUN_ANNOTATIONS[n], getattr(defaults, n)) for n in names), RunOptions
+    )
+
+
+def with_options(**groups: OptionGroup) -> Callable[[F], F]:
+    """Replace each parameter of the command named in ``groups`` by that group's flags (for typer)
+    and hand the command the group's value in its place."""
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        params: list[inspect.Parameter] = []
+        for p in signature.parameters.values():
+            if p.name in groups:
+                params.extend(groups[p.name].parameters)
+            else:
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+        names = [p.name for p in params]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{command.__name__}: a flag of an option group repeats a parameter: {names}")
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            for name, group in groups.items():
+                kwargs[name] = group.build(**{p.name: kwargs.pop(p.name) for p in group.parameters})
+            return command(**kwargs)
+
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
+#: ``--seed`` alone (``demo``)
+SeedOpt = method_flag("seed")

@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
     ]
 
     @app.command("fit-many")
+    @opt.with_options(
+        method=opt.METHOD_FLAGS, run=opt.run_flags("weights", "device", "batch_size", "on_error", "quiet")
+    )
     def fit_many_command(
         inputs: Annotated[
             list[Path],
@@ -39,27 +42,8 @@ def register(app: typer.Typer) -> None:
         category: Annotated[
             list[str] | None, typer.Option("--category", "-c", help="Only this category of the root (repeatable).")
         ] = None,
-        preset_name: opt.Preset = "paper",
-        backbone: opt.BackboneOpt = None,
-        weights: opt.WeightsOpt = None,
-        layers: opt.LayersOpt = None,
-        image_size: opt.ImageSizeOpt = None,
-        grid_size: opt.GridOpt = None,
-        pca_variance: opt.PcaOpt = None,
-        k: opt.KOpt = None,
-        aggregation: opt.AggOpt = None,
-        layer_norm: opt.LayerNormOpt = None,
-        smoothing_sigma: opt.SigmaOpt = None,
-        image_score: opt.ScoreOpt = None,
-        seed: opt.SeedOpt = None,
-        index: opt.IndexOpt = None,
-        coreset_ratio: opt.CoresetOpt = None,
-        tta: opt.TtaOpt = None,
-        threshold_method: opt.ThresholdOpt = None,
-        settings: opt.SetOpt = None,
-        device: opt.DeviceOpt = "cpu",
-        batch_size: opt.BatchOpt = 16,
-        on_error: opt.OnErrorOpt = "stop",
+        method: opt.MethodChoice = opt.MethodChoice(),
+        run: opt.RunOptions = opt.RunOptions(),
         force: Annotated[bool, typer.Option("--force", help="Fit even the variants that are up to date.")] = False,
         concurrency: Annotated[
             int | None, typer.Option("--concurrency", help="At most this many variants at once (default: all "
@@ -72,7 +56,6 @@ def register(app: typer.Typer) -> None:
         address: AddressOpt = None,
         num_cpus: NumCpusOpt = None,
         num_gpus: NumGpusOpt = None,
-        quiet: opt.QuietOpt = False,
     ) -> None:
         """Fit one model per variant as parallel Ray tasks; skip those already up to date.
 
@@ -81,19 +64,14 @@ def register(app: typer.Typer) -> None:
         """
         from patchknn.distributed.fit_many import REPORT_FILE, discover_variants, fit_many
 
-        config = opt.method_options(
-            preset_name, backbone=backbone, layers=layers, image_size=image_size, grid_size=grid_size,
-            pca_variance=pca_variance, k=k, aggregation=aggregation, layer_norm=layer_norm,
-            smoothing_sigma=smoothing_sigma, image_score=image_score, seed=seed, index=index,
-            coreset_ratio=coreset_ratio, tta=tta, threshold_method=threshold_method, settings=settings,
-        )
+        config = method.config()
         variants = discover_variants(inputs, category)
         total = len(variants)
         finished = [0]
 
         def show(r: dict[str, Any]) -> None:
             finished[0] += 1
-            if quiet:
+            if run.quiet:
                 return
             n = r.get("n_images")
             images = f"{n} image" if n == 1 else f"{n} images"
@@ -102,11 +80,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"[{finished[0]}/{total}] {r['name']}: {what}", err=True)
 
         report = fit_many(
-            variants, output, config, weights=weights, device=device, batch_size=batch_size, on_error=on_error,
-            force=force, concurrency=concurrency, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task,
-            address=address, num_cpus=num_cpus, num_gpus=num_gpus, on_result=show, quiet=quiet,
+            variants, output, config, weights=run.weights, device=run.device, batch_size=run.batch_size,
+            on_error=run.on_error, force=force, concurrency=concurrency, cpus_per_task=cpus_per_task,
+            gpus_per_task=gpus_per_task, address=address, num_cpus=num_cpus, num_gpus=num_gpus, on_result=show,
+            quiet=run.quiet,
         )
-        if not quiet:
+        if not run.quiet:
             _print_fit_table(report)
             c = report.counts()
             typer.echo(f"{c['fitted']} fitted, {c['up-to-date']} up to date, {c['failed']} failed "
@@ -115,6 +94,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
     @app.command("score-archive")
+    @opt.with_options(run=opt.run_flags("batch_size", "device", "quiet"))
     def score_archive_command(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model saved by `patchknn fit`.")],
         sources: Annotated[
@@ -124,8 +104,7 @@ def register(app: typer.Typer) -> None:
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the Parquet parts (and maps).")],
         concurrency: Annotated[int, typer.Option("--concurrency", help="Scoring actors (each loads the model).")] = 1,
-        batch_size: opt.BatchOpt = 16,
-        device: opt.DeviceOpt = "cpu",
+        run: opt.RunOptions = opt.RunOptions(),
         cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", help="Ray CPUs per actor.")] = 1,
         gpus_per_worker: Annotated[
             float, typer.Option("--gpus-per-worker", help="Ray GPUs per actor (default 1 with --device cuda; "
@@ -134,12 +113,8 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[
             int | None, typer.Option("--threads", help="Torch threads per actor (default: --cpus-per-worker).")
         ] = None,
-        threshold: Annotated[
-            float | None, typer.Option("--threshold", help="Override the model's decision threshold.")
-        ] = None,
-        resolution: Annotated[
-            str, typer.Option("--resolution", help="Map size: input (model input size) or original.")
-        ] = "input",
+        threshold: opt.ThresholdOverrideOpt = None,
+        resolution: opt.ResolutionOpt = "input",
         maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Also write each map as .npy.")] = False,
         part_rows: Annotated[int, typer.Option("--part-rows", help="Rows per Parquet part (unit of resuming).")] = 1000,
         shards: Annotated[
@@ -152,7 +127,6 @@ def register(app: typer.Typer) -> None:
         address: AddressOpt = None,
         num_cpus: NumCpusOpt = None,
         num_gpus: NumGpusOpt = None,
-        quiet: opt.QuietOpt = False,
     ) -> None:
         """Score an image archive with Ray Data into Parquet parts; re-run to resume after an interruption."""
         from patchknn.distributed.score_archive import PARTS_DIR, score_archive
@@ -161,16 +135,16 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--resolution must be input or original")
         try:
             summary = score_archive(
-                model_path, sources, output, concurrency=concurrency, batch_size=batch_size, device=device,
+                model_path, sources, output, concurrency=concurrency, batch_size=run.batch_size, device=run.device,
                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, threads=threads,
                 threshold=threshold, output_size=resolution, maps=maps, part_rows=part_rows, shards=shards,
                 shard_cpus=shard_cpus, overwrite=overwrite, address=address, num_cpus=num_cpus,
-                num_gpus=num_gpus, progress=not quiet, quiet=quiet,
+                num_gpus=num_gpus, progress=not run.quiet, quiet=run.quiet,
             )
         except KeyboardInterrupt:
             typer.echo("interrupted: completed parts are kept; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
-        if not quiet:
+        if not run.quiet:
             typer.echo(json.dumps(summary.to_dict(), indent=2))
             typer.echo(f"results -> {Path(output) / PARTS_DIR}")
 
