@@ -8,5 +8,5 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 # PyTorch first, pinned to the builds this project is tested with.
 "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$venv/bin/python" -m pip install -q -e ".[server,distributed,onnx,openvino,dev]"
+"$venv/bin/python" -m pip install -q -e ".[server,distributed,onnx,openvino,watch,dev]"
 echo "patchknn installed in $venv"

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("patchknn.bank", "patchknn.kinds", "patchknn.model", "patchknn.runtime"),
     ("patchknn.ensemble",),
     ("patchknn.evaluation", "patchknn.report"),
-    ("patchknn.server", "patchknn.distributed", "patchknn.export"),
+    ("patchknn.server", "patchknn.distributed", "patchknn.export", "patchknn.watch"),
     ("patchknn.options", "patchknn.cli"),
 ]
 #: Import circles allowed inside these packages (plugin registries).

@@ -335,6 +335,10 @@ from patchknn.export.commands import register as _register_export  # noqa: E402 
 
 _register_export(app)
 
+from patchknn.watch.commands import register as _register_watch  # noqa: E402 - watch (hot folder; watch extra)
+
+_register_watch(app)
+
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     """``warnings.showwarning`` of the command line: ``warning: <message>``, one line, no source."""

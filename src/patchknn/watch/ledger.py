@@ -1,0 +1,221 @@
+"""The hot folder's ledger: ``OUT/results.jsonl``, one JSON line per image, the record of what was done.
+
+Every result is appended as one line and ``fsync``-ed before the next image is looked at, so a crash
+or a power cut loses at most the line being written. A restart reads the file back: an image whose
+name, size and modification time (or, when only the time changed, whose content hash) are already
+in it is not scored again. A last line cut short by a crash (no newline at its end) is removed on
+the next start, so that image is scored again; a damaged line elsewhere stops the start with an
+error naming it (the file was edited by something else, and the tool does not guess).
+
+One watcher at a time writes a results folder: :class:`Ledger` holds an exclusive lock on
+``OUT/.watch.lock`` (POSIX ``flock``, released when the process ends, even by a crash) and
+``OUT/watch.json`` names the input folder the results belong to.
+
+``results.csv`` (optional) is a copy of the same records for spreadsheets: rewritten from the
+JSONL at start (so it is never out of step), then appended with each line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patchknn.errors import PatchKNNError
+from patchknn.serialization import atomic_write
+
+RESULTS_FILE = "results.jsonl"
+CSV_FILE = "results.csv"
+STATE_FILE = "watch.json"
+LOCK_FILE = ".watch.lock"
+CSV_FIELDS = (
+    "image", "score", "threshold", "verdict", "error", "model_version", "scored_at", "latency_s", "score_ms",
+    "overlay", "map", "mask", "size", "mtime_ns", "sha256",
+)
+"""The columns of ``results.csv`` (the JSONL lines have the same keys)."""
+
+
+class WatchError(PatchKNNError):
+    """The hot folder cannot start or go on: its results folder is busy, damaged or for another folder."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies one version of a file: its size and modification time, and its content hash."""
+
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+class Ledger:
+    """The results of one input folder in ``output``: read at :meth:`open`, appended by :meth:`append`.
+
+    Args:
+        output: the results folder (made if missing).
+        input_dir: the watched folder; recorded in ``watch.json`` on the first start, and a later
+            start on the same ``output`` with another folder is refused.
+        csv_copy: also keep ``results.csv``.
+    """
+
+    def __init__(self, output: str | os.PathLike[str], input_dir: str | os.PathLike[str], *,
+                 csv_copy: bool = False) -> None:
+        self.output = Path(output)
+        self.input_dir = Path(input_dir)
+        self.csv_copy = csv_copy
+        self.records: list[dict[str, Any]] = []
+        self.stems: set[str] = set()
+        self._by_stat: set[tuple[str, int, int]] = set()
+        self._by_content: set[tuple[str, str]] = set()
+        self._lock_fd: int | None = None
+        self._jsonl: io.BufferedWriter | None = None
+        self._csv: io.TextIOWrapper | None = None
+
+    # ------------------------------------------------------------------------------ life cycle
+    def open(self) -> Ledger:
+        """Lock the folder, check it belongs to this input, read the records back, open for appending."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._check_state()
+            path = self.output / RESULTS_FILE
+            for record in _read_records(path):
+                self._remember(record)
+            self._jsonl = open(path, "ab")  # noqa: SIM115 - closed by close()
+            os.fsync(self._jsonl.fileno())
+            if self.csv_copy:
+                self._csv = self._rewrite_csv()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Close the files and release the lock (every line is already on disk)."""
+        for f in (self._jsonl, self._csv):
+            if f is not None:
+                f.close()
+        self._jsonl = self._csv = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Ledger:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ queries
+    def has_stat(self, name: str, size: int, mtime_ns: int) -> bool:
+        """Whether ``name`` with this size and modification time was already done."""
+        return (name, size, mtime_ns) in self._by_stat
+
+    def has_content(self, name: str, sha256: str) -> bool:
+        """Whether ``name`` with this content was already done (a file only touched, or copied back)."""
+        return (name, sha256) in self._by_content
+
+    def note_stat(self, name: str, size: int, mtime_ns: int) -> None:
+        """Remember (for this run only) that this version of ``name`` needs no look."""
+        self._by_stat.add((name, size, mtime_ns))
+
+    # ------------------------------------------------------------------------------ writing
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one result (keys of :data:`CSV_FIELDS`) and ``fsync`` it before returning."""
+        if self._jsonl is None:
+            raise WatchError("the ledger is not open")
+        line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+        self._jsonl.write(line.encode("utf-8"))
+        self._jsonl.flush()
+        os.fsync(self._jsonl.fileno())
+        if self._csv is not None:
+            csv.DictWriter(self._csv, fieldnames=CSV_FIELDS, extrasaction="ignore").writerow(record)
+            self._csv.flush()
+            os.fsync(self._csv.fileno())
+        self._remember(record)
+
+    # ------------------------------------------------------------------------------ internals
+    def _remember(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        name = str(record["image"])
+        self._by_stat.add((name, int(record["size"]), int(record["mtime_ns"])))
+        if record.get("sha256"):
+            self._by_content.add((name, str(record["sha256"])))
+        for key in ("overlay", "map"):
+            if record.get(key):
+                self.stems.add(Path(str(record[key])).stem)
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock, one watcher per folder is up to the user
+            return
+        fd = os.open(self.output / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise WatchError(
+                f"{self.output}: another `patchknn watch` is writing these results; stop it first, or give "
+                "another --output"
+            ) from None
+        self._lock_fd = fd
+
+    def _check_state(self) -> None:
+        state_path = self.output / STATE_FILE
+        here = str(self.input_dir.resolve())
+        if not state_path.exists():
+            atomic_write(state_path, (json.dumps({"input": here}, indent=2) + "\n").encode())
+            return
+        try:
+            before = str(json.loads(state_path.read_text(encoding="utf-8"))["input"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WatchError(f"{state_path}: unreadable ({e}); it names the watched folder") from None
+        if before != here:
+            raise WatchError(
+                f"{self.output} holds the results of {before}, not of {here}: give another --output "
+                "(the ledger identifies images by their path in the watched folder)"
+            )
+
+    def _rewrite_csv(self) -> io.TextIOWrapper:
+        path = self.output / CSV_FILE
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.records)
+        atomic_write(path, buf.getvalue().encode("utf-8"))
+        return open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path`` (none if missing); a torn last line is cut off the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # a crash while the last line was written: drop it, that image is scored again
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+        data = data[:end]
+    records = []
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            _ = (str(record["image"]), int(record["size"]), int(record["mtime_ns"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise WatchError(
+                f"{path}, line {number}: not a result line of patchknn watch ({e}); repair or move the file"
+            ) from None
+        records.append(record)
+    return records
+
+
+__all__ = ["CSV_FIELDS", "CSV_FILE", "RESULTS_FILE", "STATE_FILE", "Fingerprint", "Ledger", "WatchError"]
