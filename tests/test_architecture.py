@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("patchknn.scoring", "patchknn.serialization", "patchknn.visualize"),
     ("patchknn.persistence", "patchknn.heldout", "patchknn.threshold"),
     ("patchknn.bank", "patchknn.kinds", "patchknn.model", "patchknn.runtime"),
-    ("patchknn.ensemble",),
+    ("patchknn.ensemble", "patchknn.versions"),
     ("patchknn.evaluation", "patchknn.report"),
     ("patchknn.server", "patchknn.distributed", "patchknn.export", "patchknn.watch"),
     ("patchknn.options", "patchknn.cli"),

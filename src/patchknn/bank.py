@@ -5,25 +5,37 @@ moments of every normal patch (``pca_variance``; ``None`` keeps the raw features
 projected (the full bank, rows ``[i * grid**2, (i + 1) * grid**2)`` = training image ``i``), a
 greedy k-center coreset keeps ``coreset_ratio`` of the rows (optional), and the kept rows are
 indexed for search by the index builder the estimator passes in.
+
+:func:`extend_memory_bank` is the same stage for :meth:`PatchKNN.partial_fit
+<patchknn.model.PatchKNN.partial_fit>`: the new images' patches are projected by the fitted PCA
+(unchanged) and appended to the full bank (their rows follow the old images'), the coreset is
+continued over them (:func:`patchknn.coreset.extend_coreset`), and the index is rebuilt: the same
+bank, index and calibration input as a fit on all the images with the old PCA.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from patchknn.config import PatchKNNConfig
-from patchknn.coreset import greedy_coreset
+from patchknn.coreset import extend_coreset, greedy_coreset
+from patchknn.data import as_sources, source_name
 from patchknn.errors import ConfigError
 from patchknn.features import TrainingStore
 from patchknn.index import single_threaded
 from patchknn.reduction import PCA
 
-__all__ = ["MemoryBank", "build_memory_bank"]
+if TYPE_CHECKING:
+    from patchknn.model import PatchKNN
+
+__all__ = ["MemoryBank", "TrainingBank", "build_memory_bank", "check_store", "collect_features", "extend_memory_bank"]
 
 
 @dataclass
@@ -45,25 +57,129 @@ class MemoryBank:
     seconds: dict[str, float]
 
 
+@dataclass
+class TrainingBank:
+    """What :meth:`PatchKNN.partial_fit <patchknn.model.PatchKNN.partial_fit>` needs of a fitted
+    model's training besides its index: every training patch in the index's space (``full``, rows
+    ``[i * grid**2, (i + 1) * grid**2)`` = training image ``i``, the calibration's input) and the
+    coreset's row numbers in it (``kept``, sorted; ``None`` without a coreset: then ``full`` is
+    the index's own bank and is not stored twice).
+
+    A loaded coreset model reads ``full``/``kept`` from its file on first use (``source``: a
+    function that returns them, see :func:`patchknn.persistence.read_model`).
+    """
+
+    full: np.ndarray | None
+    kept: np.ndarray | None
+    source: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(full, kept)`` of a coreset model (read from the model file on first use)."""
+        if self.full is None or self.kept is None:
+            if self.source is None:
+                raise ConfigError("this model keeps no training bank (a coreset model saved without it)")
+            self.full, self.kept = self.source()
+            self.source = None
+        return self.full, self.kept
+
+
+def collect_features(
+    model: PatchKNN, images: Sequence[Any] | str | Path, what: str = "fit"
+) -> tuple[TrainingStore, list[str]]:
+    """The training store of ``images`` for ``model`` (decoded in batches by its run options) and
+    the names of the images in it; sets ``model.skipped_`` (unreadable images left out)."""
+    sources = as_sources(images)
+    if len(sources) == 0:
+        raise ConfigError(f"{what} needs at least one normal image")
+    store = model.training_store(len(sources))
+    batches = model.batches(sources)
+    with model.progress_bar(len(sources), f"{what}: features") as bar:
+        for batch in batches:
+            store.add(*model.fit_features(batch.images))
+            bar.update(len(batch.indices))
+    errors = getattr(batches, "errors", [])
+    model.skipped_ = [(src, reason) for _, src, reason in errors]
+    bad = {i for i, _, _ in errors}
+    return store, [source_name(s, i) for i, s in enumerate(sources) if i not in bad]
+
+
+def check_store(store: TrainingStore, what: str) -> TrainingStore:
+    """``store``, checked: at least one image, finite features (``what``: the caller, for messages)."""
+    if store.n_rows == 0:
+        raise ConfigError(f"{what}: no usable image (all were skipped as unreadable)")
+    if not bool(torch.isfinite(store.moments.scatter).all()):
+        raise ConfigError(f"{what}: the backbone produced NaN/Inf features; check the input images")
+    return store
+
+
 def build_memory_bank(
-    store: TrainingStore, config: PatchKNNConfig, make_index: Callable[[np.ndarray], Any]
+    store: TrainingStore,
+    config: PatchKNNConfig,
+    make_index: Callable[[np.ndarray], Any],
+    pca: PCA | None = None,
 ) -> MemoryBank:
-    """PCA, bank, coreset and index from the features in ``store`` (which is released after use)."""
+    """PCA, bank, coreset and index from the features in ``store`` (which is released after use).
+
+    ``pca``: project by this fitted PCA instead of fitting one (e.g. a fit on A plus B with the
+    PCA of A, what :func:`extend_memory_bank` is equal to); ``None`` = as ``config.pca_variance``
+    says.
+    """
     t0 = time.perf_counter()
-    pca = None
-    if config.pca_variance is None:
-        bank = store.vectors()
-    else:
+    if pca is None and config.pca_variance is not None:
         # one thread: the eigensolver's many small parallel steps run up to 10x slower on 2
         # threads than on one as soon as anything else wants the CPU
         with single_threaded():
             pca = PCA.from_moments(store.moments, float(config.pca_variance))
-        bank = store.projected(pca)
-        store.release()
+    bank = _project(store, pca)
     t_pca = time.perf_counter()
     kept: np.ndarray | None = None
     if config.coreset_ratio < 1.0:
         kept = np.sort(greedy_coreset(bank, config.coreset_ratio, config.coreset_dim, config.seed))
+    return _finish(pca, bank, kept, config, make_index, t0, t_pca)
+
+
+def extend_memory_bank(
+    pca: PCA | None,
+    old: TrainingBank | np.ndarray | None,
+    store: TrainingStore,
+    config: PatchKNNConfig,
+    make_index: Callable[[np.ndarray], Any],
+) -> MemoryBank:
+    """The memory bank of a fitted model with the images in ``store`` added (see the module
+    docstring): ``old`` = the model's :class:`TrainingBank` with a coreset, else its index's bank."""
+    t0 = time.perf_counter()
+    if not isinstance(old, TrainingBank | np.ndarray):
+        raise ConfigError("partial_fit needs the memory bank in this process (not a sharded index)")
+    full, kept = old.rows() if isinstance(old, TrainingBank) else (old, None)
+    new = _project(store, pca)
+    if new.shape[1] != full.shape[1]:
+        raise ConfigError(f"the new patches have {new.shape[1]} dimensions, the memory bank {full.shape[1]}")
+    bank = np.concatenate([full, new])
+    t_pca = time.perf_counter()
+    if kept is not None:
+        added = extend_coreset(bank, kept, full.shape[0], config.coreset_ratio, config.coreset_dim, config.seed)
+        kept = np.concatenate([kept, added])
+    return _finish(pca, bank, kept, config, make_index, t0, t_pca)
+
+
+def _project(store: TrainingStore, pca: PCA | None) -> np.ndarray:
+    """The store's patches in the index's space (raw without a PCA); a compact store is released."""
+    if pca is None:
+        return store.vectors()
+    bank = store.projected(pca)
+    store.release()
+    return bank
+
+
+def _finish(
+    pca: PCA | None,
+    bank: np.ndarray,
+    kept: np.ndarray | None,
+    config: PatchKNNConfig,
+    make_index: Callable[[np.ndarray], Any],
+    t0: float,
+    t_pca: float,
+) -> MemoryBank:
     t_core = time.perf_counter()
     index_bank = bank if kept is None else bank[kept]
     if config.k > index_bank.shape[0]:

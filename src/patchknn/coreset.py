@@ -90,7 +90,42 @@ def greedy_coreset(bank: np.ndarray, ratio: float, projection_dim: int = 128, se
     return _lazy_greedy(z, m, first)
 
 
-def _lazy_greedy(z: torch.Tensor, m: int, first: int, candidates: int = 8192) -> np.ndarray:
+@torch.inference_mode()
+def extend_coreset(bank: np.ndarray, kept: np.ndarray, start: int, ratio: float, projection_dim: int = 128,
+                   seed: int = 0) -> np.ndarray:
+    """Rows of ``bank[start:]`` (new patches) to add to a coreset ``kept`` of ``bank[:start]``.
+
+    The greedy k-center selection continued: ``ceil(ratio * (N - start))`` new rows, each the new
+    row farthest from everything kept so far (the old kept rows and the new rows chosen before it),
+    in the same random projection as :func:`greedy_coreset` (same ``projection_dim`` and ``seed``).
+    A new patch far from the bank is kept first; one the bank already covers is kept last or not
+    at all. (Not the coreset a fresh :func:`greedy_coreset` of the whole ``bank`` would keep: that
+    starts from a random row and may drop old kept rows; this keeps every old row.)
+
+    Returns:
+        sorted ``int64`` row numbers in ``bank``, all ``>= start``.
+    """
+    bank = np.asarray(bank)
+    kept = np.asarray(kept, dtype=np.int64)
+    n_new = int(bank.shape[0]) - int(start)
+    if n_new < 1 or kept.size == 0 or (kept.min() < 0 or kept.max() >= start):
+        raise ConfigError(f"extend_coreset needs new rows after row {start} and kept rows before it")
+    m = coreset_size(n_new, ratio)
+    if m >= n_new:
+        return np.arange(start, start + n_new, dtype=np.int64)
+    z = random_projection(np.concatenate([bank[start:], bank[kept]]), projection_dim, seed)
+    norms = (z * z).sum(1)
+    min_d = torch.full((z.shape[0],), math.inf, dtype=torch.float32)
+    for i in range(n_new, z.shape[0], 4096):  # distance of every new row to the old kept rows
+        _apply_centres(z, norms, min_d, list(range(i, min(i + 4096, z.shape[0]))))
+    min_d[n_new:] = -math.inf  # the old rows are kept already
+    first = int(torch.argmax(min_d))
+    return np.sort(_lazy_greedy(z, m, first, min_d=min_d)) + start
+
+
+def _lazy_greedy(
+    z: torch.Tensor, m: int, first: int, candidates: int = 8192, min_d: torch.Tensor | None = None
+) -> np.ndarray:
     """Greedy k-center selection of ``m`` rows of ``z``, starting at row ``first``.
 
     The textbook algorithm updates every row's distance to the selected set after each selection:
@@ -100,11 +135,13 @@ def _lazy_greedy(z: torch.Tensor, m: int, first: int, candidates: int = 8192) ->
     ``tau``. While the best candidate's distance is at least ``tau`` it is the true farthest row;
     otherwise the centres selected since the last refresh are applied to every row in one matrix
     product (the bank is read once for many centres: compute-bound) and the candidates are chosen
-    again.
+    again. ``min_d``: each row's squared distance to centres chosen before (:func:`extend_coreset`;
+    ``-inf`` for those centres themselves), updated in place; default none chosen.
     """
     n = z.shape[0]
     norms = (z * z).sum(1)
-    min_d = torch.full((n,), math.inf, dtype=torch.float32)
+    if min_d is None:
+        min_d = torch.full((n,), math.inf, dtype=torch.float32)
     selected = np.empty(m, dtype=np.int64)
     selected[0] = first
     pending = [first]
@@ -150,4 +187,4 @@ def _apply_centres(z: torch.Tensor, norms: torch.Tensor, min_d: torch.Tensor, ce
         torch.minimum(min_d[i : i + rows], best, out=min_d[i : i + rows])
 
 
-__all__ = ["coreset_size", "greedy_coreset", "random_projection"]
+__all__ = ["coreset_size", "extend_coreset", "greedy_coreset", "random_projection"]

@@ -47,7 +47,7 @@ from torch import nn
 from patchknn import scoring
 from patchknn.backbones.base import WeightsArg
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
-from patchknn.data import as_sources
+from patchknn.data import as_sources, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
 from patchknn.kinds import register_model_kind
 from patchknn.model import IndexFactory, PatchKNN
@@ -175,14 +175,43 @@ class EnsemblePatchKNN(PatchKNN):
         sources = as_sources(images)
         if len(sources) < 2:
             raise ConfigError("an ensemble needs at least two normal images to calibrate its members")
+        for member, store in zip(self.members, self._member_stores(sources, "fit")[0]):
+            member.fit_store(store, t0, keep_held_out=True)
+        return self._calibrate(t0)
+
+    def partial_fit(self, images: Sequence[Any] | str | Path) -> EnsemblePatchKNN:
+        """Add normal ``images`` to every member exactly (:meth:`PatchKNN.partial_fit`: each member
+        equals a fit on the old and new images with its old PCA), then recalibrate the members'
+        normalisation and the threshold by :meth:`fit`'s rule on the members' new held-out grids."""
+        self._check_fitted()
+        t0 = time.perf_counter()
+        sources = as_sources(images)
+        stores, names = self._member_stores(sources, "partial_fit")
+        old = self.fit_info_
+        for member, store in zip(self.members, stores):
+            member.extend_store(store, names, t0, keep_held_out=True)
+        self._calibrate(t0)
+        n = int(self.fit_info_["n_train_images"])
+        self.fit_info_ |= {
+            "fit_seconds": old.get("fit_seconds"),
+            "partial_fit_seconds": round(time.perf_counter() - t0, 3),
+            "added": {"names": names, "count": n - int(old.get("n_train_images", 0))},
+        }
+        return self
+
+    def _member_stores(self, sources: list[Any], what: str) -> tuple[list[Any], list[str]]:
+        """Every member's training store of ``sources`` and the names of the images in them
+        (``skipped_`` set on all, for the unreadable ones left out): one decoding
+        pass for all members, and one backbone pass per distinct network (members on the same
+        network read the maps it computed for the batch, :class:`_SharedBackbone`)."""
+        if not sources:
+            raise ConfigError(f"{what} needs at least one normal image")
         self._share_backbones()
-        # One decoding pass for all members, and one backbone pass per distinct network: members
-        # on the same network read the maps it computed for the batch (_SharedBackbone).
         lead = self.lead
         stores = [m.training_store(len(sources)) for m in self.members]
         batches = lead.batches(sources)  # members share image_size
         try:
-            with lead.progress_bar(len(sources), "fit: features") as bar:
+            with lead.progress_bar(len(sources), f"{what}: features") as bar:
                 for batch in batches:
                     images = batch.images.to(lead.device)  # one tensor: the shared backbones see the same input
                     for member, store in zip(self.members, stores):
@@ -190,13 +219,17 @@ class EnsemblePatchKNN(PatchKNN):
                     bar.update(len(batch.indices))
         finally:
             _SharedBackbone.forget_all(self.members)
-        skipped_now = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
-        for member, store in zip(self.members, stores):
-            member.skipped_ = list(skipped_now)
-            member.fit_store(store, t0, keep_held_out=True)
-        self.skipped_ = list(self.lead.skipped_)
-        # each member's held-out grids of the same images, by the folds (and coreset replacements)
-        # of the single model's calibration (patchknn.threshold.held_out_grids)
+        errors = getattr(batches, "errors", [])
+        self.skipped_ = [(src, reason) for _, src, reason in errors]
+        for member in self.members:
+            member.skipped_ = list(self.skipped_)
+        bad = {i for i, _, _ in errors}
+        return stores, [source_name(s, i) for i, s in enumerate(sources) if i not in bad]
+
+    def _calibrate(self, t0: float) -> EnsemblePatchKNN:
+        """The members' normalisation and the ensemble's threshold from the members' held-out
+        grids of the same images, by the folds (and coreset replacements) of the single model's
+        calibration (:func:`patchknn.threshold.held_out_grids`)."""
         held = [m.__dict__.pop("held_out_") for m in self.members]
         cal, loo = held[0][0], [grids for _, grids in held]
         if not cal:

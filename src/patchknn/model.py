@@ -26,7 +26,7 @@ from patchknn import scoring
 from patchknn._version import __version__
 from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
-from patchknn.bank import build_memory_bank
+from patchknn.bank import TrainingBank, build_memory_bank, check_store, collect_features, extend_memory_bank
 from patchknn.config import PatchKNNConfig, preset
 from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
@@ -45,6 +45,7 @@ from patchknn.persistence import read_model, write_model
 from patchknn.reduction import PCA
 from patchknn.scoring import OutputSize, Prediction
 from patchknn.serialization import read_meta
+from patchknn.threshold import calibrate_model
 
 OnError = Literal["stop", "skip"]
 IndexFactory = Callable[[Path, "PatchKNN"], Any]
@@ -144,6 +145,7 @@ class PatchKNN:
         self.pca_: PCA | None = None
         self.index_: MemoryBankIndex | None = None
         self.threshold_: float | None = None
+        self.training_: TrainingBank | None = None  # a coreset model's training bank (partial_fit)
         self.skipped_: list[tuple[str, str]] = []
         self.fit_info_: dict[str, Any] = {}
 
@@ -193,7 +195,7 @@ class PatchKNN:
             raise ConfigError("ensemble members make an EnsemblePatchKNN: build one with PatchKNN.from_config")
         self.config = config
         self._extractor = None
-        self.pca_, self.index_, self.threshold_ = None, None, None
+        self.pca_, self.index_, self.threshold_, self.training_ = None, None, None, None
         self.fit_info_ = {}
         return self
 
@@ -230,23 +232,38 @@ class PatchKNN:
         return ext.to(self.device, memory_format=torch.channels_last).eval()
 
     def fit(self, images: Sequence[Any] | str | Path) -> PatchKNN:
-        """Learn normality from defect-free ``images`` (paths, a folder, PIL images or arrays).
-
-        Returns:
-            ``self``.
-        """
-        sources = as_sources(images)
-        if len(sources) == 0:
-            raise ConfigError("fit needs at least one normal image")
+        """Learn normality from defect-free ``images`` (paths, a folder, PIL images or arrays); ``self``."""
         t0 = time.perf_counter()
-        store = self.training_store(len(sources))
-        batches = self.batches(sources)
-        with self.progress_bar(len(sources), "fit: features") as bar:
-            for batch in batches:
-                store.add(*self.fit_features(batch.images))
-                bar.update(len(batch.indices))
-        self.skipped_ = [(src, reason) for _, src, reason in getattr(batches, "errors", [])]
-        return self.fit_store(store, t0)
+        return self.fit_store(collect_features(self, images, "fit")[0], t0)
+
+    def partial_fit(self, images: Sequence[Any] | str | Path) -> PatchKNN:
+        """Add normal ``images`` (e.g. false alarms marked normal) to the fitted model; ``self``.
+
+        Exact: equal to a fit on the old and new images with the old PCA (a coreset is continued,
+        see :mod:`patchknn.bank`); the threshold is recalibrated by :meth:`fit`'s rule.
+        ``fit_info_["added"]`` names the images added; :func:`patchknn.versions.save_version`
+        saves the result as a new version."""
+        self._check_fitted()
+        t0 = time.perf_counter()
+        return self.extend_store(*collect_features(self, images, "partial_fit"), t0)
+
+    def extend_store(
+        self, store: TrainingStore, names: Sequence[str], t0: float, *, keep_held_out: bool = False
+    ) -> PatchKNN:
+        """:meth:`partial_fit` of the images ``names`` in ``store`` (``keep_held_out``: see :meth:`fit_store`)."""
+        self._check_fitted()
+        seed_everything(self.config.seed)
+        coreset = self.config.coreset_ratio < 1.0
+        old = (self.training_ or TrainingBank(None, None)) if coreset else getattr(self.index_, "bank", None)
+        built = extend_memory_bank(self.pca_, old, check_store(store, "partial_fit"), self.config, self._build_index)
+        self._set_bank(built)
+        n, seconds = built.full.shape[0] // store.grid_cells, round(time.perf_counter() - t0, 3)
+        added = {"names": list(names), "count": n - self.fit_info_.get("n_train_images", 0)}
+        self.fit_info_ |= {"n_train_images": n, "n_skipped": len(self.skipped_), "bank_size": built.index.bank.shape[0]}
+        self.fit_info_ |= {"bank_size_full": built.full.shape[0], **built.seconds}
+        self.fit_info_ |= {"added": added, "partial_fit_seconds": seconds}
+        calibrate_model(self, built.full, built.kept, keep_held_out)
+        return self
 
     def batches(self, sources: Sequence[Any]) -> Any:
         """Decoded, resized batches of ``sources`` with this model's run options (see
@@ -275,16 +292,10 @@ class PatchKNN:
         """
         seed_everything(self.config.seed)
         ext = self.extractor
-        grid_cells = store.grid_cells
-        dim = store.dim
-        filled = store.n_rows
-        if filled == 0:
-            raise ConfigError("fit: no usable image (all were skipped as unreadable)")
-        if not bool(torch.isfinite(store.moments.scatter).all()):
-            raise ConfigError("fit: the backbone produced NaN/Inf features; check the input images")
+        grid_cells, dim, filled = store.grid_cells, store.dim, store.n_rows
         t_feat = time.perf_counter()
-        built = build_memory_bank(store, self.config, self._build_index)
-        self.pca_, self.index_ = built.pca, built.index
+        built = build_memory_bank(check_store(store, "fit"), self.config, self._build_index)
+        self._set_bank(built)
         bank, kept, index_bank = built.full, built.kept, built.index.bank
         t_end = time.perf_counter()
         self.fit_info_ = {
@@ -299,28 +310,12 @@ class PatchKNN:
             "feature_seconds": round(t_feat - t0, 3),
             "weights_id": str(getattr(ext.backbone, "weights_id", "unknown")),
         }
-        self._calibrate_threshold(bank, filled // grid_cells, kept, keep_held_out)
+        calibrate_model(self, bank, kept, keep_held_out)
         return self
 
-    def _calibrate_threshold(
-        self, bank: np.ndarray, n_images: int, bank_rows: np.ndarray | None = None, keep_held_out: bool = False
-    ) -> None:
-        """Set ``threshold_`` from held-out normal scores (see :mod:`patchknn.threshold`).
-
-        ``bank`` is the full bank before any subsampling (rows ``[i*G*G, (i+1)*G*G)`` = image
-        ``i``); with a coreset pass the kept row numbers as ``bank_rows``.
-        """
-        from patchknn.threshold import calibrate, held_out_grids
-
-        self.threshold_ = None
-        index_bank = None if bank_rows is None else self.index_.bank  # type: ignore[union-attr]
-        if keep_held_out:
-            self.held_out_ = held_out_grids(self, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
-        if self.config.threshold_method == "none":
-            return
-        cal = calibrate(self, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
-        self.threshold_ = cal.threshold
-        self.fit_info_["calibration"] = cal.info
+    def _set_bank(self, built: Any) -> None:
+        self.pca_, self.index_ = built.pca, built.index
+        self.training_ = None if built.kept is None else TrainingBank(built.full, built.kept)
 
     # ---------------------------------------------------------------------------- predicting
     def predict(
@@ -448,6 +443,7 @@ class PatchKNN:
         return write_model(
             path, self.config, index=self.index_, pca=self.pca_, backbone=self.extractor.backbone,
             threshold=self.threshold_, fit_info=self.fit_info_,
+            training=None if self.training_ is None else self.training_.rows(),
         )
 
     @classmethod
@@ -478,6 +474,8 @@ class PatchKNN:
         else:
             model.index_ = index(Path(path), model)
         model.threshold_, model.fit_info_ = saved.threshold, saved.fit_info
+        if saved.training is not None and model.config.coreset_ratio < 1.0:
+            model.training_ = TrainingBank(None, None, saved.training)
         return model
 
     # ------------------------------------------------------------------------------- helpers

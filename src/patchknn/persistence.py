@@ -4,12 +4,16 @@
 :mod:`patchknn.serialization` owns the format (safetensors + JSON, checksums, atomic writes); this
 module owns what a :class:`~patchknn.model.PatchKNN` puts in it: the configuration, the threshold
 and fit information, the memory bank (and an IVF index's coarse centroids), the PCA, and the
-backbone's own weights (so that a model runs offline, anywhere).
+backbone's own weights (so that a model runs offline, anywhere). A coreset model also keeps its
+training bank (every training patch in the index's space and the coreset's row numbers, group
+``training``): what :meth:`~patchknn.model.PatchKNN.partial_fit` and its recalibration need, read
+only when used.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from patchknn.backbones import Backbone, build_backbone
 from patchknn.config import PatchKNNConfig
 from patchknn.errors import ConfigError, ModelFileError
 from patchknn.reduction import PCA
-from patchknn.serialization import bank_shape, load_model, save_model
+from patchknn.serialization import bank_shape, load_model, save_model, sha256_file
 
 __all__ = ["SavedModel", "check_model_contents", "read_model", "write_model"]
 
@@ -35,8 +39,10 @@ def write_model(
     backbone: torch.nn.Module,
     threshold: float | None,
     fit_info: dict[str, Any],
+    training: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
-    """Write one fitted model's directory (atomically); returns its path."""
+    """Write one fitted model's directory (atomically); returns its path. ``training``: a coreset
+    model's ``(full bank, kept row numbers)`` (see the module docstring)."""
     tensors = {"bank": index.bank}
     centroids = getattr(index, "centroids", None)
     if centroids is not None:  # IVF: the coarse centroids, so that every loader probes the same lists
@@ -49,7 +55,10 @@ def write_model(
         }
     weights = {k: v.detach().cpu().numpy() for k, v in backbone.state_dict().items()}
     meta = {"config": config.to_dict(), "threshold": threshold, "fit_info": fit_info}
-    return save_model(path, meta, {"tensors": tensors, "backbone": weights})
+    groups = {"tensors": tensors, "backbone": weights}
+    if training is not None:
+        groups["training"] = {"full": training[0], "kept": np.asarray(training[1], dtype=np.int64)}
+    return save_model(path, meta, groups)
 
 
 @dataclass
@@ -65,6 +74,8 @@ class SavedModel:
         centroids: an IVF index's coarse centroids, or ``None``.
         threshold: the decision threshold, or ``None``.
         fit_info: what fitting recorded.
+        training: a coreset model's training bank reader (``() -> (full, kept)``, reads and checks
+            the ``training`` group when called), or ``None`` (no coreset, or saved without it).
     """
 
     doc: dict[str, Any]
@@ -75,6 +86,7 @@ class SavedModel:
     centroids: np.ndarray | None
     threshold: float | None
     fit_info: dict[str, Any]
+    training: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def read_model(path: str | Path, *, skip_bank: bool = False) -> SavedModel:
@@ -86,7 +98,10 @@ def read_model(path: str | Path, *, skip_bank: bool = False) -> SavedModel:
     Raises:
         ModelFileError: missing, damaged, tampered with, or not usable here.
     """
-    doc, groups = load_model(path, skip={"tensors": ["bank"]} if skip_bank else None)
+    skip: dict[str, list[str]] = {"training": ["full", "kept"]}  # read when partial_fit needs it
+    if skip_bank:
+        skip["tensors"] = ["bank"]
+    doc, groups = load_model(path, skip=skip)
     try:
         config = PatchKNNConfig.from_dict(doc["config"])
     except (KeyError, TypeError) as e:
@@ -116,7 +131,43 @@ def read_model(path: str | Path, *, skip_bank: bool = False) -> SavedModel:
         centroids=tensors.get("ivf_centroids"),
         threshold=None if thr is None else float(thr),
         fit_info=fit_info,
+        training=_training_reader(Path(path), doc, config, shape or tensors["bank"].shape),
     )
+
+
+def _training_reader(
+    root: Path, doc: dict[str, Any], config: PatchKNNConfig, bank_shape: tuple[int, ...]
+) -> Callable[[], tuple[np.ndarray, np.ndarray]] | None:
+    """A function that reads and checks the ``training`` group of the file as it was when loaded
+    (its name and checksum are taken now: a model saved over it later is not mixed in)."""
+    entry = doc.get("files", {}).get("training")
+    if not isinstance(entry, dict):
+        return None
+    file, digest = root / str(entry["file"]), str(entry["sha256"])
+    cells = config.grid_size**2
+    n_images = (doc.get("fit_info") or {}).get("n_train_images")
+
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        if not file.is_file() or sha256_file(file) != digest:
+            raise ModelFileError(f"{file}: the training bank changed since the model was loaded; load it again")
+        try:
+            tensors = load_file(str(file))
+            full, kept = tensors["full"], tensors["kept"]
+        except Exception as e:  # noqa: BLE001 - safetensors' error types on malformed data vary
+            raise ModelFileError(f"{file}: not a valid training bank ({type(e).__name__}: {e})") from e
+        ok = (
+            full.ndim == 2 and full.dtype == np.float32 and full.shape[1] == bank_shape[1]
+            and full.shape[0] == (n_images or -1) * cells and np.isfinite(full).all()
+            and kept.ndim == 1 and kept.dtype == np.int64 and kept.shape[0] == bank_shape[0]
+            and bool((np.diff(kept) > 0).all()) and kept[0] >= 0 and kept[-1] < full.shape[0]
+        )
+        if not ok:
+            raise ModelFileError(f"{file}: the training bank disagrees with the model ({n_images} images)")
+        return full, kept
+
+    return read
 
 
 _COUNT_KEYS = ("n_train_images", "n_skipped", "bank_size", "feature_dim", "n_components")

@@ -181,6 +181,28 @@ def calibrate(
     return Calibration(threshold, method, scores, chosen, info)
 
 
+def calibrate_model(
+    model: PatchKNN, bank: np.ndarray, bank_rows: np.ndarray | None = None, keep_held_out: bool = False
+) -> None:
+    """Set ``model.threshold_`` (and ``fit_info_["calibration"]``) from held-out normal scores, the
+    rule of :meth:`~patchknn.model.PatchKNN.fit` and :meth:`~patchknn.model.PatchKNN.partial_fit`.
+
+    ``bank`` is the full bank before any subsampling (rows ``[i*G*G, (i+1)*G*G)`` = image ``i``);
+    with a coreset pass the kept row numbers as ``bank_rows`` (the model's index holds those rows).
+    ``keep_held_out``: also set ``model.held_out_`` = :func:`held_out_grids` (for an ensemble).
+    """
+    n_images = bank.shape[0] // model.config.grid_size**2
+    model.threshold_ = None
+    index_bank = None if bank_rows is None else model.index_.bank  # type: ignore[union-attr]
+    if keep_held_out:
+        model.held_out_ = held_out_grids(model, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
+    if model.config.threshold_method == "none":
+        return
+    cal = calibrate(model, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
+    model.threshold_ = cal.threshold
+    model.fit_info_["calibration"] = cal.info
+
+
 def held_out_grids(
     model: PatchKNN,
     bank: np.ndarray,
@@ -239,6 +261,7 @@ __all__ = [
     "Calibration",
     "CalibrationWarning",
     "calibrate",
+    "calibrate_model",
     "held_out_grids",
     "select_images",
     "summarize",
