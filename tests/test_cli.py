@@ -154,3 +154,75 @@ def test_demo_writes_report_overlays_and_says_what_to_open(tmp_path, monkeypatch
     assert "open next:" in r.output
     for path in (page, out / "predictions" / "overlays", out / "model", out / "results.json"):
         assert str(path) in r.output
+
+
+_HEAVY = ("torch", "faiss", "scipy", "matplotlib")
+_PROBE = (
+    "import atexit, sys; "
+    f"atexit.register(lambda: print('heavy:', sorted(m for m in {_HEAVY!r} if m in sys.modules), file=sys.stderr)); "
+    "from patchknn.cli import main; main()"
+)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``patchknn ARGS`` through main() in a fresh interpreter, reporting the heavy modules it imported."""
+    return subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_usage_errors_are_light_and_one_line():
+    """`patchknn --help` answers without torch; a typo is one line naming the likely command, exit 2."""
+    p = _run_cli("--help")
+    assert p.returncode == 0, p.stderr
+    assert all(name in p.stdout for name in ("fit", "predict", "evaluate", "fit-many", "score-archive"))
+    assert p.stderr.strip() == "heavy: []"
+
+    p = _run_cli("fitt")
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.splitlines() == ["patchknn: no such command 'fitt' (did you mean 'fit'?)", "heavy: []"]
+
+    p = _run_cli("fit", "--kk", "3", "images", "-o", "model")
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == [
+        "patchknn fit: no such option: --kk (did you mean --k?); see 'patchknn fit --help'", "heavy: []"
+    ]
+    p = _run_cli("fit", "images")
+    assert p.returncode == 2 and p.stderr.splitlines()[0] == (
+        "patchknn fit: missing option '--output' / '-o'; see 'patchknn fit --help'"
+    )
+
+
+def test_method_flags_are_one_definition_shared_by_the_commands():
+    """fit, evaluate and fit-many offer the same method flags (one per PatchKNNConfig field named
+    in options.METHOD_FLAG_HELP, named after it, with its help text) and --preset/--set."""
+    import typer
+
+    from patchknn.options import METHOD_FLAG_HELP
+
+    group = typer.main.get_command(app)
+    shown = {}
+    for name in ("fit", "evaluate", "fit-many"):
+        params = {p.name: p for p in group.commands[name].params}
+        flags = {n: (tuple(params[n].opts), tuple(params[n].secondary_opts), params[n].help)
+                 for n in (*METHOD_FLAG_HELP, "preset_name", "settings")}
+        shown[name] = flags
+    assert shown["fit"] == shown["evaluate"] == shown["fit-many"]
+    assert shown["fit"]["image_size"] == (("--image-size",), (), "Input resize (pixels).")
+    assert shown["fit"]["layer_norm"][:2] == (("--layer-norm",), ("--no-layer-norm",))
+    assert set(shown["fit"]["k"][0]) == {"--k", "-k"}
+    r = CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    for field, (_, help_text) in METHOD_FLAG_HELP.items():
+        assert "--" + field.replace("_", "-") in r.output and help_text in r.output, field
+
+
+def test_method_flags_parse_like_set():
+    """A flag's value goes through config.parse_option, as --set NAME=VALUE does; 0 turns PCA off."""
+    from patchknn.options import method_choice, method_options
+
+    by_flags = method_options("fast", layers="layer2,layer3", tta="hflip", pca_variance=0, layer_norm=True, k=2)
+    by_set = method_options("fast", settings=["layers=layer2,layer3", "tta=hflip", "pca_variance=none",
+                                              "layer_norm=true", "k=2"])
+    assert by_flags == by_set
+    assert by_flags.layers == ("layer2", "layer3") and by_flags.pca_variance is None and by_flags.index == "ivf"
+    choice = method_choice("paper", image_size=None, seed=3)
+    assert choice.preset == "paper" and dict(choice.overrides) == {"seed": 3}

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.exceptions import TyperException
 
 from patchknn.errors import PatchKNNError
 from patchknn.options import (
@@ -350,18 +352,41 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
     print(f"warning: {text}", file=file if file is not None else sys.stderr)
 
 
+def usage_error_line(error: TyperException) -> str:
+    """One line for a usage error of the command line (typer would draw a box of several lines):
+    ``patchknn: no such command 'fitt' (did you mean 'fit'?)``,
+    ``patchknn fit: no such option: --kk (did you mean --k?); see 'patchknn fit --help'``."""
+    ctx = getattr(error, "ctx", None)
+    where = ctx.command_path if ctx is not None else "patchknn"
+    text = " ".join(error.format_message().split()).rstrip(".")
+    if text.startswith("No such command"):  # typer's suggestion, in parentheses
+        text = re.sub(r"\. Did you mean (.*?)\??$", r" (did you mean \1?)", text)
+        return f"{where}: {text[0].lower()}{text[1:]}"
+    text = re.sub(r"\((?:Possible options|Did you mean one of): (.*?)\??\)", r"(did you mean \1?)", text)
+    text = text[0].lower() + text[1:] if text else "usage error"
+    return f"{where}: {text}; see '{where} --help'"
+
+
 def main() -> None:
-    """Entry point: run the app; errors of the package become one clear line and exit code 2,
-    warnings one line each (``warning: ...``, without the source line Python shows)."""
+    """Entry point: run the app; errors of the package and usage errors become one clear line and
+    exit code 2, warnings one line each (``warning: ...``, without the source line Python shows)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            app()
+            code = app(prog_name="patchknn", standalone_mode=False)
         except PatchKNNError as e:
             typer.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except TyperException as e:  # usage errors (typer's click)
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help
+                typer.echo(usage_error_line(e), err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
