@@ -177,7 +177,7 @@ class HotFolder:
         self.summary = WatchSummary()
         with self.ledger:
             self._list_folder(count_done=True)
-            observer, mode = (None, "once") if once else self._start_observer()
+            observer, mode = (None, "scoring what is there, then stopping") if once else self._start_observer()
             self._emit("started", detail=f"{mode}; {self.summary.already_done} already done, "
                                          f"{len(self._pending)} to look at")
             # with events, a listing now and then catches any lost event; without, it is how files are found
