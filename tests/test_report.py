@@ -123,6 +123,57 @@ def test_report_without_assets_has_the_table(synthetic_report, tmp_path):
     assert page.metrics["synthetic/pixel_auprc"][0] == repr(results["categories"]["synthetic"]["pixel_auprc"])
 
 
+class _Tags(HTMLParser):
+    """Every start tag with its attributes, and the text of every <h2>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.h2: list[str] = []
+        self._in_h2 = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_h2 = tag == "h2"
+
+    def handle_data(self, data):
+        if self._in_h2:
+            self.h2.append(data)
+
+    def handle_endtag(self, tag):
+        self._in_h2 = False
+
+
+def test_hostile_names_are_escaped(synthetic_report, tmp_path):
+    """A category, configuration value or image name holding markup is shown as text (the page is
+    a Jinja2 template with autoescape): no script element, no event-handler attribute."""
+    from patchknn.report import write_report
+    from patchknn.report.layout import safe_name
+
+    hostile = '<script>alert("x")</script>'
+    results = json.loads((synthetic_report / "results.json").read_text())
+    results["categories"] = {hostile: results["categories"]["synthetic"]}
+    results["config"]["backbone"] = hostile
+    data = json.loads((synthetic_report / "assets" / "synthetic.json").read_text())
+    entries = [e for group in data["gallery"].values() for e in group]
+    assert entries
+    for e in entries:
+        e["name"] = '"><img src=x onerror=alert(1)>' + e["name"]
+        e["verdict"] = '"onmouseover="alert(1)'
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / f"{safe_name(hostile)}.json").write_text(json.dumps(data))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path / "results.json", progress=False).read_text(encoding="utf-8")
+    tags = _Tags()
+    tags.feed(text)
+    assert "script" not in {t for t, _ in tags.tags}
+    assert not [a for _, attrs in tags.tags for a in attrs if a.startswith("on")]
+    assert all(a.get("src") != "x" for t, a in tags.tags if t == "img")
+    assert hostile in tags.h2  # shown as the text it is
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in text
+    assert len([a for t, a in tags.tags if t == "figure"]) == len(entries)
+
+
 def test_report_rejects_a_non_results_file(tmp_path):
     (tmp_path / "x.json").write_text('{"hello": 1}')
     from patchknn.report import ReportError, write_report
