@@ -2,10 +2,14 @@
 
 Endpoints (all but ``/healthz`` need ``Authorization: Bearer KEY`` when keys are configured):
 
-* ``POST /v1/models/{name}/predict[?map=none|png|heatmap]``: one image, as a multipart upload in
-  the field ``file`` or as the raw request body; answers the score, the verdict (``OK``/``NG`` with
-  the model's threshold, ``null`` without one), the model's name and version, timings and
-  optionally the anomaly map as a base64 PNG.
+* ``POST /v1/models/{name}/predict[?map=none|png|heatmap|overlay]``: one image, as a multipart upload
+  in the field ``file`` or as the raw request body; answers the score, the verdict (``OK``/``NG``
+  with the model's threshold, ``null`` without one), the model's name and the version that
+  answered, timings and optionally the anomaly map as a base64 PNG.
+* ``POST /v1/models/{name}/corrections`` (role ``admin``), ``GET /v1/models/{name}/versions``:
+  :mod:`patchknn.server.corrections`.
+* ``GET /station`` (the inspection page), ``/static/...``, ``GET /v1/results``, ``GET /v1/watch...``:
+  :mod:`patchknn.server.station`.
 * ``GET /v1/models``, ``GET /v1/models/{name}``: the served models, their configuration and threshold.
 * ``GET /healthz`` (liveness, no key), ``GET /readyz`` (models loaded, batchers running).
 * ``GET /metrics``: Prometheus text format.
@@ -42,13 +46,16 @@ from patchknn.data import DECODE_FORMATS
 from patchknn.model import Prediction
 from patchknn.server.auth import KeyChecker
 from patchknn.server.batching import MicroBatcher, ScoredImage
+from patchknn.server.corrections import add_correction_routes
 from patchknn.server.errors import ERROR_CODES, ERROR_DOCS, ApiError, json_response
 from patchknn.server.memory import MemoryBudget
 from patchknn.server.metrics import CONTENT_TYPE, Metrics
 from patchknn.server.middleware import KEY_PARAMETERS, AuthMiddleware, MetricsMiddleware
-from patchknn.server.responses import PredictResponse, encode_map
+from patchknn.server.registry import LiveModel, ModelRegistry
+from patchknn.server.responses import PredictResponse, encode_map, request_body
 from patchknn.server.running import log_config, run, server_config
 from patchknn.server.settings import ServedModel, ServerSettings
+from patchknn.server.station import PUBLIC_PATHS, PUBLIC_PREFIXES, ResultLog, add_station_routes
 from patchknn.server.uploads import (
     decode_in_pool,
     format_mib,
@@ -75,7 +82,8 @@ log = logging.getLogger("patchknn.server")
 
 _prepare = prepare  # the decode step under its former name (tests compare it with the estimator's)
 
-MapKind = Literal["none", "png", "heatmap"]
+MapKind = Literal["none", "png", "heatmap", "overlay"]
+BINARY = {"type": "string", "format": "binary"}
 
 
 class _Admission:
@@ -116,13 +124,12 @@ class _Admission:
 
 @dataclass
 class _State:
-    models: dict[str, ServedModel]
+    registry: ModelRegistry
     settings: ServerSettings
     metrics: Metrics
     admission: _Admission
     budget: MemoryBudget
-    batchers: dict[str, MicroBatcher] = field(default_factory=dict)
-    expected: dict[str, int] = field(default_factory=dict)
+    results: ResultLog = field(default_factory=ResultLog)
     decode_pool: ThreadPoolExecutor | None = None
     score_pool: ThreadPoolExecutor | None = None
     ready: bool = False
@@ -134,15 +141,27 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
     if not models:
         raise ValueError("create_app needs at least one model")
     metrics = Metrics()
+
+    def make_batcher(live: LiveModel) -> MicroBatcher:
+        name = live.served.name
+        return MicroBatcher(
+            name,
+            live.served.model,
+            max_batch=settings.max_batch,
+            max_delay_s=settings.max_delay_ms / 1000.0,
+            executor=state.score_pool,
+            expected=lambda: live.expected,
+            on_batch=lambda n, s: metrics.observe_batch(name, n, s),
+        )
+
     state = _State(
-        models=dict(models),
+        registry=ModelRegistry(models, make_batcher),
         settings=settings,
         metrics=metrics,
         admission=_Admission(settings.max_concurrency, settings.max_queue, settings.retry_after_s),
         budget=MemoryBudget(settings.memory_budget_bytes),
-        expected={name: 0 for name in models},
     )
-    for served in state.models.values():
+    for served in state.registry.served():
         metrics.add_model_info(served.name, served.version, str(served.model.config.backbone))
     metrics.gauge(
         "patchknn_requests_in_progress", "Requests holding a processing slot.", lambda: state.admission.active
@@ -153,7 +172,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
     metrics.gauge(
         "patchknn_batch_queue_images",
         "Decoded images waiting for a backbone call.",
-        lambda: sum(b.queued for b in state.batchers.values()),
+        lambda: state.registry.queued,
     )
     metrics.gauge("patchknn_ready", "1 when the server accepts predictions.", lambda: float(state.ready))
     metrics.gauge(
@@ -174,30 +193,18 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="patchknn-decode")
         state.score_pool = ThreadPoolExecutor(1, thread_name_prefix="patchknn-score")
-        for name, served in state.models.items():
-            batcher = MicroBatcher(
-                name,
-                served.model,
-                max_batch=settings.max_batch,
-                max_delay_s=settings.max_delay_ms / 1000.0,
-                executor=state.score_pool,
-                expected=lambda name=name: state.expected[name],
-                on_batch=lambda n, s, name=name: metrics.observe_batch(name, n, s),
-            )
-            await batcher.start()
-            state.batchers[name] = batcher
+        await state.registry.start()
         state.ready = True
         log.info(
             "patchknn server ready: models %s; auth %s",
-            ", ".join(f"{m.name} ({m.version})" for m in state.models.values()),
+            ", ".join(f"{m.name} ({m.version})" for m in state.registry.served()),
             f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "off (loopback only)",
         )
         try:
             yield
         finally:
             state.ready = False
-            for batcher in state.batchers.values():
-                await batcher.stop()
+            await state.registry.stop()
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
             state.score_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -242,20 +249,17 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
         log.exception("unexpected error on %s %s", request.method, request.url.path[:200])
         return error(ApiError(500, "internal_error", "unexpected server error; it has been logged"))
 
-    public = {"/healthz"}
+    public = {"/healthz", *PUBLIC_PATHS}
     if settings.public_docs:
         public |= {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
     app.add_middleware(
-        AuthMiddleware, checker=KeyChecker(settings.api_keys), public=frozenset(public), metrics=metrics
+        AuthMiddleware,
+        checker=KeyChecker(settings.api_keys, settings.admin_keys),
+        public=frozenset(public),
+        metrics=metrics,
+        public_prefixes=PUBLIC_PREFIXES,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-
-    def lookup(name: str) -> ServedModel:
-        served = state.models.get(name)
-        if served is None:
-            names = ", ".join(sorted(state.models))
-            raise ApiError(404, "model_not_found", f"no model named {name[:100]!r}; served models: {names}")
-        return served
 
     # ------------------------------------------------------------------------- endpoints
     @app.post(
@@ -263,30 +267,20 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
         response_model=PredictResponse,
         responses=ERROR_DOCS,
         summary="Score one image",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"file": {"type": "string", "format": "binary"}},
-                            "required": ["file"],
-                        }
-                    },
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                    "image/png": {"schema": {"type": "string", "format": "binary"}},
-                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
+        openapi_extra=request_body(
+            {"file": BINARY},
+            **{t: {"schema": BINARY} for t in ("application/octet-stream", "image/png", "image/jpeg")},
+        ),
     )
     async def predict(
         name: str,
         request: Request,
         map: MapKind = Query(
-            "none", description="Also return the anomaly map: png (16-bit scores) or heatmap (colour)."
+            "none",
+            description="Also return the anomaly map: png (16-bit scores), heatmap (colour) or overlay (the "
+            "heat map over the image, with the outline of map >= threshold).",
         ),
+        source: str = Query("", max_length=200, description="A name for the image in the recent-results list."),
     ) -> Response:
         """Score one image: a multipart upload in the field ``file``, or the raw body (any type).
 
@@ -294,7 +288,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
         its name or Content-Type header.
         """
         t0 = time.perf_counter()
-        served = lookup(name)
+        state.registry.current(name)  # 404 before anything else
         if not state.ready:
             raise ApiError(503, "not_ready", "the server is not ready", {"Retry-After": "1"})
         limit = settings.max_upload_bytes
@@ -310,7 +304,9 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
                 )
         timings: dict[str, float] = {}
         phase = "queue"
-        state.expected[name] += 1
+        live = state.registry.acquire(name)  # this request finishes on this version, whatever is swapped meanwhile
+        served = live.served
+        live.expected += 1
         submitted = False
         try:
             async with asyncio.timeout(settings.request_timeout_s), state.admission.slot():
@@ -353,9 +349,10 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
                 del data
                 timings["decode"] = time.perf_counter() - t_decode
                 phase = "score"
-                state.expected[name] -= 1
+                live.expected -= 1
                 submitted = True
-                result: ScoredImage = await state.batchers[name].submit(tensor)
+                assert live.batcher is not None
+                result: ScoredImage = await live.batcher.submit(tensor)
                 if not (math.isfinite(result.score) and np.isfinite(result.anomaly_map).all()):
                     raise ApiError(
                         422,
@@ -366,8 +363,15 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
                 threshold = served.threshold
                 anomaly_map = None
                 if map != "none":
+                    image = tensor.permute(1, 2, 0).numpy() if map == "overlay" else None
                     anomaly_map = await loop.run_in_executor(
-                        state.decode_pool, encode_map, result.anomaly_map, map, model_scale(served.model)
+                        state.decode_pool,
+                        encode_map,
+                        result.anomaly_map,
+                        map,
+                        model_scale(served.model),
+                        image,
+                        threshold,
                     )
         except TimeoutError:
             if phase == "memory":
@@ -393,7 +397,8 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
             ) from None
         finally:
             if not submitted:
-                state.expected[name] -= 1
+                live.expected -= 1
+            await state.registry.release(live)
         score = result.score
         verdict = Prediction(name, result.anomaly_map, score, threshold).verdict  # the same rule as predict
         metrics.count_prediction(name, verdict)
@@ -403,6 +408,7 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
         content = {
             "model": name,
             "model_version": served.version,
+            "version_number": served.number,
             "score": score,
             "threshold": threshold,
             "verdict": verdict,
@@ -410,17 +416,18 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
             "batch_size": result.batch_size,
             "timing_ms": {k: round(v * 1000.0, 3) for k, v in timings.items()},
         }
+        state.results.add(content, source)
         if anomaly_map is not None:
             content["anomaly_map"] = anomaly_map
         return json_response(200, content)
 
     @app.get("/v1/models", summary="The served models", responses=ERROR_DOCS)
     async def list_models() -> dict[str, Any]:
-        return {"models": [m.describe() for m in state.models.values()], "limits": settings.public()}
+        return {"models": [m.describe() for m in state.registry.served()], "limits": settings.public()}
 
     @app.get("/v1/models/{name}", summary="One served model", responses=ERROR_DOCS)
     async def get_model(name: str) -> dict[str, Any]:
-        return lookup(name).describe()
+        return state.registry.current(name).served.describe()
 
     @app.get("/healthz", summary="Liveness (no key needed)")
     async def healthz() -> dict[str, str]:
@@ -428,10 +435,9 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
 
     @app.get("/readyz", summary="Readiness: models loaded and batchers running", responses=ERROR_DOCS)
     async def readyz() -> Response:
-        running = all(b.running for b in state.batchers.values()) and len(state.batchers) == len(state.models)
-        if not (state.ready and running):
+        if not (state.ready and state.registry.running):
             raise ApiError(503, "not_ready", "the server is starting or stopping", {"Retry-After": "1"})
-        return json_response(200, {"status": "ready", "models": sorted(state.models)})
+        return json_response(200, {"status": "ready", "models": state.registry.names()})
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def metrics_endpoint() -> Response:
@@ -450,6 +456,8 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    add_station_routes(app, state.results, settings)
+    add_correction_routes(app, state.registry, settings, metrics)
     return app
 
 

@@ -34,8 +34,17 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(
                 "--api-key-file",
-                help="File with one API key a line (also: env PATCHKNN_API_KEYS, comma-separated). "
-                "With keys, every endpoint but /healthz needs 'Authorization: Bearer KEY'.",
+                help="File with one API key a line, 'KEY' or 'KEY admin' (also: env PATCHKNN_API_KEYS and "
+                "PATCHKNN_ADMIN_KEYS, comma-separated). With keys, every endpoint but /healthz and the web page "
+                "needs 'Authorization: Bearer KEY'; corrections need an admin key.",
+            ),
+        ] = None,
+        watch_folder: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--watch-folder",
+                help="A camera folder the web page may list and score, NAME=DIR (repeatable). The page names "
+                "the folder, never a path.",
             ),
         ] = None,
         max_upload_mb: Annotated[
@@ -104,8 +113,8 @@ def register(app: typer.Typer) -> None:
         import logging.config
 
         from patchknn.server.app import log_config
-        from patchknn.server.auth import KeyChecker, check_bind, load_api_keys
-        from patchknn.server.settings import ServerSettings, load_models
+        from patchknn.server.auth import KeyChecker, check_bind, load_keys
+        from patchknn.server.settings import ServerSettings, load_models, parse_watch_folder
 
         if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
             levels = "critical, error, warning, info, debug or trace"
@@ -113,11 +122,14 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         log_level = log_level.lower()
         logging.config.dictConfig(log_config(log_level))  # one format for patchknn's and uvicorn's lines
-        keys = load_api_keys(api_key_file)
+        key_set = load_keys(api_key_file)
+        keys = key_set.keys
         settings = ServerSettings(
             host=host,
             port=port,
-            api_keys=tuple(keys),
+            api_keys=keys,
+            admin_keys=key_set.admin,
+            watch_folders=tuple(parse_watch_folder(spec) for spec in watch_folder or ()),
             max_upload_bytes=max(1, int(max_upload_mb * 1024 * 1024)),
             max_pixels=max_pixels,
             request_timeout_s=timeout,
@@ -146,9 +158,11 @@ def register(app: typer.Typer) -> None:
 
         from patchknn.server.app import create_app, run
 
-        auth = f"{len(keys)} API key(s)" if keys else "off (loopback only)"
+        auth = f"{len(keys)} API key(s), {len(key_set.admin)} admin" if keys else "off (loopback only)"
         names = ", ".join(f"{m.name} ({m.version})" for m in served.values())
-        typer.echo(f"patchknn serve: models {names}; auth {auth}; http://{_url_host(host)}:{port}/docs", err=True)
+        typer.echo(
+            f"patchknn serve: models {names}; auth {auth}; page http://{_url_host(host)}:{port}/station", err=True
+        )
         run(create_app(served, settings), settings, log_level=log_level, access_log=access_log)
 
 

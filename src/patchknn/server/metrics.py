@@ -136,7 +136,9 @@ class Metrics:
             self._inference[key].observe(seconds)
 
     def add_model_info(self, model: str, version: str, backbone: str) -> None:
+        """Set the info series of ``model`` (a new version replaces the one before)."""
         with self._lock:
+            self._info[:] = [key for key in self._info if key[0] != ("model", model)]
             self._info.append((("model", model), ("version", version), ("backbone", backbone)))
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:

@@ -6,11 +6,14 @@ import re
 import time
 from typing import Any
 
-from patchknn.server.auth import KeyChecker, bearer_token
+from patchknn.server.auth import ROLES, KeyChecker, bearer_token
 from patchknn.server.errors import json_response
 from patchknn.server.metrics import Metrics
 
-__all__ = ["KEY_PARAMETERS", "AuthMiddleware", "MetricsMiddleware", "route_label"]
+__all__ = ["KEY_PARAMETERS", "ROLES_SCOPE_KEY", "AuthMiddleware", "MetricsMiddleware", "route_label"]
+
+ROLES_SCOPE_KEY = "patchknn.roles"
+"""Where :class:`AuthMiddleware` leaves the caller's roles in the ASGI scope (a ``frozenset``)."""
 
 KEY_PARAMETERS = frozenset(
     {"api_key", "apikey", "api-key", "key", "token", "access_token", "auth", "authorization", "bearer",
@@ -21,8 +24,17 @@ KEY_PARAMETERS = frozenset(
 
 def route_label(path: str) -> str:
     """The route template of ``path`` (``other`` for anything unknown): a bounded metrics label."""
-    if path in ("/healthz", "/readyz", "/metrics", "/v1/models", "/docs", "/redoc", "/openapi.json"):
+    if path in ("/healthz", "/readyz", "/metrics", "/v1/models", "/docs", "/redoc", "/openapi.json", "/",
+                "/station", "/v1/results", "/v1/watch", "/v1/session"):
         return path
+    if path.startswith("/static/"):
+        return "/static/{file}"
+    if re.fullmatch(r"/v1/models/[^/]+/(corrections|versions)", path):
+        return "/v1/models/{name}/" + path.rsplit("/", 1)[1]
+    if re.fullmatch(r"/v1/watch/[^/]+", path):
+        return "/v1/watch/{folder}"
+    if re.fullmatch(r"/v1/watch/[^/]+/[^/]+", path):
+        return "/v1/watch/{folder}/{file}"
     if re.fullmatch(r"/v1/models/[^/]+/predict", path):
         return "/v1/models/{name}/predict"
     if re.fullmatch(r"/v1/models/[^/]+", path):
@@ -68,10 +80,18 @@ class MetricsMiddleware:
 class AuthMiddleware:
     """401 for every path but the public ones when keys are configured; keys are never logged."""
 
-    def __init__(self, app: Any, checker: KeyChecker, public: frozenset[str], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: Any,
+        checker: KeyChecker,
+        public: frozenset[str],
+        metrics: Metrics,
+        public_prefixes: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         self.checker = checker
         self.public = public
+        self.public_prefixes = public_prefixes
         self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -85,12 +105,14 @@ class AuthMiddleware:
                 "Send the key in the header 'Authorization: Bearer <key>' and nowhere else; if this key is "
                 "real, consider it exposed and replace it"
             )
-        elif not self.checker.enabled or scope.get("path") in self.public:
+        elif not self.checker.enabled or self._is_public(scope.get("path", "")):
+            scope[ROLES_SCOPE_KEY] = frozenset() if self.checker.enabled else frozenset(ROLES)
             await self.app(scope, receive, send)
             return
         else:
-            message = self._check_header(scope)
+            message, roles = self._check_header(scope)
             if message is None:
+                scope[ROLES_SCOPE_KEY] = roles
                 await self.app(scope, receive, send)
                 return
         self.metrics.count_error("unauthorized")
@@ -100,6 +122,10 @@ class AuthMiddleware:
             {"WWW-Authenticate": 'Bearer realm="patchknn"'},
         )
         await response(scope, receive, send)
+
+    def _is_public(self, path: str) -> bool:
+        """The public paths, and everything under a public prefix (the page's bundled assets)."""
+        return path in self.public or path.startswith(self.public_prefixes)
 
     def _key_in_url(self, query: bytes) -> str | None:
         """How the query string carries a key (a key-like parameter name, or a configured key), or None."""
@@ -117,8 +143,8 @@ class AuthMiddleware:
                     return "a query parameter holds a key of this server"
         return None
 
-    def _check_header(self, scope: dict[str, Any]) -> str | None:
-        """The 401 message for the request's headers, or None when its key is valid."""
+    def _check_header(self, scope: dict[str, Any]) -> tuple[str | None, frozenset[str]]:
+        """The 401 message for the request's headers (None when its key is valid) and the key's roles."""
         headers = scope.get("headers", [])
         values = [v for k, v in headers if k == b"authorization"]
         token = bearer_token(values[0]) if len(values) == 1 else None
@@ -128,8 +154,9 @@ class AuthMiddleware:
                 return (
                     f"missing API key: the header {other[0]!r} is not read; send the key as "
                     "'Authorization: Bearer <key>'"
-                )
-            return "missing API key: send the header 'Authorization: Bearer <key>'"
-        if not self.checker.check(token):
-            return "invalid API key"
-        return None
+                ), frozenset()
+            return "missing API key: send the header 'Authorization: Bearer <key>'", frozenset()
+        roles = self.checker.roles(token)
+        if not roles:
+            return "invalid API key", roles
+        return None, roles

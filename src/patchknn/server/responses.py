@@ -10,12 +10,20 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-__all__ = ["AnomalyMap", "PredictResponse", "encode_map"]
+__all__ = ["AnomalyMap", "PredictResponse", "encode_map", "request_body"]
+
+
+def request_body(properties: dict[str, Any], **other: Any) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route reading a multipart body with ``properties`` (``file``
+    required), and ``other`` content types (type -> schema) besides."""
+    multipart = {"schema": {"type": "object", "properties": properties, "required": ["file"]}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": multipart, **other}}}
 
 
 class AnomalyMap(BaseModel):
-    kind: Literal["png", "heatmap"] = Field(
-        description="png: 16-bit grayscale, score = pixel / 65535 * vmax; heatmap: colour image for people"
+    kind: Literal["png", "heatmap", "overlay"] = Field(
+        description="png: 16-bit grayscale, score = pixel / 65535 * vmax; heatmap: colour image for people; "
+        "overlay: the heat map blended over the image with the outline of map >= threshold"
     )
     media_type: str = "image/png"
     encoding: str = "base64"
@@ -28,7 +36,10 @@ class AnomalyMap(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str = Field(description="The model's name.")
-    model_version: str = Field(description="Content fingerprint of the saved model.")
+    model_version: str = Field(description="Content fingerprint of the saved model version that answered.")
+    version_number: int | None = Field(
+        None, description="That version's number in a versioned model folder (null for a plain model folder)."
+    )
     score: float = Field(description="Image anomaly score (as PatchKNN.predict).")
     threshold: float | None = Field(description="The model's decision threshold, or null.")
     verdict: Literal["OK", "NG"] | None = Field(description="NG when score >= threshold; null without one.")
@@ -38,8 +49,16 @@ class PredictResponse(BaseModel):
     anomaly_map: AnomalyMap | None = None
 
 
-def encode_map(amap: np.ndarray, kind: str, scale: tuple[float, float] | None) -> dict[str, Any]:
-    """An anomaly map as the ``anomaly_map`` of the answer: a base64 PNG (16-bit scores or a heat map)."""
+def encode_map(
+    amap: np.ndarray,
+    kind: str,
+    scale: tuple[float, float] | None,
+    image: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """An anomaly map as the ``anomaly_map`` of the answer: a base64 PNG (16-bit scores, a heat map, or
+    for ``overlay`` the heat map over ``image`` (uint8 ``(S, S, 3)``, the model's input) with the
+    outline of ``map >= threshold``, as ``patchknn predict`` draws it)."""
     from PIL import Image
 
     h, w = amap.shape
@@ -51,11 +70,15 @@ def encode_map(amap: np.ndarray, kind: str, scale: tuple[float, float] | None) -
         pixels = np.clip(np.rint(amap.astype(np.float64) / vmax * 65535.0), 0, 65535).astype(np.uint16)
         Image.fromarray(pixels).save(buf, format="PNG")
     else:
-        from patchknn.visualize import colorize
+        from patchknn.visualize import colorize, overlay
 
         # the model's fixed colour scale (the same as `patchknn predict` overlays and the report)
         vmin, vmax = scale if scale is not None else (0.0, float(amap.max()) or 1.0)
-        Image.fromarray(colorize(amap, vmin, vmax)).save(buf, format="PNG")
+        if kind == "overlay" and image is not None:
+            pixels = overlay(image, amap, vmin=vmin, vmax=vmax, threshold=threshold)
+        else:
+            pixels = colorize(amap, vmin, vmax)
+        Image.fromarray(pixels).save(buf, format="PNG")
     return {
         "kind": kind,
         "media_type": "image/png",

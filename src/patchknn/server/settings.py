@@ -30,6 +30,7 @@ __all__ = [
     "load_models",
     "model_version",
     "parse_model_spec",
+    "parse_watch_folder",
 ]
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -51,6 +52,10 @@ class ServerSettings:
     Attributes:
         host, port: where to listen (the command line refuses a non-loopback host without keys).
         api_keys: accepted API keys; empty = no authentication (loopback only).
+        admin_keys: the keys that also have the ``admin`` role (corrections); accepted even when not
+            repeated in ``api_keys``. Without any key every client is an admin (loopback only).
+        watch_folders: camera folders the page may list and score, ``(name, directory)`` pairs set by
+            whoever starts the server (``--watch-folder NAME=DIR``); a browser names a folder, never a path.
         max_upload_bytes: largest request body; checked from ``Content-Length`` and while streaming.
         max_pixels: largest image ``height * width`` (decompression-bomb guard), answered with 413.
         request_timeout_s: deadline for one request from arrival to answer (504; 408 when the body
@@ -76,6 +81,8 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    watch_folders: tuple[tuple[str, Path], ...] = ()
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     request_timeout_s: float = 10.0
@@ -92,7 +99,13 @@ class ServerSettings:
     max_header_bytes: int = 16 * 1024
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        object.__setattr__(self, "admin_keys", tuple(self.admin_keys))
+        object.__setattr__(self, "api_keys", tuple(dict.fromkeys((*self.api_keys, *self.admin_keys))))
+        object.__setattr__(self, "watch_folders", tuple((str(n), Path(d)) for n, d in self.watch_folders))
+        for name, _ in self.watch_folders:
+            if not _NAME.match(name):
+                raise ConfigError(f"watch folder name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (starting with a "
+                                  "letter or digit)")
         _int("port", self.port, 0, 65535)
         _int("max_upload_bytes", self.max_upload_bytes, 1, 1 << 40)
         _int("max_pixels", self.max_pixels, 1, 1 << 40)
@@ -127,6 +140,7 @@ class ServerSettings:
             "header_timeout_s": self.header_timeout_s,
             "max_header_bytes": self.max_header_bytes,
             "auth": "bearer" if self.api_keys else "none",
+            "watch_folders": [name for name, _ in self.watch_folders],
         }
 
 
@@ -163,6 +177,24 @@ def parse_model_spec(spec: str) -> tuple[str, Path]:
     return name, path
 
 
+def parse_watch_folder(spec: str) -> tuple[str, Path]:
+    """``"NAME=DIR"`` -> ``(name, directory)`` for ``--watch-folder``; the directory must exist.
+
+    Raises:
+        ConfigError: no ``=``, a bad name, or ``DIR`` is not a directory.
+    """
+    name, sep, rest = str(spec).strip().partition("=")
+    if not sep or not rest:
+        raise ConfigError(f"--watch-folder {spec!r}: give NAME=DIR")
+    if not _NAME.match(name):
+        raise ConfigError(f"--watch-folder {spec!r}: the name must be 1-64 of A-Z a-z 0-9 . _ - (a letter or digit "
+                          "first)")
+    path = Path(rest).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"--watch-folder {spec!r}: {path} is not a directory")
+    return name, path
+
+
 def model_version(path: str | Path) -> str:
     """A content fingerprint of a saved model: the first 12 hex digits of SHA-256 of ``patchknn.json``.
 
@@ -184,12 +216,18 @@ class ServedModel:
             ``config`` / ``threshold_`` / ``predict_batch``, e.g. an exported model).
         version: content fingerprint (see :func:`model_version`), or any string.
         saved_by: the patchknn version that saved it.
+        number: the version number in its model folder (:mod:`patchknn.versions`; a plain folder is
+            version 1), ``None`` when unknown (an exported model, or a model saved over a versioned folder).
+        root: the model folder it was loaded from (where corrections write a new version), ``None`` for
+            an exported model (which cannot learn).
     """
 
     name: str
     model: Any
     version: str
     saved_by: str = "unknown"
+    number: int | None = None
+    root: Path | None = field(default=None, repr=False)
 
     @property
     def image_size(self) -> int:
@@ -206,6 +244,8 @@ class ServedModel:
         return {
             "name": self.name,
             "version": self.version,
+            "version_number": self.number,
+            "correctable": self.root is not None,
             "saved_by": self.saved_by,
             "backbone": self.model.config.backbone,
             "image_size": self.image_size,
@@ -256,12 +296,32 @@ def load_models(specs: Sequence[str], *, device: str = "cpu", warmup: bool = Tru
     served: dict[str, ServedModel] = {}
     for name, path in parsed:
         # a `patchknn export` folder runs on onnxruntime/OpenVINO (patchknn.runtime)
-        model = load_exported(path) if is_exported(path) else PatchKNN.load(path, device=device, progress=False)
+        exported = is_exported(path)
+        model = load_exported(path) if exported else PatchKNN.load(path, device=device, progress=False)
         doc = read_meta(path)
-        served[name] = ServedModel(name, model, model_version(path), str(doc.get("patchknn_version", "unknown")))
+        number = None if exported else _version_number(path)
+        served[name] = ServedModel(
+            name,
+            model,
+            model_version(path),
+            str(doc.get("patchknn_version", "unknown")),
+            number=number,
+            root=None if exported else Path(path),
+        )
         if warmup:
             warm_up(model)
     return served
+
+
+def _version_number(path: Path) -> int | None:
+    """The current version number of a model folder (a plain folder is version 1; ``None`` for a
+    model saved over a versioned folder, which becomes a version on the next save)."""
+    from patchknn.versions import VersionError, current_version
+
+    try:
+        return int(current_version(path).number)
+    except VersionError:
+        return None
 
 
 def warm_up(model: Any) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +24,12 @@ from patchknn.server.errors import ApiError, image_error
 from patchknn.server.memory import TRIM_AFTER_BYTES, DecodeCost, MemoryBudget, decode_cost, prepare_image
 
 __all__ = [
+    "FormPart",
     "decode_in_pool",
     "format_mib",
     "header_cost",
     "parse_multipart",
+    "parse_parts",
     "prepare",
     "read_body",
     "sniff_format",
@@ -96,8 +99,17 @@ class _MultipartLog:
     debug = info = warning = error = exception = _debug
 
 
-def parse_multipart(body: bytes, content_type: str, max_parts: int = 16) -> bytes:
-    """The bytes of the one part named ``file`` of a ``multipart/form-data`` body."""
+@dataclass(frozen=True)
+class FormPart:
+    """One part of a ``multipart/form-data`` body: its field name, file name (``""``: none) and bytes."""
+
+    name: str
+    filename: str
+    data: bytes
+
+
+def parse_parts(body: bytes, content_type: str, max_parts: int = 16) -> list[FormPart]:
+    """Every part of a ``multipart/form-data`` body (400 ``invalid_multipart`` when it cannot be parsed)."""
     try:
         from python_multipart.multipart import MultipartParser, parse_options_header
     except ImportError:  # python-multipart < 0.0.13
@@ -144,12 +156,19 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int = 16) -> byte
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed body
         raise ApiError(400, "invalid_multipart", f"the multipart body cannot be parsed ({exc})") from None
-    files = []
+    out = []
     for part in parts:
         disposition = part["headers"].get(b"content-disposition", b"")
         _, opts = parse_options_header(disposition)
-        if opts.get(b"name") == b"file":
-            files.append(part)
+        name = opts.get(b"name", b"").decode("utf-8", "replace")
+        filename = opts.get(b"filename", b"").decode("utf-8", "replace")
+        out.append(FormPart(name, filename, bytes(part["data"])))
+    return out
+
+
+def parse_multipart(body: bytes, content_type: str, max_parts: int = 16) -> bytes:
+    """The bytes of the one part named ``file`` of a ``multipart/form-data`` body."""
+    files = [part for part in parse_parts(body, content_type, max_parts) if part.name == "file"]
     if len(files) > 1:
         raise ApiError(
             400,
@@ -157,7 +176,7 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int = 16) -> byte
             f"the multipart body has {len(files)} fields named 'file'; send exactly one image per request",
         )
     if files:
-        return bytes(files[0]["data"])
+        return files[0].data
     raise ApiError(
         422, "missing_file", "the multipart upload has no field named 'file'; send the image as -F file=@image.png"
     )
