@@ -40,6 +40,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from patchknn._version import __version__
+from patchknn.checksums import sha256_file as sha256_file  # model files' checksums; re-exported
 from patchknn.errors import ModelFileError
 
 FORMAT_NAME = "patchknn-model"
@@ -355,15 +356,6 @@ def load_model(
             if not replaced or attempt == _LOAD_ATTEMPTS - 1:
                 raise ModelFileError(str(e)) from None
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

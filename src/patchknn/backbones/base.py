@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from patchknn.checksums import sha256_file as sha256_file  # the weights' identity; re-exported
 from patchknn.errors import ConfigError, WeightsError
 
 WeightsArg = str | Path | None
@@ -109,15 +109,6 @@ def random_seed(weights: WeightsArg) -> int | None:
             msg = f"weights {weights!r}: expected 'random' or 'random:SEED' (SEED an integer)"
             raise ConfigError(msg) from None
     return None
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- weights files -------------------------------------------------------------------------------

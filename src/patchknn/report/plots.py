@@ -84,12 +84,9 @@ def pr_png(data: dict[str, Any]) -> bytes | None:
         ax.axhline(base, color="#999999", linestyle=":", linewidth=1, label=f"chance {base:.3f}")
     # thresholds are one shorter than the curve (the final (1, 0) point has none)
     point = _operating_point(r[:-1], p[:-1], _arr(curve["thresholds"]), data.get("threshold"))
-    if point is not None:
-        ax.plot(*point, "o", color=THRESHOLD_COLOR, markersize=6, label="calibrated threshold")
-    ax.set(xlabel="recall (defective pixels found)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title("Pixel precision-recall", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left", frameon=False)
-    return _png(fig)
+    _mark(ax, point, "calibrated threshold")
+    return _finish(fig, ax, "Pixel precision-recall", "lower left", xlabel="recall (defective pixels found)",
+                   ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
 
 
 def roc_png(data: dict[str, Any]) -> bytes | None:
@@ -108,12 +105,9 @@ def roc_png(data: dict[str, Any]) -> bytes | None:
                 drawstyle="steps-post", label=f"image AUROC {_f(m.get('image_auroc'))}")
     ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1)
     point = _operating_point(fpr, tpr, _arr(curve["thresholds"]), data.get("threshold"))
-    if point is not None:
-        ax.plot(*point, "o", color=THRESHOLD_COLOR, markersize=6, label="calibrated threshold (pixels)")
-    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title("ROC", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right", frameon=False)
-    return _png(fig)
+    _mark(ax, point, "calibrated threshold (pixels)")
+    return _finish(fig, ax, "ROC", "lower right", xlabel="false-positive rate", ylabel="true-positive rate",
+                   xlim=(0, 1), ylim=(0, 1.02))
 
 
 def pro_png(data: dict[str, Any], fpr_limit: float = 0.3) -> bytes | None:
@@ -127,10 +121,8 @@ def pro_png(data: dict[str, Any], fpr_limit: float = 0.3) -> bytes | None:
     ax.axvspan(0, fpr_limit, color="#f0f0f0", zorder=0)
     ax.plot(fpr, pro, color=BAD_COLOR, linewidth=1.8, label=f"AUPRO@{fpr_limit:g} {_f(m.get('aupro'))}")
     ax.axvline(fpr_limit, color="#999999", linestyle=":", linewidth=1)
-    ax.set(xlabel="false-positive rate (normal pixels)", ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title("Per-region overlap (PRO)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right", frameon=False)
-    return _png(fig)
+    return _finish(fig, ax, "Per-region overlap (PRO)", "lower right", xlabel="false-positive rate (normal pixels)",
+                   ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
 
 
 def histogram_png(data: dict[str, Any]) -> bytes | None:
@@ -160,10 +152,8 @@ def histogram_png(data: dict[str, Any]) -> bytes | None:
         ax.axvline(thr, color=THRESHOLD_COLOR, linewidth=1.6, label=f"calibrated {thr:.3g}")
     if f1_thr is not None:
         ax.axvline(f1_thr, color=F1_COLOR, linewidth=1.6, linestyle="--", label=f"F1-optimal {f1_thr:.3g}")
-    ax.set(xlabel="image score", ylabel="images")
-    ax.set_title("Image scores", fontsize=10)
-    ax.legend(fontsize=7, loc="best", frameon=True, framealpha=0.85, edgecolor="none")
-    return _png(fig)
+    return _finish(fig, ax, "Image scores", "best", xlabel="image score", ylabel="images",
+                   legend={"frameon": True, "framealpha": 0.85, "edgecolor": "none"})
 
 
 def colorbar_png(vmin: float, vmax: float, threshold: float | None = None, *, width: float = 4.0) -> bytes:
@@ -182,6 +172,21 @@ def colorbar_png(vmin: float, vmax: float, threshold: float | None = None, *, wi
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
+
+
+def _mark(ax: Any, point: tuple[float, float] | None, label: str) -> None:
+    """The calibrated threshold's operating point on a curve (when the curve reaches it)."""
+    if point is not None:
+        ax.plot(*point, "o", color=THRESHOLD_COLOR, markersize=6, label=label)
+
+
+def _finish(fig: Any, ax: Any, title: str, legend_loc: str, *, legend: dict[str, Any] | None = None,
+            **axes: Any) -> bytes:
+    """Axes labels and limits, the title and the legend of every plot; the figure as PNG bytes."""
+    ax.set(**axes)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc=legend_loc, **(legend or {"frameon": False}))
+    return _png(fig)
 
 
 def _positive_rate(data: dict[str, Any]) -> float | None:
