@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("patchknn.persistence", "patchknn.heldout", "patchknn.threshold"),
     ("patchknn.bank", "patchknn.kinds", "patchknn.model", "patchknn.runtime"),
     ("patchknn.ensemble", "patchknn.versions"),
-    ("patchknn.evaluation", "patchknn.report"),
+    ("patchknn.evaluation", "patchknn.report", "patchknn.tune"),
     ("patchknn.server", "patchknn.distributed", "patchknn.export", "patchknn.watch"),
     ("patchknn.options", "patchknn.cli"),
 ]
