@@ -35,7 +35,15 @@ from patchknn.reduction import PCA
 if TYPE_CHECKING:
     from patchknn.model import PatchKNN
 
-__all__ = ["MemoryBank", "TrainingBank", "build_memory_bank", "check_store", "collect_features", "extend_memory_bank"]
+__all__ = [
+    "MemoryBank",
+    "TrainingBank",
+    "build_memory_bank",
+    "check_store",
+    "collect_features",
+    "extend_memory_bank",
+    "training_store",
+]
 
 
 @dataclass
@@ -91,7 +99,7 @@ def collect_features(
     sources = as_sources(images)
     if len(sources) == 0:
         raise ConfigError(f"{what} needs at least one normal image")
-    store = model.training_store(len(sources))
+    store = training_store(model, len(sources))
     batches = model.batches(sources)
     with model.progress_bar(len(sources), f"{what}: features") as bar:
         for batch in batches:
@@ -101,6 +109,13 @@ def collect_features(
     model.skipped_ = [(src, reason) for _, src, reason in errors]
     bad = {i for i, _, _ in errors}
     return store, [source_name(s, i) for i, s in enumerate(sources) if i not in bad]
+
+
+def training_store(model: PatchKNN, capacity: int) -> TrainingStore:
+    """An empty store for ``capacity`` training images of ``model``: compact maps when a PCA of
+    linear features follows (the paper), full patch vectors otherwise."""
+    ext = model.extractor
+    return TrainingStore(ext, capacity, compact=model.config.pca_variance is not None and ext.can_project)
 
 
 def check_store(store: TrainingStore, what: str) -> TrainingStore:

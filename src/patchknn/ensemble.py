@@ -46,6 +46,7 @@ from torch import nn
 
 from patchknn import scoring
 from patchknn.backbones.base import WeightsArg
+from patchknn.bank import training_store
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
 from patchknn.data import as_sources, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
@@ -208,7 +209,7 @@ class EnsemblePatchKNN(PatchKNN):
             raise ConfigError(f"{what} needs at least one normal image")
         self._share_backbones()
         lead = self.lead
-        stores = [m.training_store(len(sources)) for m in self.members]
+        stores = [training_store(m, len(sources)) for m in self.members]
         batches = lead.batches(sources)  # members share image_size
         try:
             with lead.progress_bar(len(sources), f"{what}: features") as bar:

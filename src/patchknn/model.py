@@ -277,24 +277,21 @@ class PatchKNN:
             max_pixels=self.max_pixels,
         )
 
-    def training_store(self, capacity: int) -> TrainingStore:
-        """An empty store for ``capacity`` training images: compact maps when a PCA of linear
-        features follows (the paper), full patch vectors otherwise."""
-        ext = self.extractor
-        return TrainingStore(ext, capacity, compact=self.config.pca_variance is not None and ext.can_project)
-
-    def fit_store(self, store: TrainingStore, t0: float, *, keep_held_out: bool = False) -> PatchKNN:
+    def fit_store(
+        self, store: TrainingStore, t0: float, *, keep_held_out: bool = False, pca: PCA | None = None
+    ) -> PatchKNN:
         """Everything after the features: PCA, bank, coreset, index, threshold (``skipped_`` set).
 
         ``keep_held_out``: also keep ``held_out_`` = the calibration images and their held-out
         grids (:func:`patchknn.threshold.held_out_grids`), for an ensemble that combines its
-        members' grids and calibrates on the result by the same folds.
+        members' grids and calibrates on the result by the same folds. ``pca``: project by this
+        fitted PCA instead of fitting one (what :meth:`partial_fit` equals: the PCA of fewer images).
         """
         seed_everything(self.config.seed)
         ext = self.extractor
         grid_cells, dim, filled = store.grid_cells, store.dim, store.n_rows
         t_feat = time.perf_counter()
-        built = build_memory_bank(check_store(store, "fit"), self.config, self._build_index)
+        built = build_memory_bank(check_store(store, "fit"), self.config, self._build_index, pca)
         self._set_bank(built)
         bank, kept, index_bank = built.full, built.kept, built.index.bank
         t_end = time.perf_counter()
