@@ -85,7 +85,10 @@ class TrainingBank:
         """``(full, kept)`` of a coreset model (read from the model file on first use)."""
         if self.full is None or self.kept is None:
             if self.source is None:
-                raise ConfigError("this model keeps no training bank (a coreset model saved without it)")
+                raise ConfigError(
+                    "partial_fit needs every training patch, and this coreset model has no training bank "
+                    "(saved by an older patchknn); fit it again once"
+                )
             self.full, self.kept = self.source()
             self.source = None
         return self.full, self.kept
