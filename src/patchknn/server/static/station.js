@@ -111,7 +111,9 @@ async function showCard() {
   row(table, "fingerprint", m.version).className = "fingerprint";
   row(table, "backbone", m.backbone);
   row(table, "input size", m.image_size + " px");
-  row(table, "preset / grid", (m.config.preset || "-") + " / " + m.config.grid_size + "x" + m.config.grid_size);
+  const c = m.config;
+  row(table, "method", (c.layers || []).join("+") + ", grid " + c.grid_size + "x" + c.grid_size + ", PCA " +
+    c.pca_variance + ", k=" + c.k + ", " + c.index + (c.coreset_ratio < 1 ? ", coreset " + c.coreset_ratio : ""));
   row(table, "training images", info.n_train_images);
   row(table, "memory bank", info.bank_size === undefined ? "-" : info.bank_size + " patches");
   row(table, "threshold", fmt(m.threshold));
