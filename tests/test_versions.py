@@ -192,8 +192,9 @@ def test_cli_partial_fit_history_rollback(plain, tmp_path):
     assert result.exit_code == 0, result.output
     assert "version 2" in result.output and "2 image(s) added" in result.output
     loaded = PatchKNN.load(plain)
-    assert loaded.fit_info_["n_train_images"] == 7
+    assert loaded.fit_info_["n_train_images"] == 7 and "added" not in loaded.fit_info_
     assert loaded.fit_info_["version"]["added"] == [str(folder / "ok0.png"), str(folder / "ok1.png")]
+    assert save_version(loaded, tmp_path / "copy").n_added == 0  # not repeated by a later save
 
     result = runner.invoke(app, ["history", str(plain)])
     assert result.exit_code == 0, result.output

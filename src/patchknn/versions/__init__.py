@@ -147,7 +147,9 @@ def save_version(
         versions = _scan(root)
         parent = _adopt_if_needed(root, versions)
         number = _next_number(root, versions)
-        record = dict(model.fit_info_.get("added") or {}) if not added else {}
+        # what the last partial_fit added moves into this version's record (a later version of
+        # the same model does not repeat it)
+        record = model.fit_info_.pop("added", None) or {}
         names = [str(a) for a in added] if added else [str(a) for a in record.get("names", [])]
         model.fit_info_["version"] = {
             "number": number,
@@ -155,7 +157,7 @@ def save_version(
             "author": author,
             "note": str(note),
             "added": names,
-            "n_added": int(record.get("count", len(names))) if not added else len(names),
+            "n_added": len(names) if added else int(record.get("count", len(names))),
             "parent": parent,
         }
         target = _versions_dir(root) / f"{number:04d}"
@@ -165,6 +167,8 @@ def save_version(
             os.rename(tmp, target)  # the version is complete before it has its name
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if record:
+                model.fit_info_["added"] = record
             raise
         _fsync_dir(target.parent)
         _promote(root, target)
