@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ another seed than the default 0)."""
 
 WEIGHTS_DIR_ENV = "PATCHKNN_WEIGHTS_DIR"
 """Environment variable naming a folder searched for default weights files (offline use)."""
+
+B = TypeVar("B", bound="Backbone")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,18 @@ def random_seed(weights: WeightsArg) -> int | None:
             msg = f"weights {weights!r}: expected 'random' or 'random:SEED' (SEED an integer)"
             raise ConfigError(msg) from None
     return None
+
+
+def build_network(cls: type[B], layers: Sequence[str], weights: WeightsArg) -> B:
+    """``cls(layers)`` with its random initialisation seeded (by ``random:SEED``, else 0), so every
+    build is the same network; with random weights its ``weights_id`` is that ``weights`` text."""
+    seed = random_seed(weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if seed is None else seed)
+        net = cls(layers)
+    if seed is not None:
+        net.weights_id = str(weights)
+    return net
 
 
 # -- weights files -------------------------------------------------------------------------------

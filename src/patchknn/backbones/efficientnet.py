@@ -42,6 +42,7 @@ from patchknn.backbones.base import (
     Backbone,
     LayerInfo,
     WeightsArg,
+    build_network,
     load_checked_state_dict,
     random_seed,
     read_state_dict_file,
@@ -163,12 +164,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 @register_backbone("efficientnet-lite2", EfficientNetLite2)
 def _factory(layers: Sequence[str], weights: WeightsArg) -> Backbone:
-    seed = random_seed(weights)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0 if seed is None else seed)
-        net = EfficientNetLite2(layers)
-    if seed is not None:
-        net.weights_id = str(weights)
+    net = build_network(EfficientNetLite2, layers, weights)
+    if random_seed(weights) is not None:
         return net
     path = _package_weights_file() if weights is None else resolve_weights_path(weights)
     net.load_weights(_read_state_dict(path), str(path))

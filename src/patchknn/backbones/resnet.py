@@ -47,6 +47,7 @@ from patchknn.backbones.base import (
     Backbone,
     LayerInfo,
     WeightsArg,
+    build_network,
     load_checked_state_dict,
     random_seed,
     register_backbone,
@@ -280,16 +281,6 @@ class KerasResNet50(CaffeResNet50):
 
 # -- reading weights files ------------------------------------------------------------------------
 # -- factories ------------------------------------------------------------------------------------
-def _build(cls: type[ResNetBackbone], layers: Sequence[str], weights: WeightsArg) -> ResNetBackbone:
-    seed = random_seed(weights)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0 if seed is None else seed)
-        net = cls(layers)
-    if seed is not None:
-        net.weights_id = str(weights)
-    return net
-
-
 def _load_path(net: ResNetBackbone, path: str | Path, allow_h5: bool, known_names: Sequence[str] = ()) -> None:
     path = resolve_weights_path(path, known_names)
     state = load_weights_file(path, allow_h5=allow_h5, max_stage=net.depth, backbone=net.name)
@@ -301,7 +292,7 @@ def _torchvision_factory(
     cls: type[ResNetBackbone], weights_enum: Any
 ) -> Callable[[Sequence[str], WeightsArg], Backbone]:
     def factory(layers: Sequence[str], weights: WeightsArg) -> Backbone:
-        net = _build(cls, layers, weights)
+        net = build_network(cls, layers, weights)
         if random_seed(weights) is not None:
             return net
         if weights is None:
@@ -323,7 +314,7 @@ register_backbone("wide_resnet50_2", TorchvisionWideResNet50)(
 
 def _keras_caffe_factory(cls: type[ResNetBackbone]) -> Callable[[Sequence[str], WeightsArg], Backbone]:
     def factory(layers: Sequence[str], weights: WeightsArg) -> Backbone:
-        net = _build(cls, layers, weights)
+        net = build_network(cls, layers, weights)
         if random_seed(weights) is not None:
             return net
         path = caffe_default_file(cls.name) if weights is None else weights

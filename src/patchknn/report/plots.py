@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,62 +68,54 @@ def _operating_point(x: np.ndarray, y: np.ndarray, thresholds: np.ndarray, thres
 
 def pr_png(data: dict[str, Any]) -> bytes | None:
     """Pixel-level precision-recall curve, with the calibrated threshold's operating point."""
-    curve = (data.get("curves") or {}).get("pr")
-    if not curve:
-        return None
     m = data.get("metrics", {})
-    p, r = _arr(curve["precision"]), _arr(curve["recall"])
-    fig, ax = _figure()
-    ax.plot(r, p, color=BAD_COLOR, linewidth=1.8, label=f"pixel AUPRC {_f(m.get('pixel_auprc'))}")
-    paper = m.get("paper_pixel_auprc")
-    if paper is not None:
-        ax.plot([], [], " ", label=f"paper (Table 2) {paper:.3f}")
-    base = m.get("pixel_positive_rate")
-    if base is None:
-        base = _positive_rate(data)
-    if base is not None:
-        ax.axhline(base, color="#999999", linestyle=":", linewidth=1, label=f"chance {base:.3f}")
-    # thresholds are one shorter than the curve (the final (1, 0) point has none)
-    point = _operating_point(r[:-1], p[:-1], _arr(curve["thresholds"]), data.get("threshold"))
-    _mark(ax, point, "calibrated threshold")
-    return _finish(fig, ax, "Pixel precision-recall", "lower left", xlabel="recall (defective pixels found)",
-                   ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+
+    def extras(ax: Any, curve: dict[str, Any], r: np.ndarray, p: np.ndarray) -> None:
+        paper = m.get("paper_pixel_auprc")
+        if paper is not None:
+            ax.plot([], [], " ", label=f"paper (Table 2) {paper:.3f}")
+        base = m.get("pixel_positive_rate")
+        if base is None:
+            base = _positive_rate(data)
+        if base is not None:
+            ax.axhline(base, color="#999999", linestyle=":", linewidth=1, label=f"chance {base:.3f}")
+        # thresholds are one shorter than the curve (the final (1, 0) point has none)
+        point = _operating_point(r[:-1], p[:-1], _arr(curve["thresholds"]), data.get("threshold"))
+        _mark(ax, point, "calibrated threshold")
+
+    return _curve_png(data, ("pr", "recall", "precision"), f"pixel AUPRC {_f(m.get('pixel_auprc'))}", extras,
+                      "Pixel precision-recall", "lower left", xlabel="recall (defective pixels found)",
+                      ylabel="precision")
 
 
 def roc_png(data: dict[str, Any]) -> bytes | None:
     """Pixel-level ROC curve (and the image-level one), with the calibrated operating point."""
-    curves = data.get("curves") or {}
-    curve = curves.get("roc")
-    if not curve:
-        return None
     m = data.get("metrics", {})
-    fpr, tpr = _arr(curve["fpr"]), _arr(curve["tpr"])
-    fig, ax = _figure()
-    ax.plot(fpr, tpr, color=BAD_COLOR, linewidth=1.8, label=f"pixel AUROC {_f(m.get('pixel_auroc'))}")
-    image = curves.get("image_roc")
-    if image:
-        ax.plot(_arr(image["fpr"]), _arr(image["tpr"]), color=GOOD_COLOR, linewidth=1.2, linestyle="--",
-                drawstyle="steps-post", label=f"image AUROC {_f(m.get('image_auroc'))}")
-    ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1)
-    point = _operating_point(fpr, tpr, _arr(curve["thresholds"]), data.get("threshold"))
-    _mark(ax, point, "calibrated threshold (pixels)")
-    return _finish(fig, ax, "ROC", "lower right", xlabel="false-positive rate", ylabel="true-positive rate",
-                   xlim=(0, 1), ylim=(0, 1.02))
+
+    def extras(ax: Any, curve: dict[str, Any], fpr: np.ndarray, tpr: np.ndarray) -> None:
+        image = data["curves"].get("image_roc")
+        if image:
+            ax.plot(_arr(image["fpr"]), _arr(image["tpr"]), color=GOOD_COLOR, linewidth=1.2, linestyle="--",
+                    drawstyle="steps-post", label=f"image AUROC {_f(m.get('image_auroc'))}")
+        ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1)
+        point = _operating_point(fpr, tpr, _arr(curve["thresholds"]), data.get("threshold"))
+        _mark(ax, point, "calibrated threshold (pixels)")
+
+    return _curve_png(data, ("roc", "fpr", "tpr"), f"pixel AUROC {_f(m.get('pixel_auroc'))}", extras, "ROC",
+                      "lower right", xlabel="false-positive rate", ylabel="true-positive rate")
 
 
 def pro_png(data: dict[str, Any], fpr_limit: float = 0.3) -> bytes | None:
     """Per-region overlap (PRO) curve; the AUPRO integration range is shaded."""
-    curve = (data.get("curves") or {}).get("pro")
-    if not curve:
-        return None
     m = data.get("metrics", {})
-    fpr, pro = _arr(curve["fpr"]), _arr(curve["pro"])
-    fig, ax = _figure()
-    ax.axvspan(0, fpr_limit, color="#f0f0f0", zorder=0)
-    ax.plot(fpr, pro, color=BAD_COLOR, linewidth=1.8, label=f"AUPRO@{fpr_limit:g} {_f(m.get('aupro'))}")
-    ax.axvline(fpr_limit, color="#999999", linestyle=":", linewidth=1)
-    return _finish(fig, ax, "Per-region overlap (PRO)", "lower right", xlabel="false-positive rate (normal pixels)",
-                   ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
+
+    def extras(ax: Any, *_: Any) -> None:
+        ax.axvspan(0, fpr_limit, color="#f0f0f0", zorder=0)
+        ax.axvline(fpr_limit, color="#999999", linestyle=":", linewidth=1)
+
+    return _curve_png(data, ("pro", "fpr", "pro"), f"AUPRO@{fpr_limit:g} {_f(m.get('aupro'))}", extras,
+                      "Per-region overlap (PRO)", "lower right", xlabel="false-positive rate (normal pixels)",
+                      ylabel="per-region overlap")
 
 
 def histogram_png(data: dict[str, Any]) -> bytes | None:
@@ -172,6 +165,23 @@ def colorbar_png(vmin: float, vmax: float, threshold: float | None = None, *, wi
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
+
+
+def _curve_png(
+    data: dict[str, Any], curve_xy: tuple[str, str, str], label: str, extras: Callable[..., None], title: str,
+    legend_loc: str, **axes: Any,
+) -> bytes | None:
+    """The plot of a stored curve ``(name, x key, y key)``: its main line, what ``extras(ax, curve,
+    x, y)`` adds, axes on [0, 1]; ``None`` when the report data have no such curve."""
+    kind, x, y = curve_xy
+    curve = (data.get("curves") or {}).get(kind)
+    if not curve:
+        return None
+    xs, ys = _arr(curve[x]), _arr(curve[y])
+    fig, ax = _figure()
+    ax.plot(xs, ys, color=BAD_COLOR, linewidth=1.8, label=label)
+    extras(ax, curve, xs, ys)
+    return _finish(fig, ax, title, legend_loc, xlim=(0, 1), ylim=(0, 1.02), **axes)
 
 
 def _mark(ax: Any, point: tuple[float, float] | None, label: str) -> None:
