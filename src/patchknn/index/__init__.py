@@ -4,11 +4,14 @@
 
 * ``"flat"``: exact search (the paper). On the CPU a faiss ``IndexFlatL2`` for small banks; from
   :data:`PRUNED_MIN_BANK` vectors on, :class:`PrunedFlatIndex` for narrow banks (it skips the
-  clusters of the bank that cannot hold a query's neighbours, bounds from the triangle inequality:
-  6-10x less time on MVTec bottle, 201 dims) and, from :data:`SCREENED_MIN_DIM` dimensions on,
+  clusters of the bank that cannot hold a query's neighbours, bounds from the triangle inequality,
+  and re-checks in float64 every row its round-off bound cannot rule out: the float64 scan's
+  answer) and, from :data:`SCREENED_MIN_DIM` dimensions on,
   :class:`patchknn.index.screened.ScreenedFlatIndex` (a low-dimensional lower bound with a proven round-off
-  margin, then a float64 re-check: the float64 scan's answer; there cluster radii exceed the
-  neighbour distances and cluster pruning skips almost nothing). On a CUDA device the plain faiss
+  margin, then a float64 re-check: the float64 scan's answer too; there cluster radii exceed the
+  neighbour distances and cluster pruning skips almost nothing). The CPU searches need no torch
+  (numpy, faiss), except the screened one: where torch is not loaded (:mod:`patchknn.runtime`) the
+  pruned search serves wide banks as well, with the same answers. On a CUDA device the plain faiss
   flat index on the GPU when this faiss build has GPU support, otherwise an exact chunked
   ``||q||^2 - 2 q.b + ||b||^2`` search with torch on that device (:class:`TorchFlatIndex`).
 * ``"ivf"``: faiss ``IndexIVFFlat`` (inverted lists; approximate unless ``nprobe >= nlist``). The
@@ -34,13 +37,13 @@ Example:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import torch
 
 from patchknn.errors import ConfigError
 from patchknn.index.approximate import HNSWIndex, IVFIndex
@@ -56,9 +59,23 @@ from patchknn.index.base import (
     set_search_threads,
     single_threaded,
 )
-from patchknn.index.gpu import FaissGpuIndex, TorchFlatIndex
 from patchknn.index.pruned import PrunedFlatIndex
-from patchknn.index.screened import ScreenedFlatIndex
+
+if TYPE_CHECKING:
+    from patchknn.index.gpu import FaissGpuIndex, TorchFlatIndex
+    from patchknn.index.screened import ScreenedFlatIndex
+
+_TORCH_BASED = {"FaissGpuIndex": "gpu", "TorchFlatIndex": "gpu", "ScreenedFlatIndex": "screened"}
+
+
+def __getattr__(name: str) -> Any:
+    # the GPU and the screened searches use torch: imported on first use, so the CPU search
+    # (flat, pruned, IVF, HNSW) runs where torch is not installed (patchknn.runtime)
+    if name in _TORCH_BASED:
+        import importlib
+
+        return getattr(importlib.import_module(f"patchknn.index.{_TORCH_BASED[name]}"), name)
+    raise AttributeError(f"module 'patchknn.index' has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------- factory
@@ -67,7 +84,7 @@ def build_index(
     kind: str = "flat",
     params: IndexParams | Mapping[str, Any] | None = None,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: Any = "cpu",
     threads: int | None = None,
     centroids: np.ndarray | None = None,
 ) -> MemoryBankIndex:
@@ -91,7 +108,6 @@ def build_index(
     if kind not in INDEX_KINDS:
         raise ConfigError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
     p = IndexParams.coerce(params)
-    dev = torch.device(device)
     set_search_threads(threads)
 
     def cpu_index() -> MemoryBankIndex:
@@ -99,12 +115,23 @@ def build_index(
             return IVFIndex(p, seed, centroids)
         if kind == "hnsw":
             return HNSWIndex(p, seed)
-        if len(bank) >= PRUNED_MIN_BANK and bank.shape[1] >= SCREENED_MIN_DIM:
+        # the screened search runs on torch: where torch is not loaded (patchknn.runtime) the
+        # pruned one, which is exact as well (both give the float64 scan's answer)
+        if len(bank) >= PRUNED_MIN_BANK and bank.shape[1] >= SCREENED_MIN_DIM and sys.modules.get("torch"):
+            from patchknn.index.screened import ScreenedFlatIndex
+
             return ScreenedFlatIndex(threads=threads)
         if len(bank) >= PRUNED_MIN_BANK:
             return PrunedFlatIndex(seed=seed, threads=threads)
         return MemoryBankIndex()
 
+    if str(device) == "cpu":
+        return cpu_index().build(bank)
+    import torch
+
+    from patchknn.index.gpu import FaissGpuIndex, TorchFlatIndex
+
+    dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {str(dev)!r} requested but no CUDA device is available; use device='cpu'")

@@ -8,7 +8,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 
 from patchknn.errors import ConfigError
 from patchknn.index.base import IndexParams, MemoryBankIndex, faiss_threads
@@ -86,7 +85,7 @@ class HNSWIndex(MemoryBankIndex):
             index.add(bank)
         return index
 
-    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
+    def search(self, queries: Any, k: int = 1) -> np.ndarray:
         self._check_query(queries, k)
         # efSearch below k would return fewer than k neighbours
         self._index.hnsw.efSearch = int(max(self.params.hnsw_ef_search, k))

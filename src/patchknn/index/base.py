@@ -4,6 +4,7 @@ base of every other kind."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -11,7 +12,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 
 from patchknn.errors import ConfigError, NotFittedError
 
@@ -72,11 +72,15 @@ class IndexParams:
 # ----------------------------------------------------------------------------------- threads
 def default_threads() -> int:
     """Threads for the search: torch's intra-op thread count (respects ``OMP_NUM_THREADS`` and
-    ``torch.set_num_threads``), at most the CPUs this process may run on."""
+    ``torch.set_num_threads``) when torch is loaded, at most the CPUs this process may run on
+    (all of them without torch: :mod:`patchknn.runtime`)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         cpus = os.cpu_count() or 1
+    torch = sys.modules.get("torch")  # the search itself needs no torch: never import it here
+    if torch is None or not hasattr(torch, "get_num_threads"):
+        return cpus
     return max(1, min(torch.get_num_threads(), cpus))
 
 
@@ -100,12 +104,30 @@ def faiss_threads(n: int) -> Iterator[None]:
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """Run torch's CPU operations on one thread inside the block (restored after)."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_BLAS: list[Any] = []  # the threadpoolctl controller, made on first use (it scans the loaded libraries)
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """numpy's BLAS on one thread inside the block (restored after): the numpy searches run one
+    single-threaded block of queries per worker thread; a multi-threaded BLAS under them spins
+    its threads against the workers (25x slower on 2 cores)."""
+    if not _BLAS:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS.append(ThreadpoolController())
+    with _BLAS[0].limit(limits=1, user_api="blas"):
+        yield
 
 
 def faiss_has_gpu() -> bool:
@@ -169,7 +191,7 @@ class MemoryBankIndex:
     def dim(self) -> int:
         return 0 if self.bank is None else int(self.bank.shape[1])
 
-    def _check_query(self, queries: np.ndarray | torch.Tensor, k: int) -> None:
+    def _check_query(self, queries: Any, k: int) -> None:
         if self._index is None:
             raise NotFittedError("the memory bank index is empty; fit the model first")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
@@ -179,12 +201,18 @@ class MemoryBankIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ConfigError(f"queries must be (M, {self.dim}), got shape {tuple(queries.shape)}")
 
-    def _query_tensor(self, queries: np.ndarray | torch.Tensor, k: int) -> torch.Tensor:
-        """Checked queries as a contiguous float32 CPU tensor (for the torch-based searches)."""
+    def _query_array(self, queries: Any, k: int) -> np.ndarray:
+        """Checked queries (numpy, or a torch tensor on any device) as a contiguous float32 array."""
         self._check_query(queries, k)
-        if isinstance(queries, torch.Tensor):
+        if hasattr(queries, "detach"):  # a torch tensor (torch itself is not imported here)
             queries = queries.detach().cpu().numpy()
-        return torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        return np.ascontiguousarray(queries, dtype=np.float32)
+
+    def _query_tensor(self, queries: Any, k: int) -> Any:
+        """Checked queries as a contiguous float32 CPU tensor (for the torch-based searches)."""
+        import torch
+
+        return torch.from_numpy(self._query_array(queries, k))
 
     def _thread_pool(self, threads: int) -> Any:
         """A pool of ``threads`` search threads, kept while its size is the one asked for."""
@@ -195,12 +223,9 @@ class MemoryBankIndex:
             self._pool_size = threads
         return self._pool
 
-    def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
+    def search(self, queries: Any, k: int = 1) -> np.ndarray:
         """Euclidean distances ``(M, k)`` from each query to its ``k`` nearest bank vectors."""
-        self._check_query(queries, k)
-        if isinstance(queries, torch.Tensor):
-            queries = queries.detach().cpu().numpy()
-        q = np.ascontiguousarray(queries, dtype=np.float32)
+        q = self._query_array(queries, k)
         if q.shape[0] == 0:
             return np.zeros((0, k), dtype=np.float32)
         sq, _ = self._index.search(q, int(k))
