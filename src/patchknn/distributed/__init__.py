@@ -11,25 +11,55 @@ it runs on one machine with no cluster; with ``address`` it joins an existing cl
 package does not import Ray (it is imported when a function needs it).
 """
 
-from patchknn.distributed._ray import ray_session
-from patchknn.distributed.fit_many import (
-    FitManyReport,
-    Variant,
-    discover_variants,
-    fit_many,
-    fit_variant,
-    is_up_to_date,
-    training_fingerprint,
-)
-from patchknn.distributed.score_archive import ArchiveScorer, ArchiveSummary, PartStore, list_archive, score_archive
-from patchknn.distributed.sharded import (
-    ShardedIndex,
-    bank_dirs,
-    load_sharded,
-    merge_topk,
-    shard_bounds,
-    shard_model,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
+    from patchknn.distributed._ray import ray_session
+    from patchknn.distributed.fit_many import (
+        FitManyReport,
+        Variant,
+        discover_variants,
+        fit_many,
+        fit_variant,
+        is_up_to_date,
+        training_fingerprint,
+    )
+    from patchknn.distributed.score_archive import (
+        ArchiveScorer,
+        ArchiveSummary,
+        PartStore,
+        list_archive,
+        score_archive,
+    )
+    from patchknn.distributed.sharded import (
+        ShardedIndex,
+        bank_dirs,
+        load_sharded,
+        merge_topk,
+        shard_bounds,
+        shard_model,
+    )
+
+# The submodules import numpy and the model-file format: loaded on first use (PEP 562), so that
+# registering `fit-many` and `score-archive` keeps the CLI's start light.
+_LAZY = {
+    "ray_session": "_ray",
+    **dict.fromkeys(("FitManyReport", "Variant", "discover_variants", "fit_many", "fit_variant", "is_up_to_date",
+                     "training_fingerprint"), "fit_many"),
+    **dict.fromkeys(("ArchiveScorer", "ArchiveSummary", "PartStore", "list_archive", "score_archive"),
+                    "score_archive"),
+    **dict.fromkeys(("ShardedIndex", "bank_dirs", "load_sharded", "merge_topk", "shard_bounds", "shard_model"),
+                    "sharded"),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"patchknn.distributed.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'patchknn.distributed' has no attribute {name!r}")
+
 
 __all__ = [
     "ArchiveScorer",
