@@ -188,8 +188,10 @@ def test_a_corrupt_file_gives_one_error_line_not_a_crash(fitted, tmp_path):
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("image,score,threshold,verdict,error") and len(csv_rows) == 5
 
-    summary, _ = _run_once(inp, out, model, timeout=0.2)  # recorded: not retried
+    (out / "results.csv").write_text(csv_rows[0] + "\n")  # behind the JSONL (e.g. a crash): rewritten at start
+    summary, _ = _run_once(inp, out, model, timeout=0.2, csv_copy=True)  # recorded: not retried
     assert (summary.scored, summary.errors, summary.already_done) == (0, 0, 4)
+    assert (out / "results.csv").read_text().splitlines() == csv_rows
     Image.fromarray(good).save(inp / "garbage.png")  # repaired later: a new version, scored
     summary, _ = _run_once(inp, out, model, timeout=0.2)
     assert (summary.scored, summary.errors) == (1, 0)

@@ -11,8 +11,12 @@ One watcher at a time writes a results folder: :class:`Ledger` holds an exclusiv
 ``OUT/.watch.lock`` (POSIX ``flock``, released when the process ends, even by a crash) and
 ``OUT/watch.json`` names the input folder the results belong to.
 
-``results.csv`` (optional) is a copy of the same records for spreadsheets: rewritten from the
-JSONL at start (so it is never out of step), then appended with each line.
+``results.csv`` (optional) is a copy of the same records for spreadsheets: checked at start and
+rewritten from the JSONL when it is out of step (so a crash never leaves it behind), then appended
+with each line.
+
+Memory: the keys (name, size, time; name, hash) and the overlay names are held in memory, about
+half a kilobyte per line; the records themselves are not.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +72,7 @@ class Ledger:
         self.output = Path(output)
         self.input_dir = Path(input_dir)
         self.csv_copy = csv_copy
-        self.records: list[dict[str, Any]] = []
+        self.count = 0
         self.stems: set[str] = set()
         self._by_stat: set[tuple[str, int, int]] = set()
         self._by_content: set[tuple[str, str]] = set()
@@ -88,7 +93,7 @@ class Ledger:
             self._jsonl = open(path, "ab")  # noqa: SIM115 - closed by close()
             os.fsync(self._jsonl.fileno())
             if self.csv_copy:
-                self._csv = self._rewrite_csv()
+                self._csv = self._open_csv()
         except BaseException:
             self.close()
             raise
@@ -140,7 +145,7 @@ class Ledger:
 
     # ------------------------------------------------------------------------------ internals
     def _remember(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+        self.count += 1
         name = str(record["image"])
         self._by_stat.add((name, int(record["size"]), int(record["mtime_ns"])))
         if record.get("sha256"):
@@ -181,41 +186,50 @@ class Ledger:
                 "(the ledger identifies images by their path in the watched folder)"
             )
 
-    def _rewrite_csv(self) -> io.TextIOWrapper:
+    def _open_csv(self) -> io.TextIOWrapper:
+        """``results.csv`` for appending; rewritten from the JSONL first unless it is in step with it
+        (a header and one complete row per line)."""
         path = self.output / CSV_FILE
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.records)
-        atomic_write(path, buf.getvalue().encode("utf-8"))
+        try:
+            data = path.read_bytes()
+            in_step = data.endswith(b"\n") and data.count(b"\n") == self.count + 1
+        except FileNotFoundError:
+            in_step = False
+        if not in_step:
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(_read_records(self.output / RESULTS_FILE))
+            atomic_write(path, buf.getvalue().encode("utf-8"))
         return open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path`` (none if missing); a torn last line is cut off the file."""
+def _read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of ``path``, one at a time (none if missing); a torn last line is first cut off the file."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 1))
+            torn = size > 0 and f.read(1) != b"\n"
     except FileNotFoundError:
-        return []
-    end = data.rfind(b"\n") + 1
-    if end < len(data):  # a crash while the last line was written: drop it, that image is scored again
+        return
+    if torn:  # a crash while the last line was written: drop it, that image is scored again
         with open(path, "r+b") as f:
-            f.truncate(end)
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
             os.fsync(f.fileno())
-        data = data[:end]
-    records = []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            _ = (str(record["image"]), int(record["size"]), int(record["mtime_ns"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise WatchError(
-                f"{path}, line {number}: not a result line of patchknn watch ({e}); repair or move the file"
-            ) from None
-        records.append(record)
-    return records
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                _ = (str(record["image"]), int(record["size"]), int(record["mtime_ns"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise WatchError(
+                    f"{path}, line {number}: not a result line of patchknn watch ({e}); repair or move the file"
+                ) from None
+            yield record
 
 
 __all__ = ["CSV_FIELDS", "CSV_FILE", "RESULTS_FILE", "STATE_FILE", "Fingerprint", "Ledger", "WatchError"]
