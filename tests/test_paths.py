@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from patchknn import PatchKNN
@@ -163,15 +162,25 @@ def test_score_archive_and_sharded_bank_equal_predict(case, ray_instance, tmp_pa
     _same([(p.score, p.verdict) for p in preds], case["expected"], "sharded bank")
 
 
+#: bottle, whole test set, per preset: the least pixel AUPRC and image AUROC (README tables; the
+#: paper preset's 0.7912 is asserted to +-0.002 through the CLI in test_evaluation.py, and ``fast``
+#: keeps its promise of at most 0.005 below it)
+BOTTLE_FLOORS = {"paper": (0.7912 - 0.002, 1.0), "fast": (0.7912 - 0.005, 1.0), "best": (0.83, 1.0)}
+
+
 @pytest.mark.parametrize("case", BOTTLE, indirect=True)
 def test_calibrated_threshold_separates_bottle(case):
     """Bottle, whole test set: the threshold fitted on normal images only finds the defective
-    bottles (recall) without flagging the good ones (precision)."""
-    samples = case["dataset"].test_samples()
-    preds = case["model"].predict([s.path for s in samples])
-    flagged = np.array([p.verdict == "NG" for p in preds])
-    truth = np.array([s.label == 1 for s in samples])
-    tp = int((flagged & truth).sum())
-    precision, recall = tp / max(1, int(flagged.sum())), tp / int(truth.sum())
-    assert precision >= 0.95 and recall >= 0.95, (case["name"], precision, recall, case["model"].threshold_)
+    bottles (recall) without flagging the good ones (precision), and the preset's accuracy holds
+    (pixel AUPRC, image AUROC; one scoring of the test set)."""
+    from patchknn.evaluation import score_category
 
+    ev = score_category(case["model"], case["dataset"])
+    row = ev.metrics
+    print(case["name"], {k: row[k] for k in ("pixel_auprc", "image_auroc", "aupro", "threshold_image_precision",
+                                             "threshold_image_recall", "calibration_gap")})
+    precision, recall = row["threshold_image_precision"], row["threshold_image_recall"]
+    assert precision >= 0.95 and recall >= 0.95, (case["name"], precision, recall, case["model"].threshold_)
+    auprc_floor, auroc_floor = BOTTLE_FLOORS[case["name"]]
+    assert row["pixel_auprc"] >= auprc_floor, (case["name"], row["pixel_auprc"])
+    assert row["image_auroc"] >= auroc_floor, (case["name"], row["image_auroc"])

@@ -84,16 +84,35 @@ def evaluate_category(
         fpr_limit: the false-positive-rate limit of AUPRO.
         **runtime: keyword-only :class:`PatchKNN` options (weights, device, batch_size, ...).
     """
-    if resolution not in ("input", "original"):
-        raise DatasetError(f"resolution must be 'input' or 'original', got {resolution!r}")
+    _check_resolution(resolution)
     dataset = MVTecCategory(root, category)
     dataset.validate(max_pixels=runtime.get("max_pixels", DEFAULT_MAX_PIXELS))
-    train = dataset.train_paths()
-    samples = dataset.test_samples()
     model = PatchKNN.from_config(config, **runtime)
     t0 = time.perf_counter()
-    model.fit(train)
+    model.fit(dataset.train_paths())
     fit_seconds = time.perf_counter() - t0
+    ev = score_category(model, dataset, resolution=resolution, fpr_limit=fpr_limit)
+    ev.metrics["fit_seconds"] = round(fit_seconds, 3)
+    return ev
+
+
+def _check_resolution(resolution: str) -> None:
+    if resolution not in ("input", "original"):
+        raise DatasetError(f"resolution must be 'input' or 'original', got {resolution!r}")
+
+
+def score_category(
+    model: PatchKNN,
+    dataset: MVTecCategory,
+    *,
+    resolution: Resolution = "input",
+    fpr_limit: float = 0.3,
+) -> CategoryEvaluation:
+    """Score a category's test set with an already fitted ``model`` and compute the metrics
+    (the second half of :func:`evaluate_category`; ``fit_seconds`` is left out of the row)."""
+    _check_resolution(resolution)
+    config, category = model.config, dataset.category
+    samples = dataset.test_samples()
 
     t1 = time.perf_counter()
     output = "input" if resolution == "input" else "original"
@@ -116,7 +135,6 @@ def evaluate_category(
         "n_train": int(model.fit_info_["n_train_images"]),
         "n_test": len(samples),
         "n_test_defective": int(labels.sum()),
-        "fit_seconds": round(fit_seconds, 3),
         "predict_images_per_second": round(len(samples) / max(predict_seconds, 1e-9), 3),
         "bank_size": int(model.fit_info_["bank_size"]),
         "n_components": int(model.fit_info_["n_components"]),
