@@ -100,7 +100,8 @@ def test_requests_during_a_correction_never_fail_and_match_their_version(mvtec_r
     offline = {1: model_v1.predict(paths), 2: load_version(root, 2, progress=False).predict(paths)}
     for _, k, a in answers:
         expected = offline[a["version_number"]][k]
-        assert a["score"] == pytest.approx(expected.score, rel=1e-4), (a["version_number"], k)
+        # rel: float32 rounding varies with the batch size; abs: the corrected image scores ~0 in version 2
+        assert a["score"] == pytest.approx(expected.score, rel=1e-4, abs=1e-3), (a["version_number"], k)
         assert a["verdict"] == expected.verdict
     # the corrected image is normal now: in the bank of version 2
     assert offline[2][0].score < offline[1][0].score

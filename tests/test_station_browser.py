@@ -1,7 +1,8 @@
 """The inspection page in a real browser (issue 16): Debian's chromium driven by Playwright.
 
 A predict-only key logs in, uploads an image of bottle's test set and sees the verdict, the score
-(the page's DOM is compared with offline ``predict``) and the heat-map overlay, and cannot correct
+(the page's DOM is compared with offline ``predict``) and the heat-map overlay, scores the newest
+image of a camera folder, and cannot correct
 the model (403, and the correction panel is not shown); an admin marks a false alarm as normal and
 sees the new version's number on the page, and the same image scored by that version. The
 browser is started once for the module; chromium comes from Debian (scripts/setup.sh), not from
@@ -70,7 +71,7 @@ def site(mvtec_root, caffe_weights, tmp_path_factory):
     )
     app = create_app(load_models([f"bottle={root}"], warmup=False), settings)
     with LiveServer(app) as live:
-        yield live, model, root
+        yield live, model, camera
 
 
 def log_in(page, url: str, key: str) -> None:
@@ -91,7 +92,7 @@ def upload(page, path: Path):
 
 
 def test_page_predict_key_sees_verdict_overlay_and_cannot_correct(browser, site, mvtec_root):
-    live, model, _ = site
+    live, model, camera = site
     page = browser.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     log_in(page, live.url, PREDICT_KEY)
@@ -112,6 +113,17 @@ def test_page_predict_key_sees_verdict_overlay_and_cannot_correct(browser, site,
     # the recent-results list shows it, and its NG filter keeps it
     page.check("#ng-only")
     page.wait_for_selector(f"#recent tbody tr.ng >> text={path.name}")
+
+    # a camera folder: the newest image there is fetched by name and scored like an upload
+    good = bottle_test_images(mvtec_root)[1]
+    shutil.copy(good, camera / "cam_0001.png")
+    n = page.locator(".shot[data-score]").count()
+    page.fill("#watch-n", "1")
+    page.click("#watch-score")
+    page.locator(".shot[data-score]").nth(n).wait_for(state="attached")
+    cam = page.locator(".shot[data-score]").first
+    assert cam.locator(".name").inner_text() == "line-1/cam_0001.png"
+    assert float(cam.get_attribute("data-score")) == pytest.approx(model.predict([good])[0].score, rel=1e-4)
 
     # the API refuses the correction to this key (what the page would send)
     status = page.evaluate(
