@@ -2,7 +2,7 @@
 
 Run from the repository root (see docs/export.md)::
 
-    flock /tmp/patchknn-bench.lock python benchmarks/export.py --preset paper --preset best
+    flock /tmp/patchknn-bench.lock python benchmarks/export.py --preset paper --preset fast --preset best
 
 For each preset: fit on ``--train-images`` bottle training images, export to ONNX and to OpenVINO
 IR, decode and resize ``--test-images`` test images once, then time, in this one process and
@@ -12,7 +12,8 @@ processes hurts all three alike), ``predict_batch`` on the same uint8 batches of
 * ``torch``: :meth:`PatchKNN.predict_batch` (the backbone channels-last, as the library runs it;
   ``torch.set_num_threads(--threads)``);
 * ``onnxruntime`` / ``openvino``: :meth:`patchknn.runtime.ExportedModel.predict_batch` (graph +
-  faiss search + the same maps and scores), the graph runtime on ``--threads`` threads.
+  the torch model's own search, :func:`patchknn.index.build_index` + the same maps and scores),
+  the graph runtime and the search on ``--threads`` threads.
 
 Decoding is left out (it is the same Pillow code on all three paths). Figures are images/s end to
 end from a decoded batch, and each one's ratio to torch measured in the same run; the largest
@@ -88,7 +89,9 @@ def run_preset(name: str, args: argparse.Namespace, root: Path) -> dict:
                 best[key] = min(best[key], time.perf_counter() - t0)
                 preds[key] = out
     ref = preds["torch"]
-    result = {"preset": name, "n_images": len(images), "threads": args.threads, "batch_size": args.batch_size}
+    result = {"preset": name, "n_images": len(images), "threads": args.threads, "batch_size": args.batch_size,
+              "search": [type(m.index_).__name__ for m in getattr(model, "members", None) or [model]],
+              "bank_rows": [int(m.index_.size) for m in getattr(model, "members", None) or [model]]}
     for key in runners:
         diff = max(
             float(np.abs(a.anomaly_map - b.anomaly_map).max() / np.abs(b.anomaly_map).max())
@@ -105,7 +108,7 @@ def run_preset(name: str, args: argparse.Namespace, root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", action="append", help="paper, best, fast (repeatable; default paper)")
+    parser.add_argument("--preset", action="append", help="paper, fast, best (repeatable; default all three)")
     parser.add_argument("--data-root", default=os.environ.get("PATCHKNN_MVTEC_ROOT"))
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--weights", default=None)
@@ -118,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.data_root:
         parser.error("give --data-root or set PATCHKNN_MVTEC_ROOT")
-    results = [run_preset(p, args, Path(args.data_root)) for p in (args.preset or ["paper"])]
-    print(f"| preset | runtime | images/s | vs torch | max map diff | verdicts equal |  (threads={args.threads})")
-    print("|---|---|---:|---:|---:|---|")
+    results = [run_preset(p, args, Path(args.data_root)) for p in (args.preset or ["paper", "fast", "best"])]
+    print(f"| preset | search (bank rows) | runtime | images/s | vs torch | max map diff | verdicts equal |"
+          f"  (threads={args.threads})")
+    print("|---|---|---|---:|---:|---:|---|")
     for r in results:
+        search = ", ".join(f"{s} ({n})" for s, n in zip(r["search"], r["bank_rows"]))
         for key in ("torch", "onnxruntime", "openvino"):
             x = r[key]
-            print(f"| {r['preset']} | {key} | {x['images_per_s']} | {x['vs_torch']:.2f}x | "
+            print(f"| {r['preset']} | {search} | {key} | {x['images_per_s']} | {x['vs_torch']:.2f}x | "
                   f"{x['max_map_diff']:.1e} | {x['verdicts_equal']} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,17 +1,17 @@
 """Score images with an exported model (:func:`patchknn.export.export_model`) without PyTorch.
 
-Needs numpy, Pillow, scipy, safetensors, faiss-cpu and one graph runtime: onnxruntime (``pip install
-'patchknn[onnx]'``) or OpenVINO (``'patchknn[openvino]'``). This module never imports torch
-(``tests/test_export.py`` runs it where importing torch fails).
+Needs numpy, Pillow, scipy, safetensors, faiss-cpu, threadpoolctl and one graph runtime: onnxruntime
+(``pip install 'patchknn[onnx]'``) or OpenVINO (``'patchknn[openvino]'``). This module never imports
+torch (``tests/test_export.py`` runs it where importing torch fails).
 
 The path is the torch model's, step by step: images are decoded and resized by
-:func:`patchknn.data.load_resized`; the member graphs give the rows to search; the search is the
-same faiss index kind with the same parameters (flat: exact, the nearest candidates re-checked in
-float64 as the torch model's exact search does for large banks; IVF: the saved coarse centroids and
-``nprobe``; HNSW: rebuilt in bank order on one thread, as saved models are); an ensemble z-scores
-its members with the saved normalisation; maps, scores and verdicts come from the very functions
-of :mod:`patchknn.scoring` that :meth:`PatchKNN.predict_batch <patchknn.model.PatchKNN.predict_batch>`
-calls.
+:func:`patchknn.data.load_resized`; the graphs give the rows to search (one graph per backbone pass:
+the members of an ensemble that share a pass read one graph's outputs, run once per batch); the
+search is built by the torch model's own factory, :func:`patchknn.index.build_index`, with the saved
+options and seed (flat: the exact search, whose answer is the float64 scan's; IVF: the saved coarse
+centroids and ``nprobe``; HNSW: the same graph); an ensemble z-scores its members with the saved
+normalisation; maps, scores and verdicts come from the very functions of :mod:`patchknn.scoring`
+that :meth:`PatchKNN.predict_batch <patchknn.model.PatchKNN.predict_batch>` calls.
 
 Example:
     >>> from patchknn.runtime import load                               # doctest: +SKIP
@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,8 +36,6 @@ from patchknn.serialization import load_model, read_meta, sha256_file
 
 EXPORTED_KIND = "exported"  # the same string as patchknn.export.graphs.EXPORTED_KIND (which imports torch)
 BACKENDS = ("auto", "onnxruntime", "openvino")
-#: Extra candidates the exact search re-checks in float64 beyond ``k`` (float32 near-ties).
-RECHECK = 8
 
 
 class SavedOptions(SimpleNamespace):
@@ -60,10 +57,13 @@ def is_exported(path: str | Path) -> bool:
 
 # ------------------------------------------------------------------------------------------- graphs
 class _Graph:
-    """One member's graph: uint8 ``(B, 3, S, S)`` -> float32 ``(B, grid*grid, d)``."""
+    """One graph: uint8 ``(B, 3, S, S)`` -> float32 ``(B, grid*grid, d)`` for each member it serves
+    (one backbone pass). The last batch's outputs are kept, so the members of a shared graph run
+    it once per batch."""
 
     def __init__(self, path: Path, backend: str, threads: int | None) -> None:
         self.backend = backend
+        self._last: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
         if backend == "onnxruntime":
             try:
                 import onnxruntime as ort
@@ -83,13 +83,18 @@ class _Graph:
                 config["INFERENCE_NUM_THREADS"] = int(threads)
             self._compiled = ov.Core().compile_model(str(path), "CPU", config)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray, output: str) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=np.uint8)
-        if self.backend == "onnxruntime":
-            out = self._session.run(["rows"], {"images": x})[0]
-        else:
-            out = self._compiled([x])[self._compiled.output(0)]
-        return np.asarray(out, dtype=np.float32)
+        if self._last is None or self._last[0].shape != x.shape or not np.array_equal(self._last[0], x):
+            if self.backend == "onnxruntime":
+                names = [o.name for o in self._session.get_outputs()]
+                values = self._session.run(names, {"images": x})
+            else:
+                result = self._compiled([x])
+                names = [o.get_any_name() for o in self._compiled.outputs]
+                values = [result[o] for o in self._compiled.outputs]
+            self._last = (x.copy(), {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, values)})
+        return self._last[1][output]
 
 
 def _pick_backend(backend: str, fmt: str) -> str:
@@ -110,74 +115,26 @@ def _pick_backend(backend: str, fmt: str) -> str:
         return "onnxruntime"
 
 
-# ------------------------------------------------------------------------------------------- search
-class _Search:
-    """The member's nearest-neighbour search, rebuilt as the torch model builds it."""
-
-    def __init__(self, desc: dict[str, Any], bank: np.ndarray, centroids: np.ndarray | None) -> None:
-        import faiss
-
-        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-        self.kind = str(desc.get("kind", "flat"))
-        n, d = self.bank.shape
-        if self.kind == "ivf":
-            if centroids is None:
-                raise ModelFileError("an IVF export needs its coarse centroids")
-            self._quantizer = faiss.IndexFlatL2(d)
-            self._quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
-            index = faiss.IndexIVFFlat(self._quantizer, d, int(centroids.shape[0]), faiss.METRIC_L2)
-            index.add(self.bank)
-            index.nprobe = int(desc["nprobe"])
-        elif self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, int(desc["hnsw_m"]))
-            index.hnsw.efConstruction = int(desc["hnsw_ef_construction"])
-            index.hnsw.efSearch = int(desc["hnsw_ef_search"])
-            with contextlib.suppress(AttributeError, TypeError):  # as patchknn.index builds it
-                index.hnsw.rng = faiss.RandomGenerator(int(desc.get("seed", 0)) + 12345)
-            before = faiss.omp_get_max_threads()
-            faiss.omp_set_num_threads(1)  # insertion order = bank order, as the torch model builds it
-            try:
-                index.add(self.bank)
-            finally:
-                faiss.omp_set_num_threads(before)
-        else:
-            index = faiss.IndexFlatL2(d)
-            index.add(self.bank)
-        self._index = index
-        self.size = n
-
-    def search(self, rows: np.ndarray, k: int) -> np.ndarray:
-        """Euclidean distances ``(M, k)``, ascending."""
-        q = np.ascontiguousarray(rows, dtype=np.float32)
-        if self.kind == "hnsw":
-            self._index.hnsw.efSearch = max(int(self._index.hnsw.efSearch), k)
-        if self.kind != "flat":
-            sq, _ = self._index.search(q, k)
-            return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32)
-        # exact: faiss' float32 candidates, their distances re-computed in float64
-        depth = min(self.size, k + RECHECK)
-        _, ids = self._index.search(q, depth)
-        ids = np.where(ids < 0, 0, ids)
-        out = np.empty((q.shape[0], k), dtype=np.float32)
-        step = 1024  # (step, k + RECHECK, d) float64 differences: about 50 MB at d = 700
-        for i in range(0, q.shape[0], step):
-            diff = self.bank[ids[i : i + step]].astype(np.float64) - q[i : i + step, None, :].astype(np.float64)
-            sq = np.einsum("mkd,mkd->mk", diff, diff)
-            out[i : i + step] = np.sqrt(np.sort(sq, axis=1)[:, :k])
-        return out
-
-
 # ------------------------------------------------------------------------------------------- model
 class _Member:
-    def __init__(self, root: Path, desc: dict[str, Any], tensors: dict[str, np.ndarray], backend: str,
+    def __init__(self, desc: dict[str, Any], tensors: dict[str, np.ndarray], graph: _Graph,
                  threads: int | None) -> None:
+        from patchknn.index import IndexParams, build_index
+
         self.config = SavedOptions(**desc["config"])
-        self.graph = _Graph(root / str(desc["graph"]), backend, threads)
-        self.search = _Search(desc.get("index", {}), tensors["bank"], tensors.get("centroids"))
-        self.k = int(self.config.k)
+        self.graph = graph
+        self.output = str(desc.get("output", "rows"))
+        # the torch model's own factory, options and seed: the same search (exact: the float64
+        # scan's answer; IVF: the saved centroids; HNSW: the same graph)
+        cfg = self.config
+        self.search = build_index(
+            tensors["bank"], cfg.index, IndexParams.from_config(cfg), int(cfg.seed), "cpu", threads=threads,
+            centroids=tensors.get("centroids"),
+        )
+        self.k = int(cfg.k)
 
     def _grid_and_rows(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.graph(images)
+        rows = self.graph(images, self.output)
         b, p, d = rows.shape
         flat = rows.reshape(b * p, d)
         scores = self.search.search(flat, self.k).mean(axis=1, dtype=np.float64).astype(np.float32)
@@ -245,8 +202,14 @@ class ExportedModel:
                 for name, digest in dict(desc["files"]).items():
                     if Path(name).name != name or sha256_file(root / name) != digest:
                         raise ModelFileError(f"{root / name}: missing, or its checksum does not match")
+            graphs: dict[str, _Graph] = {}
+            for desc in members:
+                name = str(desc["graph"])
+                if name not in graphs:
+                    graphs[name] = _Graph(root / name, self.backend, threads)
             self.members = [
-                _Member(root, desc, groups[f"member_{i}"], self.backend, threads) for i, desc in enumerate(members)
+                _Member(desc, groups[f"member_{i}"], graphs[str(desc["graph"])], threads)
+                for i, desc in enumerate(members)
             ]
             self.norm_ = np.asarray(groups["ensemble"]["norm"], np.float64) if "ensemble" in groups else None
         except (KeyError, TypeError, ValueError) as e:

@@ -1,13 +1,16 @@
 """Export a fitted model for deployment without PyTorch: ONNX or OpenVINO graphs + the memory bank.
 
 :func:`export_model` writes a folder that :mod:`patchknn.runtime` scores with onnxruntime (or
-OpenVINO), numpy, Pillow, scipy and faiss-cpu only, giving the same maps, scores and verdicts as
+OpenVINO), numpy, Pillow, scipy, threadpoolctl and faiss-cpu only, giving the same maps, scores and verdicts as
 :meth:`PatchKNN.predict <patchknn.model.PatchKNN.predict>` (``tests/test_export.py``).
 
-One graph per member (a single model has one member), input ``images``: uint8 ``(B, 3, S, S)``
-RGB already resized to ``image_size`` (resizing stays in the loader, :func:`patchknn.data.load_resized`,
-so images are decoded exactly as for the torch model), dynamic batch axis; output ``rows``: float32
-``(B, grid*grid, d)``, the vectors searched in the bank. The graph holds the backbone's
+One graph per backbone pass (a single model has one; an ensemble's members on the same network and
+weights, such as the ``best`` preset's two views, share one graph with an output ``rows_<i>`` per
+member), input ``images``: uint8 ``(B, 3, S, S)`` RGB already resized to ``image_size`` (resizing
+stays in the loader, :func:`patchknn.data.load_resized`, so images are decoded exactly as for the
+torch model), dynamic batch axis; output ``rows`` (``rows_<i>``): float32 ``(B, grid*grid, d)``,
+the vectors searched in the bank. An option the export does not reproduce is refused
+(:data:`~patchknn.export.graphs.REPRODUCED_OPTIONS`). The graph holds the backbone's
 normalisation, the backbone up to the deepest used layer, the pooling and resize to the grid, and
 the PCA projection (layer by layer, as :meth:`PatchFeatureExtractor.project
 <patchknn.features.PatchFeatureExtractor.project>`). A ``precision="bfloat16"`` model is exported

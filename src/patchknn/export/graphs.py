@@ -6,6 +6,7 @@ See :mod:`patchknn.export` for what the folder holds and :mod:`patchknn.runtime`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 import warnings
@@ -27,35 +28,122 @@ EXPORT_FORMATS = ("onnx", "openvino")
 EXPORTED_KIND = "exported"
 #: ONNX opset of the graphs (onnxruntime >= 1.14 and OpenVINO >= 2023.0 read it).
 OPSET = 17
+#: The options the export reproduces (graph, search, scoring; ``tests/test_export.py`` checks each).
+#: An option added to :class:`~patchknn.config.PatchKNNConfig` later is refused at export time
+#: unless it has its default value, until the export handles it.
+REPRODUCED_OPTIONS = frozenset({
+    "backbone", "layers", "image_size", "grid_size", "pca_variance", "k", "aggregation", "layer_norm",
+    "smoothing_sigma", "image_score", "image_score_topk", "index", "index_nlist", "index_nprobe", "hnsw_m",
+    "hnsw_ef_search", "coreset_ratio", "coreset_dim", "threshold_method", "threshold_quantile",
+    "threshold_sigma", "calibration_images", "tta", "precision", "seed", "ensemble",
+})
+
+
+class _OnePass(nn.Module):
+    """A backbone that runs once per graph call however many members read its maps (the ensemble's
+    shared pass, in the traced graph: the second member gets the first one's traced outputs)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.layers = net.layers
+        self._last: tuple[torch.Tensor, Any] | None = None
+
+    def layer_info(self, name: str) -> Any:
+        return self.net.layer_info(name)
+
+    def forward(self, images: torch.Tensor) -> Any:
+        if self._last is None or self._last[0] is not images:
+            self._last = (images, self.net(images))
+        return self._last[1]
 
 
 class RowsGraph(nn.Module):
-    """uint8 ``(B, 3, S, S)`` -> float32 ``(B, grid*grid, d)``: what one member searches in its bank.
+    """uint8 ``(B, 3, S, S)`` -> float32 ``(B, grid*grid, d_i)`` for each member: what it searches in
+    its bank. Members given together share one backbone pass (same network and weights).
 
     The same computation as :meth:`PatchKNN.query_rows <patchknn.model.PatchKNN.query_rows>`, in
     float32 on the CPU: the layer-wise projection for linear features, else the patch vectors
     (then the PCA when there is one).
     """
 
-    def __init__(self, member: PatchKNN) -> None:
+    def __init__(self, members: PatchKNN | list[PatchKNN]) -> None:
         super().__init__()
-        ext = member.extractor
-        net = getattr(ext.backbone, "inner", ext.backbone)  # an ensemble's shared backbone wrapper
+        members = members if isinstance(members, list) else [members]
+        first = members[0].extractor
+        net = getattr(first.backbone, "inner", first.backbone)  # an ensemble's shared backbone wrapper
         net = copy.deepcopy(net).to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
-        self.ext = PatchFeatureExtractor(net, ext.grid_size, ext.aggregation, ext.layer_norm, "float32").eval()
-        pca = member.pca_
-        self.has_pca = pca is not None
-        if pca is not None:
-            self.register_buffer("mean", pca.mean_tensor.detach().cpu().float().clone())
-            self.register_buffer("components", pca.components_tensor.detach().cpu().float().clone())
+        self.backbone = _OnePass(net)
+        self.exts = nn.ModuleList()
+        self.pcas: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for i, member in enumerate(members):
+            ext = member.extractor
+            self.exts.append(PatchFeatureExtractor(self.backbone, ext.grid_size, ext.aggregation, ext.layer_norm,
+                                                   "float32").eval())  # type: ignore[arg-type]
+            pca = member.pca_
+            if pca is None:
+                self.pcas.append(None)
+                continue
+            mean = pca.mean_tensor.detach().cpu().float().clone()
+            comps = pca.components_tensor.detach().cpu().float().clone()
+            self.register_buffer(f"mean_{i}", mean)
+            self.register_buffer(f"components_{i}", comps)
+            self.pcas.append((mean, comps))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.has_pca:
-            return self.ext(images)
-        if self.ext.can_project:
-            return self.ext.project(images, self.mean, self.components)
-        feats = self.ext(images)
-        return (feats - self.mean) @ self.components.T
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.backbone._last = None
+        out = []
+        for ext, pca in zip(self.exts, self.pcas):
+            if pca is None:
+                out.append(ext(images))
+            elif ext.can_project:
+                out.append(ext.project(images, *pca))
+            else:
+                out.append((ext(images) - pca[0]) @ pca[1].T)
+        self.backbone._last = None
+        return tuple(out)
+
+
+def _same_pass(a: PatchKNN, b: PatchKNN) -> bool:
+    """Whether two members compute the same backbone maps (network, layers, precision, image size and
+    weights), so that one pass serves both."""
+    ca, cb = a.config, b.config
+    if (ca.backbone, tuple(ca.resolved_layers), ca.precision, ca.image_size) != (
+        cb.backbone, tuple(cb.resolved_layers), cb.precision, cb.image_size
+    ):
+        return False
+    na = getattr(a.extractor.backbone, "inner", a.extractor.backbone)
+    nb = getattr(b.extractor.backbone, "inner", b.extractor.backbone)
+    if na is nb:
+        return True
+    sa, sb = na.state_dict(), nb.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def _passes(members: list[PatchKNN]) -> list[list[int]]:
+    """The members grouped by backbone pass, in member order."""
+    groups: list[list[int]] = []
+    for i, m in enumerate(members):
+        for g in groups:
+            if _same_pass(members[g[0]], m):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def check_reproduced(config: Any) -> None:
+    """Refuse a configuration with an option the export does not reproduce (see
+    :data:`REPRODUCED_OPTIONS`), rather than export a model that answers differently."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name not in REPRODUCED_OPTIONS and value != f.default:
+            raise ConfigError(
+                f"the export does not reproduce the option {f.name}={value!r} yet (the exported model would "
+                f"answer differently from predict); export a model with {f.name}={f.default!r}, or score "
+                "it with the torch model"
+            )
 
 
 def _members(model: PatchKNN) -> tuple[list[PatchKNN], np.ndarray | None]:
@@ -89,7 +177,7 @@ def _index_description(member: PatchKNN) -> tuple[dict[str, Any], dict[str, np.n
     return desc, tensors
 
 
-def _export_onnx(graph: RowsGraph, size: int, path: Path) -> None:
+def _export_onnx(graph: RowsGraph, size: int, path: Path, outputs: list[str]) -> None:
     dummy = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the classic exporter's deprecation and tracer notes
@@ -98,8 +186,8 @@ def _export_onnx(graph: RowsGraph, size: int, path: Path) -> None:
             (dummy,),
             str(path),
             input_names=["images"],
-            output_names=["rows"],
-            dynamic_axes={"images": {0: "batch"}, "rows": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
@@ -145,27 +233,33 @@ def export_model(
         raise ModelFileError(f"{root}: exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
     members, norm = _members(model)
+    for m in [model, *members]:
+        check_reproduced(m.config)
     size = int(model.config.image_size)
-    described: list[dict[str, Any]] = []
     groups: dict[str, dict[str, np.ndarray]] = {}
+    described: list[dict[str, Any]] = [{} for _ in members]
     with tempfile.TemporaryDirectory(dir=root, prefix=".export-") as tmp:
-        for i, member in enumerate(members):
-            graph = RowsGraph(member).eval()
-            onnx_path = Path(tmp) / f"member-{i}.onnx"
-            _export_onnx(graph, size, onnx_path)
-            files = [onnx_path] if format == "onnx" else _to_openvino(onnx_path, Path(tmp) / f"member-{i}.xml")
+        for group in _passes(members):
+            graph = RowsGraph([members[i] for i in group]).eval()
+            outputs = ["rows"] if len(group) == 1 else [f"rows_{i}" for i in group]
+            stem = f"member-{group[0]}" if len(group) == 1 else "members-" + "-".join(map(str, group))
+            onnx_path = Path(tmp) / f"{stem}.onnx"
+            _export_onnx(graph, size, onnx_path, outputs)
+            files = [onnx_path] if format == "onnx" else _to_openvino(onnx_path, Path(tmp) / f"{stem}.xml")
             for f in files:
                 shutil.move(str(f), root / f.name)
-            index, tensors = _index_description(member)
-            groups[f"member_{i}"] = tensors
-            described.append({
-                "config": member.config.to_dict(),
-                "graph": files[0].name,
-                "files": {f.name: sha256_file(root / f.name) for f in files},
-                "rows_dim": int(tensors["bank"].shape[1]),
-                "index": index,
-                "backbone_precision": member.config.precision,
-            })
+            for i, output in zip(group, outputs):
+                index, tensors = _index_description(members[i])
+                groups[f"member_{i}"] = tensors
+                described[i] = {
+                    "config": members[i].config.to_dict(),
+                    "graph": files[0].name,
+                    "output": output,
+                    "files": {f.name: sha256_file(root / f.name) for f in files},
+                    "rows_dim": int(tensors["bank"].shape[1]),
+                    "index": index,
+                    "backbone_precision": members[i].config.precision,
+                }
     if norm is not None:
         groups["ensemble"] = {"norm": norm}
     meta = {
@@ -174,7 +268,8 @@ def export_model(
         "model_kind": "ensemble" if norm is not None else "single",
         "config": model.config.to_dict(),
         "input": {"name": "images", "dtype": "uint8", "layout": "NCHW RGB", "size": size},
-        "output": {"name": "rows", "dtype": "float32", "shape": ["batch", model.config.grid_size**2, "d"]},
+        "output": {"name": "rows (rows_<i> for member i of a shared graph)", "dtype": "float32",
+                   "shape": ["batch", model.config.grid_size**2, "d"]},
         "members": described,
         "threshold": model.threshold_,
         "fit_info": model.fit_info_,
@@ -182,4 +277,5 @@ def export_model(
     return save_model(root, meta, groups)
 
 
-__all__ = ["EXPORTED_KIND", "EXPORT_FORMATS", "OPSET", "RowsGraph", "export_model"]
+__all__ = ["EXPORTED_KIND", "EXPORT_FORMATS", "OPSET", "REPRODUCED_OPTIONS", "RowsGraph", "check_reproduced",
+           "export_model"]
