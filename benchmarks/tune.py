@@ -11,8 +11,10 @@ the calibrated threshold, and marks:
 * ``paper``: the paper's configuration.
 
 Data: ``bottle`` from ``PATCHKNN_MVTEC_ROOT``, ``magnetic_tile`` from ``PATCHKNN_MTD_ROOT``, weights
-from ``PATCHKNN_WEIGHTS_DIR``. magnetic_tile is subsampled (every ``--mtd-train-step``-th training
-image, every ``--mtd-test-step``-th test image in sorted order) to fit a 2-core CPU.
+from ``PATCHKNN_WEIGHTS_DIR``. To fit a shared 2-core CPU, a product is a seeded random
+``--train-images`` of its training images (magnetic_tile: taken from every ``--mtd-train-step``-th);
+``tune`` holds out and fits within them, and every candidate of the real test is fitted on all of
+them; magnetic_tile's test set is every ``--mtd-test-step``-th test image in sorted order.
 
 Usage::
 
@@ -47,6 +49,9 @@ def category_data(name: str, args: argparse.Namespace) -> tuple[list[Path], Eval
         root, train_step, test_step = os.environ["PATCHKNN_MVTEC_ROOT"], 1, 1
     ds = MVTecCategory(root, name)
     train = ds.train_paths()[::train_step]
+    if args.train_images and len(train) > args.train_images:
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(train), size=args.train_images, replace=False))
+        train = [train[i] for i in keep]
     samples = ds.test_samples()[::test_step]
     masks = []
     for s in samples:
@@ -58,7 +63,8 @@ def category_data(name: str, args: argparse.Namespace) -> tuple[list[Path], Eval
         else:
             masks.append(load_mask(s.mask_path))
     labels = np.array([s.label for s in samples])
-    note = f"train every {train_step}th ({len(train)}), test every {test_step}th ({len(samples)})"
+    note = (f"{len(train)} training images (seeded, from every {train_step}. of {len(ds.train_paths())}), "
+            f"{len(samples)} test images (every {test_step}. of {len(ds.test_samples())})")
     return train, EvaluationSet([str(s.path) for s in samples], masks, labels), note
 
 
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=6.0, help="tune's budget in minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mtd-train-step", type=int, default=3)
-    p.add_argument("--mtd-test-step", type=int, default=2)
+    p.add_argument("--mtd-test-step", type=int, default=4)
+    p.add_argument("--train-images", type=int, default=60, help="seeded subsample of the training images (0 = all)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     runs = []
