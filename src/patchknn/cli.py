@@ -337,13 +337,17 @@ from patchknn.export.commands import register as _register_export  # noqa: E402 
 
 _register_export(app)
 
-from patchknn.versions.commands import register as _register_versions  # noqa: E402 - partial-fit, history, rollback
-
-_register_versions(app)
-
 from patchknn.watch.commands import register as _register_watch  # noqa: E402 - watch (hot folder; watch extra)
 
 _register_watch(app)
+
+from patchknn.tune.commands import register as _register_tune  # noqa: E402 - tune (and fit --preset auto)
+
+_register_tune(app)
+
+from patchknn.versions.commands import register as _register_versions  # noqa: E402 - partial-fit, history, rollback
+
+_register_versions(app)
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
