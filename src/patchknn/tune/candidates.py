@@ -5,8 +5,9 @@ are fitted together, and ordered cheap-first.
 Grid (each line one candidate; ``fixed`` options given by the user apply to all of them):
 
 * around ``paper`` (ResNet-50 at 224 px, grid 28): per-layer L2 normalisation, map smoothing of
-  0.5 and 1 grid cell, the top-k-mean image score, layers 2-3 only, and the paper at 320 px /
-  grid 40 (resolution);
+  0.5 and 1 grid cell, the top-k-mean image score, layers 2-3 only, the paper at 320 px / grid 40
+  (resolution), and the grid's outer ring filled from inside (``border_cells=1``, where the
+  option exists);
 * ``paper`` + a ``layer_norm=true`` ensemble member (the two views of one backbone);
 * around ``best`` (EfficientNet-Lite2 at 320 px / grid 40): its single members without the
   ensemble (raw and per-layer normalised), smoothing 1 cell, and the ensemble without smoothing.
@@ -21,6 +22,7 @@ own, tried first, so that even a tiny budget returns a sound choice quickly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +32,9 @@ from patchknn.config import PRESETS, PatchKNNConfig, preset
 __all__ = ["POST_FIELDS", "Candidate", "CandidateGroup", "default_candidates", "fit_key", "plan_groups"]
 
 #: options that act after the search: candidates differing only in these share a fitted model
-POST_FIELDS = ("smoothing_sigma", "image_score", "image_score_topk",
+POST_FIELDS = ("smoothing_sigma", "image_score", "image_score_topk", "border_cells",
                "threshold_method", "threshold_quantile", "threshold_sigma")
+_OPTIONS = {f.name for f in dataclasses.fields(PatchKNNConfig)}
 #: relative backbone cost per image at 224 px (measured: docs/speed.md and docs/accuracy.md)
 _BACKBONE_COST = {"efficientnet-lite2": 0.7}
 
@@ -94,6 +97,8 @@ def default_candidates(fixed: dict[str, Any] | None = None) -> list[Candidate]:
         ("paper@320", {**paper, "image_size": 320, "grid_size": 40}),
         ("paper+ens(layer_norm)", {**paper, "ensemble": ("layer_norm=true",)}),
     ]
+    if "border_cells" in _OPTIONS:  # the grid's outer ring takes its inner neighbour's value
+        specs.append(("paper+border1", {**paper, "border_cells": 1}))
     if best:
         single = {k: v for k, v in best.items() if k != "ensemble"}
         specs += [
