@@ -176,6 +176,9 @@ def create_app(models: Mapping[str, ServedModel], settings: ServerSettings | Non
     )
     metrics.gauge("patchknn_ready", "1 when the server accepts predictions.", lambda: float(state.ready))
     metrics.gauge(
+        "patchknn_model_swaps", "Model versions swapped in by corrections since start.", lambda: state.registry.swaps
+    )
+    metrics.gauge(
         "patchknn_decode_memory_bytes",
         "Decode memory reserved by images being decoded (counted from their headers).",
         lambda: state.budget.used,
