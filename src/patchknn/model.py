@@ -100,6 +100,7 @@ class PatchKNN:
         smoothing_sigma: float = 0.0,
         image_score: str = "max",
         image_score_topk: int = 10,
+        border_cells: int = 0,
         index: str = "flat",
         index_nlist: int = 0,
         index_nprobe: int = 8,

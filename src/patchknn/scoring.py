@@ -9,6 +9,8 @@ so that every path gives the same numbers.
   (``smoothing_sigma`` grid cells). Pure numpy/scipy (no torch), so the exported-model runtime
   (:mod:`patchknn.runtime`) shares it: the bilinear resize is two interpolation matrices that
   equal ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.
+* :func:`fill_border`: the outer ``border_cells`` rings of the grid take their nearest inner
+  cell's value (before the map and the score are formed).
 * :func:`image_score`: the image's score. It is always taken from the map at the model's input
   resolution (``image_size``), whatever size the map is drawn at for the user, so the score and
   the OK/NG verdict do not depend on ``output_size``.
@@ -49,6 +51,7 @@ __all__ = [
     "patch_grid",
     "image_score",
     "bilinear_matrix",
+    "fill_border",
     "predictions",
     "resize_bilinear",
     "resolve_size",
@@ -153,13 +156,40 @@ def resize_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (rows @ g @ cols.T).astype(np.float32)
 
 
+def fill_border(grid: np.ndarray, cells: int) -> np.ndarray:
+    """``grid`` (``(..., h, w)``) with its outer ``cells`` rings replaced by the nearest inner
+    cell's value (edge replication of the inner ``(h - 2 cells, w - 2 cells)`` block); ``grid``
+    itself when ``cells`` is 0. Monotone in the grid's values (each cell is a copy of one cell).
+
+    Example:
+        >>> fill_border(np.arange(16.0).reshape(4, 4), 1)
+        array([[ 5.,  5.,  6.,  6.],
+               [ 5.,  5.,  6.,  6.],
+               [ 9.,  9., 10., 10.],
+               [ 9.,  9., 10., 10.]])
+    """
+    cells = int(cells)
+    if cells <= 0:
+        return grid
+    g = np.asarray(grid)
+    h, w = g.shape[-2:]
+    if 2 * cells >= min(h, w):
+        raise ConfigError(f"border_cells {cells} leaves no inner cell of a {h}x{w} grid")
+    rows = np.clip(np.arange(h), cells, h - 1 - cells)
+    cols = np.clip(np.arange(w), cells, w - 1 - cells)
+    return g[..., rows[:, None], cols[None, :]]
+
+
 def grid_to_map(grid: np.ndarray, size: tuple[int, int], config: PatchKNNConfig) -> np.ndarray:
     """Upsample one ``(grid, grid)`` score map bilinearly to ``size`` and smooth it (if set).
 
-    The smoothing's sigma is ``config.smoothing_sigma`` grid cells, scaled to ``size``. ``config``
-    may be any object with the scoring fields (``smoothing_sigma``, ``image_size``,
-    ``image_score``, ``image_score_topk``): the exported-model runtime passes its saved options.
+    The outer ``config.border_cells`` rings first take their nearest inner cell's value
+    (:func:`fill_border`). The smoothing's sigma is ``config.smoothing_sigma`` grid cells, scaled
+    to ``size``. ``config`` may be any object with the scoring fields (``smoothing_sigma``,
+    ``image_size``, ``image_score``, ``image_score_topk``, ``border_cells``): the exported-model
+    runtime passes its saved options (a file saved before ``border_cells`` existed has none: 0).
     """
+    grid = fill_border(grid, getattr(config, "border_cells", 0))
     amap = resize_bilinear(grid, size)
     if config.smoothing_sigma > 0:
         g = grid.shape[0]
@@ -174,12 +204,12 @@ def image_score(
     """The image's score from its ``(grid, grid)`` distances.
 
     ``max`` (the paper): the maximum of the map at the model's input size; ``topk_mean``: the mean
-    of the ``image_score_topk`` highest grid cells; ``reweighted``: the maximum times PatchCore's
-    ``weight`` (from :func:`reweight`). ``amap`` may pass the map at the input size when the caller
-    already has it (it must be ``grid_to_map(grid, (image_size, image_size), config)``).
+    of the ``image_score_topk`` highest grid cells (after :func:`fill_border`); ``reweighted``: the
+    maximum times PatchCore's ``weight`` (from :func:`reweight`). ``amap`` may pass the map at the
+    input size when the caller already has it (it must be ``grid_to_map(grid, (image_size, image_size), config)``).
     """
     if config.image_score == "topk_mean":
-        flat = np.sort(np.asarray(grid).ravel())[::-1]
+        flat = np.sort(np.asarray(fill_border(grid, getattr(config, "border_cells", 0))).ravel())[::-1]
         return float(flat[: config.image_score_topk].mean())
     if amap is None:
         amap = grid_to_map(grid, (config.image_size, config.image_size), config)
