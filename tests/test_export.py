@@ -90,7 +90,7 @@ OPTIONS = {
     "layer_norm+pca": {"layer_norm": True},
     "no-pca+aggregation+k3": {"pca_variance": None, "aggregation": 3, "k": 3},
     "tta+reweighted+smoothing": {"tta": ("hflip", "vflip"), "image_score": "reweighted", "smoothing_sigma": 0.5},
-    "coreset+topk": {"coreset_ratio": 0.3, "image_score": "topk_mean"},
+    "coreset+topk+border": {"coreset_ratio": 0.3, "image_score": "topk_mean", "border_cells": 1},
 }
 
 

@@ -35,7 +35,7 @@ REPRODUCED_OPTIONS = frozenset({
     "backbone", "layers", "image_size", "grid_size", "pca_variance", "k", "aggregation", "layer_norm",
     "smoothing_sigma", "image_score", "image_score_topk", "index", "index_nlist", "index_nprobe", "hnsw_m",
     "hnsw_ef_search", "coreset_ratio", "coreset_dim", "threshold_method", "threshold_quantile",
-    "threshold_sigma", "calibration_images", "tta", "precision", "seed", "ensemble",
+    "threshold_sigma", "calibration_images", "tta", "precision", "seed", "ensemble", "border_cells",
 })
 
 
