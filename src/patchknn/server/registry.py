@@ -66,13 +66,8 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------------------ reading
     def names(self) -> list[str]:
+        """The served model names, sorted."""
         return sorted(self._live)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._live
-
-    def __len__(self) -> int:
-        return len(self._live)
 
     def served(self) -> list[ServedModel]:
         """The current version of every model, in the order given."""
