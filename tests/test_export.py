@@ -54,6 +54,16 @@ def _images(n, size=72, seed=1):
     return [rng.integers(0, 255, size=(size, size + 8, 3), dtype=np.uint8) for _ in range(n)]
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One small fitted model, saved and exported once, for the tests of the folder, the CLI and the
+    server (each fit of a ResNet-50, even random, costs seconds)."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(4))
+    model.save(root / "m")
+    return model, root / "m", export_model(model, root / "exp")
+
+
 def test_bilinear_equals_torch_interpolate():
     rng = np.random.default_rng(0)
     sizes = [(28, 28, (224, 224)), (40, 40, (320, 320)), (8, 8, (900, 700)), (28, 28, (5, 3)), (3, 5, (7, 11))]
@@ -139,9 +149,10 @@ def test_an_option_the_export_does_not_reproduce_is_refused():
         check_reproduced(Later(map_filter="median"))
 
 
-def test_damaged_export_is_refused(tmp_path):
-    model = PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(3))
-    out = export_model(model, tmp_path / "exp")
+def test_damaged_export_is_refused(tiny, tmp_path):
+    import shutil
+
+    out = Path(shutil.copytree(tiny[2], tmp_path / "exp"))
     graph = out / "member-0.onnx"
     graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ModelFileError, match="checksum"):
@@ -163,15 +174,14 @@ print(json.dumps([[p.source, p.score, p.verdict, float(np.abs(p.anomaly_map).sum
 """
 
 
-def test_runtime_runs_without_torch(tmp_path):
+def test_runtime_runs_without_torch(tiny, tmp_path):
     from PIL import Image
 
     folder = tmp_path / "images"
     folder.mkdir()
     for i, arr in enumerate(_images(3, seed=2)):
         Image.fromarray(arr).save(folder / f"{i:03d}.png")
-    model = PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(4))
-    out = export_model(model, tmp_path / "exp")
+    model, _, out = tiny
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCH, str(out), str(folder)], capture_output=True, text=True, timeout=300
     )
@@ -273,7 +283,7 @@ def test_bfloat16_backbone_tolerance_on_bottle(mvtec_root, caffe_weights, tmp_pa
     assert 1e-3 < worst <= BF16_REL  # the export really is float32, and within the stated tolerance
 
 
-def test_export_command(tmp_path):
+def test_export_command(tiny, tmp_path):
     import typer
     from typer.testing import CliRunner
 
@@ -286,19 +296,18 @@ def test_export_command(tmp_path):
     def noop() -> None:
         pass
 
-    model = PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(3))
-    model.save(tmp_path / "m")
+    saved = tiny[1]
     test = _images(2, seed=2)
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "openvino", "--output", str(tmp_path / "ov")])
+    res = runner.invoke(app, ["export", str(saved), "--format", "openvino", "--output", str(tmp_path / "ov")])
     assert res.exit_code == 0, res.output
     assert "member-0.xml" in res.output
-    assert_same(ExportedModel(tmp_path / "ov").predict(test), PatchKNN.load(tmp_path / "m").predict(test))
-    res = runner.invoke(app, ["export", str(tmp_path / "m"), "--format", "tflite", "--output", str(tmp_path / "x")])
+    assert_same(ExportedModel(tmp_path / "ov").predict(test), PatchKNN.load(saved).predict(test))
+    res = runner.invoke(app, ["export", str(saved), "--format", "tflite", "--output", str(tmp_path / "x")])
     assert res.exit_code != 0 and "format must be one of" in str(res.exception)
 
 
-def test_server_serves_an_exported_model(tmp_path):
+def test_server_serves_an_exported_model(tiny):
     import io
 
     from fastapi.testclient import TestClient
@@ -307,8 +316,8 @@ def test_server_serves_an_exported_model(tmp_path):
     from patchknn.server.app import create_app
     from patchknn.server.settings import ServedModel, ServerSettings
 
-    model = PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(3))
-    runtime = ExportedModel(export_model(model, tmp_path / "exp"))
+    model, _, out = tiny
+    runtime = ExportedModel(out)
     app = create_app({"tiny": ServedModel("tiny", runtime, "v1")}, ServerSettings())
     image = _images(1, seed=5)[0]
     raw = io.BytesIO()
@@ -321,13 +330,12 @@ def test_server_serves_an_exported_model(tmp_path):
     assert listed["config"]["backbone"] == "resnet50" and listed["threshold"] == model.threshold_
 
 
-def test_torch_load_of_an_export_says_what_it_is(tmp_path):
-    out = export_model(PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(3)), tmp_path / "exp")
+def test_torch_load_of_an_export_says_what_it_is(tiny):
     with pytest.raises(ModelFileError, match="exported model.*patchknn.runtime.load"):
-        PatchKNN.load(out)
+        PatchKNN.load(tiny[2])
 
 
-def test_cli_predict_and_serve_accept_an_export(tmp_path):
+def test_cli_predict_and_serve_accept_an_export(tiny, tmp_path):
     import csv
 
     from PIL import Image
@@ -340,14 +348,13 @@ def test_cli_predict_and_serve_accept_an_export(tmp_path):
     folder.mkdir()
     for i, arr in enumerate(_images(3, seed=2)):
         Image.fromarray(arr).save(folder / f"{i:03d}.png")
-    PatchKNN(**{**TINY, "calibration_images": 2}).fit(_images(4)).save(tmp_path / "m")
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(tmp_path / "m"), "--output", str(tmp_path / "exp")])
+    res = runner.invoke(app, ["export", str(tiny[1]), "--output", str(tmp_path / "exp")])
     assert res.exit_code == 0, res.output
     rows = {}
-    for name in ("m", "exp"):
+    for name, path in (("m", tiny[1]), ("exp", tmp_path / "exp")):
         out = tmp_path / f"out-{name}"
-        res = runner.invoke(app, ["predict", str(tmp_path / name), str(folder), "-o", str(out), "-q"])
+        res = runner.invoke(app, ["predict", str(path), str(folder), "-o", str(out), "-q"])
         assert res.exit_code == 0, res.output
         with open(tmp_path / f"out-{name}" / "scores.csv", newline="") as f:
             rows[name] = list(csv.DictReader(f))
