@@ -90,6 +90,10 @@ def test_rollback_moves_the_pointer_keeps_everything_and_is_recorded(fitted, pla
     assert rollback(plain, 4).number == 4 and PatchKNN.load(plain).threshold_ == 13.0
     with pytest.raises(VersionError, match="no version 9"):
         rollback(plain, 9)
+    # versions share the files they have in common (the backbone's weights) instead of copying them
+    (w3,) = version_path(plain, 3).glob("backbone-*.safetensors")
+    (w2,) = version_path(plain, 2).glob("backbone-*.safetensors")
+    assert w3.name == w2.name and w3.stat().st_ino == w2.stat().st_ino
     # the root holds only the current version's files (plus the versions)
     doc = json.loads((plain / META_FILE).read_text())
     wanted = {e["file"] for e in doc["files"].values()}

@@ -17,7 +17,8 @@ saved). :func:`list_versions` reads those; ``versions/<n>`` is never changed onc
 Writes are atomic: :func:`save_version` writes the new version completely into a temporary
 folder, renames it to ``versions/<n>`` (one ``rename``), and only then makes it current by
 replacing ``root/patchknn.json`` in one ``os.replace`` (the version's files are hard links, so
-that costs no copy); files of the old current version are removed from ``root`` last (they stay
+that costs no copy; a version's files that equal its parent's, such as the backbone weights, are
+links to them too); files of the old current version are removed from ``root`` last (they stay
 in their ``versions/<n>``). A crash at any point leaves the previous version current; a reader
 sees the old current version or the new one (the model loader retries when a file it was about
 to read was just replaced). Writers take ``root/.versions.lock``, so two concurrent writers get
@@ -164,6 +165,8 @@ def save_version(
         tmp = _versions_dir(root) / f"{_TMP_PREFIX}{number:04d}-{secrets.token_hex(4)}"
         try:
             model.save(tmp)
+            if parent is not None:
+                _share_files(tmp, versions[parent])
             os.rename(tmp, target)  # the version is complete before it has its name
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -393,6 +396,24 @@ def _link(src: Path, dst: Path) -> None:
             with suppress(OSError):
                 tmp.unlink()
         raise
+
+
+def _share_files(new: Path, old: Path) -> None:
+    """Tensor files of the folder ``new`` that the folder ``old`` has too (same content-addressed
+    name and size: the backbone's weights, a bank that did not change) become hard links to
+    ``old``'s, so a version costs only what changed. Files are never changed in place (every
+    writer replaces them), so sharing them is safe."""
+    have: dict[str, Path] = {f.name: f for f in old.rglob("*.safetensors")}
+    for f in new.rglob("*.safetensors"):
+        twin = have.get(f.name)
+        if twin is None or twin.stat().st_size != f.stat().st_size or twin.stat().st_ino == f.stat().st_ino:
+            continue
+        tmp = f.with_name(f".{f.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.link(twin, tmp)
+        except OSError:
+            continue  # no hard links here: keep the copy
+        os.replace(tmp, f)
 
 
 def _link_file(src: str | Path, dst: str | Path) -> None:
