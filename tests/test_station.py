@@ -70,7 +70,9 @@ def auth(key: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ roles
 def test_key_file_roles_and_backwards_compatible_plain_keys(tmp_path):
     f = tmp_path / "keys.txt"
-    f.write_text(f"# keys\n{PREDICT_KEY}\n{ADMIN_KEY} admin\nthird-key-0123456789abc predict, admin\n")
+    f.write_text(
+        f"# keys\n{PREDICT_KEY}   # station 1\n{ADMIN_KEY} admin # engineer\nthird-key-0123456789abc predict, admin\n"
+    )
     f.chmod(0o600)
     keys = load_keys(f, env={})
     assert keys.keys == (PREDICT_KEY, ADMIN_KEY, "third-key-0123456789abc")

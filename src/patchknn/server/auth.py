@@ -97,8 +97,8 @@ def load_keys(key_file: str | os.PathLike[str] | None = None, env: Mapping[str, 
     ``predict``) and ``PATCHKNN_ADMIN_KEYS`` (role ``admin``) of ``env``.
 
     Args:
-        key_file: a file with one key a line, ``KEY`` or ``KEY ROLE[,ROLE]`` (``#`` comments and
-            blank lines ignored), or ``None``.
+        key_file: a file with one key a line, ``KEY`` or ``KEY ROLE[,ROLE]`` (``#`` comments, also
+            after the key, and blank lines ignored), or ``None``.
         env: the environment to read the variables from (default :data:`os.environ`).
 
     Returns:
@@ -126,6 +126,7 @@ def load_keys(key_file: str | os.PathLike[str] | None = None, env: Mapping[str, 
             if not item or item.startswith("#"):
                 continue
             where = f"on line {n} of {path}"
+            item = item.split(" #", 1)[0].split("\t#", 1)[0].strip()  # a comment after the key
             key, _, roles = item.partition(" ")
             if roles.strip() and ADMIN in _parse_roles(roles, where):
                 admin.append(_check_key(key, where))
