@@ -22,6 +22,8 @@ Usage::
     export PATCHKNN_WEIGHTS_DIR=/path/to/weights PATCHKNN_MVTEC_ROOT=/path/to/mvtec
     python benchmarks/ablation.py --category bottle --variants paper,agg3,smooth --out runs/ablation.jsonl
     python benchmarks/ablation.py --synthetic --variants paper,agg3 --out runs/ablation.jsonl
+    python benchmarks/ablation.py --category bottle,magnetic_tile --train-stride 6 --variants paper,border2 \\
+        --out runs/both.jsonl                                        # both real categories, MTD's every 6th train image
     python benchmarks/ablation.py --table runs/bottle.jsonl runs/synthetic.jsonl   # docs/accuracy.md's table
     python benchmarks/ablation.py --list                             # the variants and their flags
 """
@@ -70,6 +72,13 @@ VARIANTS: dict[str, Variant] = {
     "layer_norm": ("paper", {"layer_norm": True}, {}),
     "coreset10": ("paper", {"coreset_ratio": CORESET}, {}),
     "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}, {}),
+    # the outer grid rings take their nearest inner cell's value (magnetic_tile's edges, issue 17)
+    "border1": ("paper", {"border_cells": 1}, {}),
+    "border2": ("paper", {"border_cells": 2}, {}),
+    "border2+topk": ("paper", {"border_cells": 2, "image_score": "topk_mean", "image_score_topk": 3}, {}),
+    "v1+border2": ("paper", {**V1, "border_cells": 2}, {}),
+    "best+border2": ("best", {"border_cells": 2}, {}),
+    "best+border3": ("best", {"border_cells": 3}, {}),
     # v1 = paper + smoothing + coreset, and one more option (or a combination) at a time on top of it
     "v1": ("paper", V1, {}),
     "v1-coreset": ("paper", {**V1, "coreset_ratio": 1.0}, {}),
@@ -182,7 +191,7 @@ def flipped_arrays(paths: Sequence[Path], image_size: int) -> list[np.ndarray]:
 
 
 def run_variant(
-    root: Path, category: str, name: str, cache_dir: Path, speed_images: int, cache_key: str
+    root: Path, category: str, name: str, cache_dir: Path, speed_images: int, cache_key: str, train_stride: int = 1
 ) -> dict[str, Any]:
     config, extra = variant_config(name, threshold_method="none")  # no metric depends on it
     stats = {"backbone_seconds": 0.0, "backbone_images": 0}
@@ -190,7 +199,7 @@ def run_variant(
     try:
         dataset = MVTecCategory(root, category)
         dataset.validate()
-        train: list[Any] = [str(p) for p in dataset.train_paths()]
+        train: list[Any] = [str(p) for p in dataset.train_paths()[::train_stride]]
         samples = dataset.test_samples()
         runtime = {"progress": False, "batch_size": 16}
         model: Any = model_mod.PatchKNN.from_config(config, **runtime)  # an ensemble when config.ensemble
@@ -309,7 +318,10 @@ def per_type_markdown(real: list[dict[str, Any]], synthetic: list[dict[str, Any]
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", type=Path, default=os.environ.get("PATCHKNN_MVTEC_ROOT"))
-    ap.add_argument("--category", default="bottle")
+    ap.add_argument("--category", default="bottle", help="one or more, comma-separated (bottle,magnetic_tile)")
+    ap.add_argument("--mtd-root", type=Path, default=os.environ.get("PATCHKNN_MTD_ROOT"),
+                    help="the folder holding magnetic_tile/ (used for that category)")
+    ap.add_argument("--train-stride", type=int, default=1, help="use every N-th training image (big categories)")
     ap.add_argument("--synthetic", action="store_true", help="use the synthetic generator's data instead")
     ap.add_argument("--variants", default="paper")
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "patchknn-ablation")
@@ -344,31 +356,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
+    bad = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; --list shows them")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.synthetic:
         from patchknn.synthetic import make_synthetic_dataset
 
         root = args.cache_dir / "synthetic-data"
         if not (root / "synthetic").is_dir():
             make_synthetic_dataset(root, "synthetic", n_train=60, n_test_good=20, n_test_defective=40, seed=1)
-        category, cache_key = "synthetic", "synthetic"
-    else:
-        if args.data_root is None:
-            ap.error("--data-root (or PATCHKNN_MVTEC_ROOT) is needed")
-        root, category, cache_key = args.data_root, args.category, "mvtec"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.variants.split(","):
-        if name not in VARIANTS:
-            ap.error(f"unknown variant {name!r}; --list shows them")
-        row = run_variant(root, category, name, args.cache_dir, args.speed_images, f"{cache_key}-{category}")
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print(
-            f"{row['dataset']:10s} {name:14s} AUPRC {row['pixel_auprc']:.3f}  AUPRO {row['aupro']:.3f}  "
-            f"imgAUROC {row['image_auroc']:.3f}  {row['images_per_second']:.2f} img/s  "
-            f"(bank {row['bank_size']}x{row['n_components']}, predict {row['predict_seconds_cached']} s cached, "
-            f"load {row['load_average']})",
-            flush=True,
-        )
+        sources = [(root, "synthetic", "synthetic")]
+    else:  # bottle and magnetic_tile together: each from its own root
+        sources = []
+        for category in [c.strip() for c in args.category.split(",") if c.strip()]:
+            root = args.mtd_root if category == "magnetic_tile" else args.data_root
+            if root is None:
+                ap.error(f"no data root for {category}: --data-root / --mtd-root (or PATCHKNN_MVTEC_ROOT / _MTD_ROOT)")
+            sources.append((Path(root), category, "mtd" if category == "magnetic_tile" else "mvtec"))
+    for root, category, cache_key in sources:
+        for name in args.variants.split(","):
+            row = run_variant(root, category, name, args.cache_dir, args.speed_images, f"{cache_key}-{category}",
+                              args.train_stride)
+            row["train_stride"] = args.train_stride
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(
+                f"{row['dataset']:10s} {name:14s} AUPRC {row['pixel_auprc']:.3f}  AUPRO {row['aupro']:.3f}  "
+                f"imgAUROC {row['image_auroc']:.3f}  {row['images_per_second']:.2f} img/s  "
+                f"(bank {row['bank_size']}x{row['n_components']}, predict {row['predict_seconds_cached']} s cached, "
+                f"load {row['load_average']})",
+                flush=True,
+            )
     return 0
 
 

@@ -11,7 +11,10 @@ and prints:
 * ``gap``: ``F1-max - F1``, the calibration gap (0 = the calibrated threshold is as good as the
   best one in hindsight);
 * ``AUPRC``: pixel AUPRC (maps vs masks at the model's input size, as ``patchknn evaluate``);
-* ``AUROC``: image AUROC.
+* ``AUPRO``: the area under the per-region overlap curve up to 30 % false positives;
+* ``AUROC``: image AUROC;
+* ``images/s``: test images predicted per second (end to end, the whole test set in one
+  ``predict`` call; on a shared machine only indicative: ``benchmarks/speed.py`` times speed).
 
 ``--rules`` also prints, for other threshold rules applied to the same held-out normal scores
 (the ones the model calibrated on), the precision / recall / F1 they would give: the evidence for
@@ -133,7 +136,9 @@ def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, Any
         "f1_max": f1_max,
         "gap": None if f1 is None or f1_max is None else f1_max - f1,
         "pixel_auprc": found.get("pixel_auprc"),
+        "aupro": found.get("aupro"),
         "image_auroc": found.get("image_auroc"),
+        "images_per_second": round(len(samples) / predict_seconds, 3),
         "calibration_images": cal.get("n_images"),
         "calibration_seconds": cal.get("seconds"),
         "fit_seconds": round(fit_seconds, 1),
@@ -191,14 +196,16 @@ def _f(v: Any, digits: int = 3) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| preset | category | train/test | threshold | P | R | F1 | F1-max | gap | pixel AUPRC | image AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | category | train/test | threshold | P | R | F1 | F1-max | gap | pixel AUPRC | AUPRO "
+        "| image AUROC | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['preset']}{' ' + ' '.join(r['settings']) if r['settings'] else ''} | {r['category']} "
             f"| {r['n_train']}/{r['n_test']} | {_f(r['threshold'], 2)} | {_f(r['precision'])} | {_f(r['recall'])} "
-            f"| {_f(r['f1'])} | {_f(r['f1_max'])} | {_f(r['gap'])} | {_f(r['pixel_auprc'])} | {_f(r['image_auroc'])} |"
+            f"| {_f(r['f1'])} | {_f(r['f1_max'])} | {_f(r['gap'])} | {_f(r['pixel_auprc'])} | {_f(r.get('aupro'))} "
+            f"| {_f(r['image_auroc'])} | {_f(r.get('images_per_second'), 2)} |"
         )
     return "\n".join(lines)
 
