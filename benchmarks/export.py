@@ -73,6 +73,7 @@ def run_preset(name: str, args: argparse.Namespace, root: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_dir = export_model(model, Path(tmp) / "onnx")
         ov_dir = export_model(model, Path(tmp) / "openvino", format="openvino")
+        auto = ExportedModel(onnx_dir).backend  # what backend="auto" runs for this model (measured at export)
         runners = {
             "torch": lambda b: model.predict_batch(torch.from_numpy(b)),
             "onnxruntime": ExportedModel(onnx_dir, "onnxruntime", threads=args.threads).predict_batch,
@@ -91,7 +92,8 @@ def run_preset(name: str, args: argparse.Namespace, root: Path) -> dict:
     ref = preds["torch"]
     result = {"preset": name, "n_images": len(images), "threads": args.threads, "batch_size": args.batch_size,
               "search": [type(m.index_).__name__ for m in getattr(model, "members", None) or [model]],
-              "bank_rows": [int(m.index_.size) for m in getattr(model, "members", None) or [model]]}
+              "bank_rows": [int(m.index_.size) for m in getattr(model, "members", None) or [model]],
+              "auto": auto}
     for key in runners:
         diff = max(
             float(np.abs(a.anomaly_map - b.anomaly_map).max() / np.abs(b.anomaly_map).max())
@@ -122,15 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data_root:
         parser.error("give --data-root or set PATCHKNN_MVTEC_ROOT")
     results = [run_preset(p, args, Path(args.data_root)) for p in (args.preset or ["paper", "fast", "best"])]
-    print(f"| preset | search (bank rows) | runtime | images/s | vs torch | max map diff | verdicts equal |"
+    print(f"| preset | search (bank rows) | runtime | images/s | vs torch | max map diff | verdicts equal | auto |"
           f"  (threads={args.threads})")
-    print("|---|---|---|---:|---:|---:|---|")
+    print("|---|---|---|---:|---:|---:|---|---|")
     for r in results:
         search = ", ".join(f"{s} ({n})" for s, n in zip(r["search"], r["bank_rows"]))
         for key in ("torch", "onnxruntime", "openvino"):
             x = r[key]
             print(f"| {r['preset']} | {search} | {key} | {x['images_per_s']} | {x['vs_torch']:.2f}x | "
-                  f"{x['max_map_diff']:.1e} | {x['verdicts_equal']} |")
+                  f"{x['max_map_diff']:.1e} | {x['verdicts_equal']} | {'<-' if key == r['auto'] else ''} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -83,21 +83,32 @@ class _Graph:
                 config["INFERENCE_NUM_THREADS"] = int(threads)
             self._compiled = ov.Core().compile_model(str(path), "CPU", config)
 
+    @property
+    def output_names(self) -> list[str]:
+        if self.backend == "onnxruntime":
+            return [o.name for o in self._session.get_outputs()]
+        return [o.get_any_name() for o in self._compiled.outputs]
+
     def __call__(self, images: np.ndarray, output: str) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=np.uint8)
         if self._last is None or self._last[0].shape != x.shape or not np.array_equal(self._last[0], x):
+            names = self.output_names
             if self.backend == "onnxruntime":
-                names = [o.name for o in self._session.get_outputs()]
                 values = self._session.run(names, {"images": x})
             else:
                 result = self._compiled([x])
-                names = [o.get_any_name() for o in self._compiled.outputs]
                 values = [result[o] for o in self._compiled.outputs]
             self._last = (x.copy(), {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, values)})
         return self._last[1][output]
 
 
-def _pick_backend(backend: str, fmt: str) -> str:
+def _installed(backend: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(backend) is not None
+
+
+def _pick_backend(backend: str, fmt: str, measured: str | None = None) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if fmt == "openvino":
@@ -106,13 +117,35 @@ def _pick_backend(backend: str, fmt: str) -> str:
         return "openvino"
     if backend != "auto":
         return backend
-    # OpenVINO first: the fastest graph runtime in docs/export.md's table (it reads the ONNX graphs too)
-    try:
-        import openvino  # noqa: F401
+    # the graph runtime measured fastest for this model when it was exported (the search and the
+    # scoring are the same code whichever runs the graph); else OpenVINO, then onnxruntime
+    for name in (measured, "openvino", "onnxruntime"):
+        if name in BACKENDS[1:] and _installed(str(name)):
+            return str(name)
+    return "onnxruntime"
 
-        return "openvino"
-    except ImportError:
-        return "onnxruntime"
+
+def time_graphs(
+    paths: Sequence[Path], size: int, backends: Sequence[str] = BACKENDS[1:], batch: int = 2, rounds: int = 3
+) -> dict[str, float]:
+    """Seconds per batch of ``batch`` images for the graphs ``paths`` run one after the other (a
+    model's graphs), for each installed backend of ``backends``: the best of ``rounds`` runs, the
+    backends interleaved round by round after one untimed run each (so a burst of load from other
+    processes hurts all alike). Random uint8 images of side ``size``."""
+    import time
+
+    images = np.random.default_rng(0).integers(0, 256, size=(batch, 3, size, size), dtype=np.uint8)
+    graphs = {b: [_Graph(Path(p), b, None) for p in paths] for b in backends if _installed(b)}
+    best = dict.fromkeys(graphs, float("inf"))
+    for r in range(rounds + 1):
+        for name, gs in graphs.items():
+            t0 = time.perf_counter()
+            for g in gs:
+                g._last = None
+                g(images, g.output_names[0])
+            if r:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -195,7 +228,7 @@ class ExportedModel:
             raise ConfigError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
         try:
             self.format = str(doc["export_format"])
-            self.backend = _pick_backend(backend, self.format)
+            self.backend = _pick_backend(backend, self.format, doc.get("fastest_backend"))
             self.config = SavedOptions(**doc["config"])
             members = list(doc["members"])
             for desc in members:
@@ -317,4 +350,4 @@ def load(path: str | Path, backend: str = "auto", **options: Any) -> ExportedMod
     return ExportedModel(path, backend, **options)
 
 
-__all__ = ["BACKENDS", "EXPORTED_KIND", "ExportedModel", "SavedOptions", "is_exported", "load"]
+__all__ = ["BACKENDS", "EXPORTED_KIND", "ExportedModel", "SavedOptions", "is_exported", "load", "time_graphs"]
