@@ -190,7 +190,7 @@ def test_watch_folder_lists_newest_images_and_nothing_else(station):
 
 
 # ------------------------------------------------------------------------------------------ corrections
-def test_corrections_need_the_admin_role_and_write_a_new_version(station):
+def test_corrections_and_rollbacks_need_the_admin_role_and_swap_versions(station):
     """A plain model folder is version 1; an admin's correction makes version 2 and serves it."""
     live, model, _ = station
     normal = np.random.default_rng(7).integers(0, 255, (64, 64, 3), dtype=np.uint8)
@@ -226,6 +226,17 @@ def test_corrections_need_the_admin_role_and_write_a_new_version(station):
         assert "patchknn_model_swaps 1" in metrics and f'version="{body["model_version"]}"' in metrics
         # the image is now in the memory bank: its score is that of the new version, far below the old one
         assert got["score"] < 0.5 * model.predict([normal])[0].score
+        # an admin may serve version 1 again (a predict key may not); it is swapped in the same way
+        assert c.post("/v1/models/tiny/rollback?version=1", headers=auth(PREDICT_KEY)).status_code == 403
+        r = c.post("/v1/models/tiny/rollback?version=9", headers=auth(ADMIN_KEY))
+        assert r.status_code == 404 and "no version 9" in r.json()["error"]["message"]
+        r = c.post("/v1/models/tiny/rollback?version=1", headers=auth(ADMIN_KEY))
+        assert r.status_code == 200, r.text
+        assert r.json()["version_number"] == 1 and r.json()["previous"]["version_number"] == 2
+        got = c.post("/v1/models/tiny/predict", content=img, headers=auth(PREDICT_KEY)).json()
+        assert got["version_number"] == 1
+        assert got["score"] == pytest.approx(model.predict([normal])[0].score, rel=1e-4)
+        assert c.get("/v1/models/tiny/versions", headers=auth(PREDICT_KEY)).json()["serving"] == 1
 
 
 # ------------------------------------------------------------------------------------------ the registry

@@ -4,7 +4,8 @@ A predict-only key logs in, uploads an image of bottle's test set and sees the v
 (the page's DOM is compared with offline ``predict``) and the heat-map overlay, scores the newest
 image of a camera folder, and cannot correct
 the model (403, and the correction panel is not shown); an admin marks a false alarm as normal and
-sees the new version's number on the page, and the same image scored by that version. The
+sees the new version's number on the page, and the same image scored by that version, then serves
+version 1 again. The
 browser is started once for the module; chromium comes from Debian (scripts/setup.sh), not from
 ``playwright install``. ``PATCHKNN_STATION_SCREENSHOT=FILE`` also saves the page (the README's
 docs/station-screenshot.png)."""
@@ -174,4 +175,8 @@ def test_page_admin_marks_a_false_alarm_normal_and_sees_the_new_version(browser,
     if target:
         upload(page, bottle_test_images(mvtec_root, "broken_large")[0])
         page.screenshot(path=target, full_page=True)
+    # and can serve version 1 again from the card
+    page.click("#card button.serve-version >> text='serve v1'")
+    sync_api.expect(page.locator("#card .version-number")).to_have_text("1", timeout=TIMEOUT_MS)
+    assert "version 1 is now served (was 2)" in page.inner_text("#correct-status")
     page.close()

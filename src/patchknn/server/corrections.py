@@ -11,6 +11,9 @@
   on the old version; requests admitted before the swap finish on the old version
   (:mod:`patchknn.server.registry`). Answers 201 with the new version's number and fingerprint.
   Corrections of one model run one at a time, each on the version served when it starts.
+* ``POST /v1/models/{name}/rollback?version=N`` (``admin``): serve version ``N`` again; it is
+  loaded and warmed up first, then made the folder's current version (recorded in its history) and
+  swapped in the same way.
 * ``GET /v1/models/{name}/versions``: the versions of the model's folder, newest first, and which
   one is served.
 """
@@ -22,7 +25,7 @@ import os
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 
 from patchknn.errors import ImageError
@@ -35,7 +38,13 @@ from patchknn.server.responses import request_body
 from patchknn.server.settings import ServedModel, ServerSettings, model_version, warm_up
 from patchknn.server.uploads import parse_parts, read_body
 
-__all__ = ["MAX_CORRECTION_IMAGES", "add_correction_routes", "build_version", "version_record"]
+__all__ = [
+    "MAX_CORRECTION_IMAGES",
+    "add_correction_routes",
+    "build_version",
+    "load_served_version",
+    "version_record",
+]
 
 MAX_CORRECTION_IMAGES = 16
 """Most images in one correction."""
@@ -69,6 +78,24 @@ def build_version(
     return served, info
 
 
+def load_served_version(base: ServedModel, number: int, author: str | None = None) -> tuple[ServedModel, Any]:
+    """Load version ``number`` of ``base``'s folder, warm it up, then make it the folder's current
+    version (:func:`patchknn.versions.rollback`, recorded in its history). Worker thread."""
+    from patchknn._version import __version__
+    from patchknn.versions import VersionError, load_version, rollback
+
+    assert base.root is not None
+    device = str(getattr(base.model, "device", "cpu"))
+    try:
+        model = load_version(base.root, number, device=device, progress=False)
+    except VersionError as exc:
+        raise ApiError(404, "not_found", str(exc).replace(str(base.root), base.name)) from None
+    warm_up(model)
+    info = rollback(base.root, number, author=author)
+    served = ServedModel(base.name, model, model_version(info.path), __version__, int(info.number), base.root)
+    return served, info
+
+
 def _text(parts: list[Any], name: str, limit: int) -> str:
     values = [p.data for p in parts if p.name == name]
     if len(values) > 1:
@@ -96,6 +123,23 @@ def add_correction_routes(app: FastAPI, registry: ModelRegistry, settings: Serve
 
     locks: dict[str, asyncio.Lock] = {}
 
+    def require_admin(request: Request, what: str) -> None:
+        if ADMIN not in request.scope.get(ROLES_SCOPE_KEY, frozenset()):
+            raise ApiError(403, "forbidden", f"{what} need an API key with the 'admin' role; this key may only predict")
+
+    async def swap_in(name: str, base: ServedModel, served: ServedModel, info: Any, status: int) -> Response:
+        await registry.swap(name, served)
+        metrics.add_model_info(name, served.version, str(served.model.config.backbone))
+        body = {
+            "model": name,
+            "version_number": served.number,
+            "model_version": served.version,
+            "previous": {"version_number": base.number, "model_version": base.version},
+            "threshold": served.threshold,
+            "version": version_record(info),
+        }
+        return json_response(status, body)
+
     def check_correctable(served: ServedModel) -> None:
         if served.root is None:
             raise ApiError(
@@ -121,10 +165,7 @@ def add_correction_routes(app: FastAPI, registry: ModelRegistry, settings: Serve
         ),
     )
     async def correct(name: str, request: Request) -> Response:
-        roles = request.scope.get(ROLES_SCOPE_KEY, frozenset())
-        if ADMIN not in roles:
-            message = "corrections need an API key with the 'admin' role; this key may only predict"
-            raise ApiError(403, "forbidden", message)
+        require_admin(request, "corrections")
         check_correctable(registry.current(name).served)
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
@@ -149,24 +190,24 @@ def add_correction_routes(app: FastAPI, registry: ModelRegistry, settings: Serve
                 err = image_error(exc, settings.max_pixels)
                 raise ApiError(err.status, err.code, f"{file_name}: {err.message}") from None
         del parts, files
-        lock = locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with locks.setdefault(name, asyncio.Lock()):
             base = registry.current(name).served  # the version served now (an earlier correction may have swapped)
             check_correctable(base)
             served, info = await asyncio.to_thread(build_version, base, images, names, author or None, note)
-            await registry.swap(name, served)
-        metrics.add_model_info(name, served.version, str(served.model.config.backbone))
-        return json_response(
-            201,
-            {
-                "model": name,
-                "version_number": served.number,
-                "model_version": served.version,
-                "previous": {"version_number": base.number, "model_version": base.version},
-                "threshold": served.threshold,
-                "version": version_record(info),
-            },
-        )
+            return await swap_in(name, base, served, info, 201)
+
+    @app.post(
+        "/v1/models/{name}/rollback",
+        responses=ERROR_DOCS,
+        summary="Serve an earlier (or any) version of the model again (admin); it becomes the folder's current one",
+    )
+    async def serve_version(name: str, request: Request, version: int = Query(..., ge=1)) -> Response:
+        require_admin(request, "rollbacks")
+        check_correctable(registry.current(name).served)
+        async with locks.setdefault(name, asyncio.Lock()):
+            base = registry.current(name).served
+            served, info = await asyncio.to_thread(load_served_version, base, version)
+            return await swap_in(name, base, served, info, 200)
 
     @app.get("/v1/models/{name}/versions", summary="The model's versions, newest first", responses=ERROR_DOCS)
     async def versions(name: str) -> Response:

@@ -29,7 +29,7 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/static/"):
         return "/static/{file}"
-    if re.fullmatch(r"/v1/models/[^/]+/(corrections|versions)", path):
+    if re.fullmatch(r"/v1/models/[^/]+/(corrections|versions|rollback)", path):
         return "/v1/models/{name}/" + path.rsplit("/", 1)[1]
     if re.fullmatch(r"/v1/watch/[^/]+", path):
         return "/v1/watch/{folder}"

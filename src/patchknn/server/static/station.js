@@ -134,6 +134,14 @@ async function showCard() {
       const added = v.n_added ? ", +" + v.n_added + " normal image(s)" : "";
       text(li, "v" + v.number + (v.number === history.serving ? " (served)" : "") + ": " +
         (v.created || "") + added + (v.author ? " by " + v.author : "") + (v.note ? ", " + v.note : ""));
+      if (isAdmin() && v.number !== history.serving) {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "small serve-version";
+        button.textContent = "serve v" + v.number;
+        button.addEventListener("click", () => serveVersion(name, v.number));
+        li.append(" ", button);
+      }
       list.append(li);
     }
     const h = document.createElement("h3");
@@ -275,6 +283,22 @@ async function correct() {
     text(status, (err.status === 403 ? "not allowed: " : "correction failed: ") + err.message);
   }
   updateCorrectButton();
+}
+
+async function serveVersion(model, number) {
+  const status = $("#correct-status");
+  status.className = "";
+  text(status, "loading version " + number + " of " + model + "...");
+  try {
+    const r = await api("/v1/models/" + encodeURIComponent(model) + "/rollback?version=" + number, { method: "POST" });
+    text(status, "model " + model + ": version " + r.version_number + " is now served (was " +
+      r.previous.version_number + ")");
+    status.className = "ok";
+    await loadModels();
+  } catch (err) {
+    status.className = "error";
+    text(status, "rollback failed: " + err.message);
+  }
 }
 
 // ----------------------------------------------------------------------------------- recent results
