@@ -22,6 +22,8 @@ PRUNED_MIN_BANK = 16384
 #: :class:`patchknn.index.screened.ScreenedFlatIndex`: cluster radii exceed neighbour distances in such
 #: spaces (1.6 % of the pairs pruned on a 711-dim bank), a low-dimensional lower bound does better.
 SCREENED_MIN_DIM = 256
+#: Candidates beyond ``k`` that the faiss flat index re-checks in float64 (see ``MemoryBankIndex.search``).
+RECHECK = 16
 
 
 @dataclass(frozen=True)
@@ -224,12 +226,29 @@ class MemoryBankIndex:
         return self._pool
 
     def search(self, queries: Any, k: int = 1) -> np.ndarray:
-        """Euclidean distances ``(M, k)`` from each query to its ``k`` nearest bank vectors."""
+        """Euclidean distances ``(M, k)`` from each query to its ``k`` nearest bank vectors.
+
+        The flat index re-checks faiss's ``k +`` :data:`RECHECK` nearest candidates in float64 and
+        keeps the ``k`` smallest: faiss's float32 ``||q||^2 - 2 q.b + ||b||^2`` errs by about
+        ``1e-7 ||q||^2``, more than the gaps between near-tied rows and than the smallest distances
+        themselves on flat image backgrounds (``PrunedFlatIndex`` and ``ScreenedFlatIndex``, the
+        large banks' exact searches, give the float64 scan's answer with a proven bound)."""
         q = self._query_array(queries, k)
         if q.shape[0] == 0:
             return np.zeros((0, k), dtype=np.float32)
-        sq, _ = self._index.search(q, int(k))
-        return sqrt_sorted(sq)
+        if self.kind != "flat" or self.bank is None:
+            sq, _ = self._index.search(q, int(k))
+            return sqrt_sorted(sq)
+        depth = min(self.size, int(k) + RECHECK)
+        _, ids = self._index.search(q, depth)
+        ids = np.where(ids < 0, 0, ids)
+        out = np.empty((q.shape[0], int(k)), dtype=np.float64)
+        step = max(1, (1 << 22) // max(1, depth * q.shape[1]))  # bounded float64 temporaries
+        for a in range(0, q.shape[0], step):
+            diff = self.bank[ids[a : a + step]].astype(np.float64) - q[a : a + step, None, :].astype(np.float64)
+            sq64 = np.einsum("mkd,mkd->mk", diff, diff)
+            out[a : a + step] = np.sort(sq64, axis=1)[:, : int(k)]
+        return np.sqrt(out).astype(np.float32)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, size={self.size}, dim={self.dim}, device={self.device!r})"
