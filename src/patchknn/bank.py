@@ -87,7 +87,7 @@ class TrainingBank:
             if self.source is None:
                 raise ConfigError(
                     "partial_fit needs every training patch, and this coreset model has no training bank "
-                    "(saved by an older patchknn); fit it again once"
+                    "(saved with save(training=False) or by an older patchknn); fit it again"
                 )
             self.full, self.kept = self.source()
             self.source = None

@@ -291,13 +291,14 @@ class EnsemblePatchKNN(PatchKNN):
         return (total / n).astype(np.float32), weight_sum / n  # type: ignore[operator]
 
     # ------------------------------------------------------------------------------- storage
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, training: bool = True) -> Path:
         """Save as a directory: ``patchknn.json`` (kind ``ensemble``) + the normalisation
         (safetensors) + one complete :meth:`PatchKNN.save` directory per member.
 
         Atomic as a whole: the members go to new folders (``member-<i>-<token>``) and only then
         does ``patchknn.json``, replaced in one step, point to them; a reader sees the previous
         ensemble or this one, never a mix. The previous members' folders are removed afterwards.
+        ``training``: as in :meth:`PatchKNN.save`, for every member.
         """
         self._check_fitted()
         root = Path(path)
@@ -305,7 +306,7 @@ class EnsemblePatchKNN(PatchKNN):
         token = secrets.token_hex(4)
         folders = [f"member-{i}-{token}" for i in range(len(self.members))]
         for folder, member in zip(folders, self.members):
-            member.save(root / folder)
+            member.save(root / folder, training=training)
         meta = {
             "kind": ENSEMBLE_KIND,
             "config": self.config.to_dict(),

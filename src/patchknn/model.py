@@ -434,14 +434,15 @@ class PatchKNN:
         return scoring.patch_grid(rows, self.index_, self.config), rows
 
     # ------------------------------------------------------------------------------- storage
-    def save(self, path: str | Path) -> Path:
-        """Save the fitted model as a directory of safetensors files + ``patchknn.json``
-        (see :mod:`patchknn.persistence`)."""
+    def save(self, path: str | Path, *, training: bool = True) -> Path:
+        """Save the fitted model as a directory of safetensors files + ``patchknn.json`` (see
+        :mod:`patchknn.persistence`). ``training=False``: leave out a coreset model's training bank
+        (a smaller file, which :meth:`partial_fit` then refuses; see docs/versions.md)."""
         self._check_fitted()
         return write_model(
             path, self.config, index=self.index_, pca=self.pca_, backbone=self.extractor.backbone,
             threshold=self.threshold_, fit_info=self.fit_info_,
-            training=None if self.training_ is None else self.training_.rows(),
+            training=None if self.training_ is None or not training else self.training_.rows(),
         )
 
     @classmethod
