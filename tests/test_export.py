@@ -173,6 +173,12 @@ import numpy as np
 from patchknn.runtime import load
 model = load(sys.argv[1])
 preds = model.predict(sys.argv[2])
+# the exact search of a large wide bank: the screened index needs torch, the pruned one serves it
+from patchknn.index import build_index
+bank = np.random.default_rng(0).normal(size=(17000, 260)).astype(np.float32)
+index = build_index(bank, "flat")
+assert type(index).__name__ == "PrunedFlatIndex", index
+assert np.abs(index.search(bank[:7], 1)).max() == 0
 assert "torch" not in [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] == "torch"]
 print(json.dumps([[p.source, p.score, p.verdict, float(np.abs(p.anomaly_map).sum())] for p in preds]))
 """
