@@ -147,7 +147,7 @@ def test_coreset_is_continued_from_the_kept_rows(images, tmp_path):
     np.testing.assert_array_equal(again.training_.rows()[1], kept)
 
 
-def test_ensemble_partial_fit_per_member(images, tmp_path):
+def test_ensemble_partial_fit_per_member(images, tmp_path, monkeypatch):
     """The best preset's structure (raw + layer-normalised views, coreset) on tiny data: every
     member exact, the ensemble's normalisation and threshold by fit's rule on their new grids."""
     from patchknn.ensemble import EnsemblePatchKNN
@@ -185,6 +185,17 @@ def test_ensemble_partial_fit_per_member(images, tmp_path):
     assert info.number == 2 and info.n_added == 3 and [v.number for v in list_versions(saved)] == [1, 2]
     back = load_version(saved, progress=False, num_workers=0)
     assert isinstance(back, EnsemblePatchKNN) and back.threshold_ == pytest.approx(ens.threshold_)
+    # a reader that read the folder's patchknn.json just before the switch to version 2: its
+    # member folders are gone from the root, so it reads the new version instead of failing
+    from patchknn import ensemble as ensemble_module
+    from patchknn.serialization import load_model
+    from patchknn.versions import version_path
+
+    stale = [load_model(version_path(saved, 1))]
+    monkeypatch.setattr(ensemble_module, "load_model", lambda p: stale.pop() if stale else load_model(p))
+    late = EnsemblePatchKNN.load(saved, progress=False, num_workers=0)
+    assert not stale and late.threshold_ == pytest.approx(ens.threshold_)
+    monkeypatch.undo()
     assert back.predict(images[:2])[0].score == pytest.approx(ens.predict(images[:2])[0].score, rel=1e-5)
 
 

@@ -52,7 +52,7 @@ from patchknn.data import as_sources, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
 from patchknn.kinds import register_model_kind
 from patchknn.model import IndexFactory, PatchKNN
-from patchknn.serialization import load_model, save_model
+from patchknn.serialization import load_model, read_meta, save_model
 
 __all__ = ["EnsemblePatchKNN", "member_configs"]
 
@@ -343,7 +343,14 @@ class EnsemblePatchKNN(PatchKNN):
             raise ModelFileError(f"{root}: members, configuration and normalisation disagree")
         if any(Path(f).name != f for f in folders):
             raise ModelFileError(f"{root}: member folder names must be plain names")
-        members = [PatchKNN.load(root / f, index=index, **runtime) for f in folders]
+        try:
+            members = [PatchKNN.load(root / f, index=index, **runtime) for f in folders]
+        except ModelFileError:
+            if all((root / f).is_dir() for f in folders) or read_meta(root).get("members") == folders:
+                raise
+            # a member folder went away because a newer save (or version switch) replaced the
+            # ensemble meanwhile: read that one (as load_model does for a single model's files)
+            return cls.load(path, index=index, **runtime)
         for m, want in zip(members, expected):
             if m.config != want.replace(threshold_method="none"):
                 raise ModelFileError(f"{root}: member {m.config.backbone!r} does not match the ensemble's options")
