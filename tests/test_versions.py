@@ -216,6 +216,12 @@ def test_cli_partial_fit_history_rollback(plain, tmp_path):
 
     result = runner.invoke(app, ["rollback", str(plain), "7"])
     assert result.exit_code != 0 and isinstance(result.exception, VersionError)
+    # `patchknn predict` on the folder answers with the current version (1 after the rollback)
+    out = tmp_path / "scores"
+    result = runner.invoke(app, ["predict", str(plain), str(folder / "ok0.png"), "-o", str(out), "--no-maps"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "scores.json").read_text())
+    assert row["threshold"] == pytest.approx(list_versions(plain)[0].threshold)
 
 
 WRITER = """
