@@ -14,7 +14,7 @@ from conftest import tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 
-from patchknn import PatchKNN, versions
+from patchknn import PatchKNN
 from patchknn.errors import NotFittedError
 from patchknn.serialization import META_FILE
 from patchknn.versions import (
@@ -27,6 +27,7 @@ from patchknn.versions import (
     save_version,
     version_path,
 )
+from patchknn.versions import store as versions
 
 SMALL = {"layers": ("layer1", "layer2"), "calibration_images": 4, "num_workers": 0}
 
