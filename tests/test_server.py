@@ -57,8 +57,8 @@ def gauge(client: httpx.Client, name: str, headers: dict | None = None) -> float
 
 def error_count(client: httpx.Client, code: str, headers: dict | None = None) -> int:
     text = client.get("/metrics", headers=headers or {}).text
-    match = re.search(rf'^patchknn_errors_total{{code="{code}"}} (\d+)$', text, re.MULTILINE)
-    return int(match.group(1)) if match else 0
+    match = re.search(rf'^patchknn_errors_total{{code="{code}"}} (\S+)$', text, re.MULTILINE)
+    return int(float(match.group(1))) if match else 0
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:
@@ -417,15 +417,21 @@ def test_models_and_metrics_endpoints(data, client):
     r = client.get("/metrics", headers=AUTH)
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
-    for series in (
-        'patchknn_requests_total{route="/v1/models/{name}/predict",method="POST",status="200"}',
-        'patchknn_request_duration_seconds_bucket{route="/v1/models/{name}/predict",le="+Inf"}',
-        'patchknn_errors_total{code="unauthorized"}',
-        'patchknn_predictions_total{model="tiny",verdict="OK"}',
-        'patchknn_inference_seconds_count{model="tiny"}',
-        f'patchknn_model_info{{model="tiny",version="{entry["version"]}",backbone="resnet50"}} 1',
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    route = "/v1/models/{name}/predict"
+    for name, labels in (
+        ("patchknn_requests_total", {"route": route, "method": "POST", "status": "200"}),
+        ("patchknn_request_duration_seconds_bucket", {"route": route, "le": "+Inf"}),
+        ("patchknn_errors_total", {"code": "unauthorized"}),
+        ("patchknn_predictions_total", {"model": "tiny", "verdict": "OK"}),
+        ("patchknn_inference_seconds_count", {"model": "tiny"}),
     ):
-        assert series in text, series
+        assert samples.get((name, frozenset(labels.items())), 0) >= 1, (name, labels)
+    info = {"model": "tiny", "version": entry["version"], "backbone": "resnet50"}
+    assert samples[("patchknn_model_info", frozenset(info.items()))] == 1
     assert "# TYPE patchknn_request_duration_seconds histogram" in text
     spec = client.get("/openapi.json", headers=AUTH).json()
     body = spec["paths"]["/v1/models/{name}/predict"]["post"]["requestBody"]["content"]

@@ -304,7 +304,7 @@ def test_connections_without_headers_are_capped(model_dir):
         with live.client() as c:
             assert c.get("/v1/models").status_code == 200
             metrics = c.get("/metrics").text
-    assert re.search(r'^patchknn_errors_total\{code="too_many_connections"\} 1$', metrics, re.MULTILINE)
+    assert re.search(r'^patchknn_errors_total\{code="too_many_connections"\} 1\.0$', metrics, re.MULTILINE)
 
 
 # ------------------------------------------------------------------------------------ 2. keys in URLs

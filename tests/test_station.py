@@ -223,7 +223,7 @@ def test_corrections_and_rollbacks_need_the_admin_role_and_swap_versions(station
         got = c.post("/v1/models/tiny/predict", content=img, headers=auth(PREDICT_KEY)).json()
         assert got["version_number"] == 2 and got["model_version"] == body["model_version"]
         metrics = c.get("/metrics", headers=auth(PREDICT_KEY)).text
-        assert "patchknn_model_swaps 1" in metrics and f'version="{body["model_version"]}"' in metrics
+        assert "patchknn_model_swaps 1.0" in metrics and f'version="{body["model_version"]}"' in metrics
         # the image is now in the memory bank: its score is that of the new version, far below the old one
         assert got["score"] < 0.5 * model.predict([normal])[0].score
         # an admin may serve version 1 again (a predict key may not); it is swapped in the same way

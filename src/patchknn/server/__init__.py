@@ -12,7 +12,7 @@ Modules:
     memory:    the decode memory budget: an upload's decoding cost read from its header
     protocol:  uvicorn's h11 protocol with a header deadline, a cap on connections without headers,
                JSON for the parser's errors and an access log without query strings
-    metrics:   Prometheus text exposition, hand-written (no extra dependency)
+    metrics:   Prometheus metrics (prometheus-client, one registry per app)
     errors:    error codes, :class:`ApiError`, the JSON error body
     uploads:   reading the body, multipart, content sniffing, decoding within the budget
     middleware: request metrics, API keys (header only; keys in URLs refused)
