@@ -226,3 +226,24 @@ def test_method_flags_parse_like_set():
     assert by_flags.layers == ("layer2", "layer3") and by_flags.pca_variance is None and by_flags.index == "ivf"
     choice = method_choice("paper", image_size=None, seed=3)
     assert choice.preset == "paper" and dict(choice.overrides) == {"seed": 3}
+
+
+def test_fit_compact_leaves_out_the_training_bank_and_partial_fit_says_why(synthetic_root, tmp_path):
+    """A coreset model keeps its full training bank (for partial-fit) unless fitted with --compact,
+    which writes a smaller file that partial-fit refuses with one line."""
+    train = synthetic_root / "synthetic" / "train" / "good"
+    sizes = {}
+    for name, extra in (("full", []), ("compact", ["--compact"])):
+        r = runner.invoke(app, ["fit", str(train), "-o", str(tmp_path / name), "--coreset-ratio", "0.2",
+                                *TINY_FLAGS, *extra])
+        assert r.exit_code == 0, r.output
+        sizes[name] = sum(f.stat().st_size for f in (tmp_path / name).rglob("*") if f.is_file())
+    assert list((tmp_path / "full").glob("training-*")) and not list((tmp_path / "compact").glob("training-*"))
+    assert sizes["compact"] < sizes["full"]
+    normal = sorted(train.glob("*.png"))[0]
+    p = subprocess.run([sys.executable, "-m", "patchknn.cli", "partial-fit", str(tmp_path / "compact"), str(normal),
+                        "-q"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "no training bank" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1  # one line, no traceback
+    r = runner.invoke(app, ["partial-fit", str(tmp_path / "full"), str(normal), "-q"])
+    assert r.exit_code == 0, r.output

@@ -87,7 +87,8 @@ class TrainingBank:
             if self.source is None:
                 raise ConfigError(
                     "partial_fit needs every training patch, and this coreset model has no training bank "
-                    "(saved with save(training=False) or by an older patchknn); fit it again"
+                    "(fitted with `patchknn fit --compact`, saved with save(training=False) or by an older "
+                    "patchknn); fit it again without --compact"
                 )
             self.full, self.kept = self.source()
             self.source = None

@@ -52,6 +52,14 @@ def fit(
     budget: Annotated[
         float, typer.Option("--budget", min=0.01, help="With --preset auto: minutes `patchknn tune` may spend.")
     ] = 10.0,
+    compact: Annotated[
+        bool,
+        typer.Option(
+            "--compact",
+            help="With a coreset: leave the full training bank out of the model (a smaller file; "
+            "such a model cannot be taught more normal images with partial-fit).",
+        ),
+    ] = False,
 ) -> None:
     """Learn normality from defect-free images and save the model (--preset auto: `patchknn tune`
     chooses the configuration from these images first, and the model records why)."""
@@ -65,7 +73,7 @@ def fit(
     model.fit([str(p) for p in train_dir])
     if tuned is not None:
         model.fit_info_["tune"] = tuned.to_dict()
-    model.save(output)
+    model.save(output, training=not compact)
     info = model.fit_info_
     for src, reason in model.skipped_:
         typer.echo(f"skipped {src}: {reason}", err=True)
