@@ -73,7 +73,7 @@ def run_preset(name: str, args: argparse.Namespace, root: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_dir = export_model(model, Path(tmp) / "onnx")
         ov_dir = export_model(model, Path(tmp) / "openvino", format="openvino")
-        auto = ExportedModel(onnx_dir).backend  # what backend="auto" runs for this model (measured at export)
+        auto = ExportedModel(onnx_dir).backend  # what backend="auto" runs for this model
         runners = {
             "torch": lambda b: model.predict_batch(torch.from_numpy(b)),
             "onnxruntime": ExportedModel(onnx_dir, "onnxruntime", threads=args.threads).predict_batch,

@@ -89,7 +89,7 @@ def test_each_backbone_exports_equal_maps(backbone, tmp_path):
     assert runtime.threshold_ == model.threshold_ is not None
     expected = model.predict(test)
     assert_same(runtime.predict(test), expected)
-    assert_same(ExportedModel(out).predict(test), expected)  # auto: the faster one measured at export
+    assert_same(ExportedModel(out).predict(test), expected)  # auto: OpenVINO
     # batch of one and the "original" output size go through the same functions
     assert_same(runtime.predict(test[:1], output_size="original"), model.predict(test[:1], output_size="original"))
 
@@ -121,10 +121,7 @@ def test_ensemble_and_openvino_export(tmp_path):
     onnx_dir = export_model(model, tmp_path / "onnx")
     doc = json.loads((onnx_dir / "patchknn.json").read_text())
     assert doc["model_kind"] == "ensemble" and len(doc["members"]) == 2
-    # the graph runtime measured fastest for this model at export time is what "auto" runs
-    assert set(doc["graph_seconds_per_2_images"]) == {"onnxruntime", "openvino"}
-    assert doc["fastest_backend"] == min(doc["graph_seconds_per_2_images"], key=doc["graph_seconds_per_2_images"].get)
-    assert ExportedModel(onnx_dir).backend == doc["fastest_backend"]
+    assert ExportedModel(onnx_dir).backend == "openvino"  # auto: the fastest in benchmarks/export.py
     # two views of one backbone pass: one graph with an output per member
     assert [(m["graph"], m["output"]) for m in doc["members"]] == [("members-0-1.onnx", "rows_0"),
                                                                     ("members-0-1.onnx", "rows_1")]

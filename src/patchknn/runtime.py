@@ -102,13 +102,7 @@ class _Graph:
         return self._last[1][output]
 
 
-def _installed(backend: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(backend) is not None
-
-
-def _pick_backend(backend: str, fmt: str, measured: str | None = None) -> str:
+def _pick_backend(backend: str, fmt: str) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if fmt == "openvino":
@@ -117,35 +111,11 @@ def _pick_backend(backend: str, fmt: str, measured: str | None = None) -> str:
         return "openvino"
     if backend != "auto":
         return backend
-    # the graph runtime measured fastest for this model when it was exported (the search and the
-    # scoring are the same code whichever runs the graph); else OpenVINO, then onnxruntime
-    for name in (measured, "openvino", "onnxruntime"):
-        if name in BACKENDS[1:] and _installed(str(name)):
-            return str(name)
-    return "onnxruntime"
+    # OpenVINO first: the fastest for paper, fast and best alike in benchmarks/export.py (docs/export.md;
+    # the search and the scoring are the same code whichever runs the graphs); it reads ONNX too
+    import importlib.util
 
-
-def time_graphs(
-    paths: Sequence[Path], size: int, backends: Sequence[str] = BACKENDS[1:], batch: int = 2, rounds: int = 3
-) -> dict[str, float]:
-    """Seconds per batch of ``batch`` images for the graphs ``paths`` run one after the other (a
-    model's graphs), for each installed backend of ``backends``: the best of ``rounds`` runs, the
-    backends interleaved round by round after one untimed run each (so a burst of load from other
-    processes hurts all alike). Random uint8 images of side ``size``."""
-    import time
-
-    images = np.random.default_rng(0).integers(0, 256, size=(batch, 3, size, size), dtype=np.uint8)
-    graphs = {b: [_Graph(Path(p), b, None) for p in paths] for b in backends if _installed(b)}
-    best = dict.fromkeys(graphs, float("inf"))
-    for r in range(rounds + 1):
-        for name, gs in graphs.items():
-            t0 = time.perf_counter()
-            for g in gs:
-                g._last = None
-                g(images, g.output_names[0])
-            if r:
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+    return "openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -228,7 +198,7 @@ class ExportedModel:
             raise ConfigError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
         try:
             self.format = str(doc["export_format"])
-            self.backend = _pick_backend(backend, self.format, doc.get("fastest_backend"))
+            self.backend = _pick_backend(backend, self.format)
             self.config = SavedOptions(**doc["config"])
             members = list(doc["members"])
             for desc in members:
@@ -350,4 +320,4 @@ def load(path: str | Path, backend: str = "auto", **options: Any) -> ExportedMod
     return ExportedModel(path, backend, **options)
 
 
-__all__ = ["BACKENDS", "EXPORTED_KIND", "ExportedModel", "SavedOptions", "is_exported", "load", "time_graphs"]
+__all__ = ["BACKENDS", "EXPORTED_KIND", "ExportedModel", "SavedOptions", "is_exported", "load"]

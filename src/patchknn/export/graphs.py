@@ -205,7 +205,7 @@ def _to_openvino(onnx_path: Path, xml_path: Path) -> list[Path]:
 
 
 def export_model(
-    model: PatchKNN | str | Path, output_dir: str | Path, format: str = "onnx", *, measure: bool = True
+    model: PatchKNN | str | Path, output_dir: str | Path, format: str = "onnx"
 ) -> Path:
     """Export a fitted model (or a saved model directory) to ``output_dir``.
 
@@ -214,10 +214,6 @@ def export_model(
         output_dir: the folder to write (created; an existing export there is replaced).
         format: ``"onnx"`` (graphs ``member-<i>.onnx``) or ``"openvino"`` (OpenVINO IR
             ``member-<i>.xml`` + ``.bin``, float32).
-        measure: ONNX only: time the graphs on onnxruntime and on OpenVINO (those installed; a
-            few batches of two random images) and record the faster as the model's
-            ``fastest_backend``, which ``backend="auto"`` then runs (the search and the scoring are
-            the same code whichever runs the graphs, so the faster graph is the faster model).
 
     Returns:
         ``output_dir``; load it with :func:`patchknn.runtime.load`.
@@ -266,14 +262,7 @@ def export_model(
                 }
     if norm is not None:
         groups["ensemble"] = {"norm": norm}
-    timing: dict[str, Any] = {}
-    if measure and format == "onnx":
-        from patchknn.runtime import time_graphs
 
-        seconds = time_graphs(sorted({root / str(d["graph"]) for d in described}), size)
-        if seconds:
-            timing = {"fastest_backend": min(seconds, key=seconds.__getitem__),
-                      "graph_seconds_per_2_images": {k: round(v, 5) for k, v in seconds.items()}}
     meta = {
         "kind": EXPORTED_KIND,
         "export_format": format,
@@ -285,7 +274,6 @@ def export_model(
         "members": described,
         "threshold": model.threshold_,
         "fit_info": model.fit_info_,
-        **timing,
     }
     return save_model(root, meta, groups)
 
