@@ -224,11 +224,12 @@ def test_paper_preset_on_bottle(mvtec_root, caffe_weights, tmp_path):
 
 @pytest.mark.slow
 def test_paper_preset_on_magnetic_tile(mtd_root, caffe_weights, tmp_path):
-    """Grayscale JPEGs of varying, non-square sizes (decoded and resized by the same loader); 24
-    training images give 18,816 rows of 711 dims: the screened exact search."""
+    """Grayscale JPEGs of varying, non-square sizes (decoded and resized by the same loader), maps at
+    each image's original size; 12 training images (9,408 bank rows: faiss's flat search with the
+    float64 re-check; the large banks' exact searches are checked on bottle and in test_index)."""
     category = mtd_root / "magnetic_tile"
-    train = sorted((category / "train" / "good").glob("*.jpg"))[:24]
-    test = sorted((category / "test").rglob("*.jpg"))[::36]
+    train = sorted((category / "train" / "good").glob("*.jpg"))[:12]
+    test = sorted((category / "test").rglob("*.jpg"))[::48]
     model = PatchKNN.from_preset("paper", weights=str(caffe_weights), progress=False).fit(train)
     expected = model.predict(test, output_size="original")
     assert {p.verdict for p in expected} == {"OK", "NG"}
