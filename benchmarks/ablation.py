@@ -77,7 +77,7 @@ VARIANTS: dict[str, Variant] = {
     "border2": ("paper", {"border_cells": 2}, {}),
     "border2+topk": ("paper", {"border_cells": 2, "image_score": "topk_mean", "image_score_topk": 3}, {}),
     "v1+border2": ("paper", {**V1, "border_cells": 2}, {}),
-    "best+border2": ("best", {"border_cells": 2}, {}),
+    "best-border0": ("best", {"border_cells": 0}, {}),  # `best` before border_cells joined it
     "best+border3": ("best", {"border_cells": 3}, {}),
     # v1 = paper + smoothing + coreset, and one more option (or a combination) at a time on top of it
     "v1": ("paper", V1, {}),
