@@ -115,7 +115,7 @@ def test_options_export_equal_maps(name, tmp_path):
 def test_ensemble_and_openvino_export(tmp_path):
     train, test = _images(5), _images(3, seed=2)
     model = PatchKNN.from_preset(
-        "paper", **{**TINY, "calibration_images": 2, "ensemble": ("layer_norm=true",)}
+        "paper", **{**TINY, "calibration_images": 2, "ensemble": ("layer_norm=true",), "border_cells": 1}
     ).fit(train)
     expected = model.predict(test)
     onnx_dir = export_model(model, tmp_path / "onnx")
