@@ -88,7 +88,7 @@ def archive(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     assert model.index_.size == 1280
     model_dir = model.save(base / "model")
     (cat / "test" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    from patchknn.distributed.score_archive import list_archive
+    from patchknn.distributed.archive import list_archive
 
     paths, _ = list_archive([cat / "test"])
     assert len(paths) == 13
@@ -183,7 +183,7 @@ def test_aligned_shards_search_exactly_like_one_index():
 
 
 def test_fingerprint_changes_with_files_and_config(tmp_path):
-    from patchknn.distributed.fit_many import training_fingerprint
+    from patchknn.distributed.variants import training_fingerprint
 
     files = []
     for i in range(2):
@@ -492,3 +492,16 @@ def test_score_archive_cli_joins_a_running_cluster(ray_instance, archive, tmp_pa
     assert "Started a local Ray instance" not in r.stderr
     assert "Connecting to existing Ray cluster" in r.stderr
     _check_equal_to_predict(out, _reference(model_dir, paths[:3]), maps=False)
+
+
+def test_lazy_names_stay_functions_after_their_modules_load():
+    """The package loads its submodules on first use; a submodule named like one of the package's
+    functions would replace the function by the module once imported (``score_archive`` did)."""
+    import importlib
+
+    import patchknn.distributed as dist
+
+    for module in ("archive", "variants", "sharded", "_ray"):
+        importlib.import_module(f"patchknn.distributed.{module}")
+    for name in ("fit_many", "score_archive", "load_sharded", "shard_model", "ray_session"):
+        assert callable(getattr(dist, name)) and not isinstance(getattr(dist, name), type(dist)), name

@@ -15,16 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
     from patchknn.distributed._ray import ray_session
-    from patchknn.distributed.fit_many import (
-        FitManyReport,
-        Variant,
-        discover_variants,
-        fit_many,
-        fit_variant,
-        is_up_to_date,
-        training_fingerprint,
-    )
-    from patchknn.distributed.score_archive import (
+    from patchknn.distributed.archive import (
         ArchiveScorer,
         ArchiveSummary,
         PartStore,
@@ -39,15 +30,24 @@ if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
         shard_bounds,
         shard_model,
     )
+    from patchknn.distributed.variants import (
+        FitManyReport,
+        Variant,
+        discover_variants,
+        fit_many,
+        fit_variant,
+        is_up_to_date,
+        training_fingerprint,
+    )
 
 # The submodules import numpy and the model-file format: loaded on first use (PEP 562), so that
 # registering `fit-many` and `score-archive` keeps the CLI's start light.
 _LAZY = {
     "ray_session": "_ray",
     **dict.fromkeys(("FitManyReport", "Variant", "discover_variants", "fit_many", "fit_variant", "is_up_to_date",
-                     "training_fingerprint"), "fit_many"),
+                     "training_fingerprint"), "variants"),
     **dict.fromkeys(("ArchiveScorer", "ArchiveSummary", "PartStore", "list_archive", "score_archive"),
-                    "score_archive"),
+                    "archive"),
     **dict.fromkeys(("ShardedIndex", "bank_dirs", "load_sharded", "merge_topk", "shard_bounds", "shard_model"),
                     "sharded"),
 }

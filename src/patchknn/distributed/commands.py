@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         Writes OUTPUT/<variant>/ (a model, as `patchknn fit` does) and OUTPUT/fit-many-report.json.
         A failing variant is reported and does not stop the others; the exit code is then 1.
         """
-        from patchknn.distributed.fit_many import REPORT_FILE, discover_variants, fit_many
+        from patchknn.distributed.variants import REPORT_FILE, discover_variants, fit_many
 
         config = method.config()
         variants = discover_variants(inputs, category)
@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
         num_gpus: NumGpusOpt = None,
     ) -> None:
         """Score an image archive with Ray Data into Parquet parts; re-run to resume after an interruption."""
-        from patchknn.distributed.score_archive import PARTS_DIR, score_archive
+        from patchknn.distributed.archive import PARTS_DIR, score_archive
 
         if resolution not in ("input", "original"):
             raise typer.BadParameter("--resolution must be input or original")

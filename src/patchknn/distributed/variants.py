@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from patchknn.config import PatchKNNConfig
-from patchknn.distributed.score_archive import write_json
+from patchknn.distributed.archive import write_json
 from patchknn.errors import ConfigError, DatasetError, PatchKNNError
 
 FINGERPRINT_KEY = "training_fingerprint"
