@@ -124,7 +124,9 @@ def test_files_written_slowly_in_chunks_are_scored_once_and_complete(fitted, tmp
     expected = {Path(p.source).name: p for p in model.predict([str(inp / n) for n in files])}
     for r in lines:
         assert r["error"] is None
-        assert r["score"] == pytest.approx(expected[r["image"]].score, rel=1e-6, abs=1e-6)  # the complete image
+        # the complete image: equal to float32 round-off (the backbone's last bits change with the batch
+        # the file arrived in; a half-written image would score far off)
+        assert r["score"] == pytest.approx(expected[r["image"]].score, rel=2e-5, abs=1e-6)
         assert r["verdict"] == expected[r["image"]].verdict and r["threshold"] == pytest.approx(model.threshold_)
         assert r["size"] == len(files[r["image"]]) and (out / r["overlay"]).is_file()
         assert r["latency_s"] >= 0 and r["score_ms"] > 0
@@ -278,5 +280,5 @@ def test_the_watch_score_equals_predict_on_real_bottle_images(mvtec_root, caffe_
     assert summary.scored == 3
     expected = {f"{Path(p.source).parent.name}_{Path(p.source).name}": p for p in model.predict(test)}
     for r in _lines(out):
-        assert r["score"] == pytest.approx(expected[r["image"]].score, rel=1e-6)
+        assert r["score"] == pytest.approx(expected[r["image"]].score, rel=2e-5)  # batch-size round-off
         assert r["verdict"] == expected[r["image"]].verdict
