@@ -56,19 +56,7 @@ from patchknn.serialization import META_FILE, atomic_write, read_meta
 if TYPE_CHECKING:
     from patchknn.model import PatchKNN
 
-__all__ = [
-    "HISTORY_FILE",
-    "VERSIONS_DIR",
-    "VersionError",
-    "VersionInfo",
-    "current_version",
-    "history",
-    "list_versions",
-    "load_version",
-    "rollback",
-    "save_version",
-    "version_path",
-]
+# the public names are listed once, in the package (patchknn/versions/__init__.py)
 
 VERSIONS_DIR = "versions"
 HISTORY_FILE = "history.json"
