@@ -280,3 +280,30 @@ def test_registry_swap_keeps_leased_versions_until_their_last_request():
         assert not registry.running
 
     asyncio.run(scenario())
+
+
+def test_a_server_without_keys_predicts_but_never_changes_a_model(synthetic_root, tmp_path):
+    """No keys configured (loopback only): every client may predict, but corrections and rollbacks
+    need an admin key, so a web page open on the station PC cannot post one to 127.0.0.1."""
+    from patchknn.server.app import create_app
+
+    tiny_model().fit(synthetic_root / "synthetic" / "train" / "good").save(tmp_path / "tiny")
+    img = (synthetic_root / "synthetic" / "test" / "good").glob("*.png").__next__().read_bytes()
+    app = create_app(load_models([f"tiny={tmp_path / 'tiny'}"]), ServerSettings(request_timeout_s=120))
+    with LiveServer(app) as live, live.client() as c:
+        assert c.post("/v1/models/tiny/predict", content=img).status_code == 200
+        r = c.post("/v1/models/tiny/corrections", files={"files": ("glare.png", img)})
+        assert r.status_code == 403 and "admin" in r.json()["error"]["message"], r.text
+        assert c.post("/v1/models/tiny/rollback?version=1").status_code == 403
+    assert not (tmp_path / "tiny" / "versions").exists()  # nothing was written
+
+
+def test_a_named_pipe_in_a_camera_folder_is_not_an_image(tmp_path):
+    """A FIFO called like an image is refused at once (404), never blocking a worker in open()."""
+    from patchknn.server.errors import ApiError
+    from patchknn.server.station import read_watch_file
+
+    os.mkfifo(tmp_path / "x.png")
+    with pytest.raises(ApiError) as err:
+        read_watch_file(tmp_path, "x.png", 1 << 20)
+    assert err.value.status == 404

@@ -125,7 +125,11 @@ def add_correction_routes(app: FastAPI, registry: ModelRegistry, settings: Serve
 
     def require_admin(request: Request, what: str) -> None:
         if ADMIN not in request.scope.get(ROLES_SCOPE_KEY, frozenset()):
-            raise ApiError(403, "forbidden", f"{what} need an API key with the 'admin' role; this key may only predict")
+            raise ApiError(
+                403, "forbidden",
+                f"{what} need an API key with the 'admin' role (a key file line 'KEY admin', or "
+                "PATCHKNN_ADMIN_KEYS); this key, or a server without keys, may only predict",
+            )
 
     async def swap_in(name: str, base: ServedModel, served: ServedModel, info: Any, status: int) -> Response:
         await registry.swap(name, served)

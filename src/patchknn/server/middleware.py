@@ -6,7 +6,7 @@ import re
 import time
 from typing import Any
 
-from patchknn.server.auth import ROLES, KeyChecker, bearer_token
+from patchknn.server.auth import PREDICT, KeyChecker, bearer_token
 from patchknn.server.errors import json_response
 from patchknn.server.metrics import Metrics
 
@@ -106,7 +106,9 @@ class AuthMiddleware:
                 "real, consider it exposed and replace it"
             )
         elif not self.checker.enabled or self._is_public(scope.get("path", "")):
-            scope[ROLES_SCOPE_KEY] = frozenset() if self.checker.enabled else frozenset(ROLES)
+            # without keys (loopback only) every client may predict, and nobody may change a model: a web
+            # page open on the station PC could otherwise post a correction to 127.0.0.1 (no preflight)
+            scope[ROLES_SCOPE_KEY] = frozenset() if self.checker.enabled else frozenset({PREDICT})
             await self.app(scope, receive, send)
             return
         else:

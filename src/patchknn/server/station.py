@@ -153,7 +153,8 @@ def read_watch_file(directory: Path, name: str, limit: int) -> bytes:
         raise missing
     path = directory / name
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: a named pipe called x.png must not block a worker thread in open()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         raise missing from None
     with os.fdopen(fd, "rb") as f:
