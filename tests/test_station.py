@@ -307,3 +307,23 @@ def test_a_named_pipe_in_a_camera_folder_is_not_an_image(tmp_path):
     with pytest.raises(ApiError) as err:
         read_watch_file(tmp_path, "x.png", 1 << 20)
     assert err.value.status == 404
+
+
+def test_a_correction_builds_on_the_folders_current_version(synthetic_root, tmp_path):
+    """A version made on the command line while the server serves an older one is not lost: the
+    correction starts from the folder's current version, which is its recorded parent."""
+    from patchknn import PatchKNN
+    from patchknn.server.corrections import build_version
+    from patchknn.server.settings import ServedModel
+    from patchknn.versions import list_versions, save_version
+
+    train = sorted((synthetic_root / "synthetic" / "train" / "good").glob("*.png"))
+    model = tiny_model().fit(train[:6])
+    model.save(tmp_path / "m")
+    served = ServedModel("m", PatchKNN.load(tmp_path / "m", progress=False), "v1", "x", 1, tmp_path / "m")
+    cli_model = PatchKNN.load(tmp_path / "m", progress=False).partial_fit([str(train[6])])
+    assert save_version(cli_model, tmp_path / "m", note="from the CLI").number == 2
+    new, info = build_version(served, [np.asarray(Image.open(train[7]).convert("RGB"))], ["t7.png"], None, "web")
+    assert info.number == 3 and info.parent == 2
+    assert new.model.index_.size == cli_model.index_.size + model.index_.size // 6  # one more image
+    assert [v.number for v in list_versions(tmp_path / "m")] == [1, 2, 3]

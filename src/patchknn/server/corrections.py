@@ -60,7 +60,9 @@ def version_record(info: Any) -> dict[str, Any]:
 def build_version(
     base: ServedModel, images: list[np.ndarray], names: list[str], author: str | None, note: str
 ) -> tuple[ServedModel, Any]:
-    """Load ``base``'s version from its folder, add ``images`` as normal, save and warm up the new version.
+    """Load the current version of ``base``'s folder (which includes a version made meanwhile by
+    ``patchknn partial-fit`` or ``rollback`` on the command line, and is the new version's recorded
+    parent), add ``images`` as normal, save and warm up the new version.
 
     Returns the new :class:`ServedModel` and its :class:`~patchknn.versions.VersionInfo`. Runs in a
     worker thread (seconds to minutes); the served ``base`` is not touched.
@@ -70,7 +72,7 @@ def build_version(
 
     assert base.root is not None
     device = str(getattr(base.model, "device", "cpu"))
-    model = load_version(base.root, base.number, device=device, progress=False)  # None: the current one
+    model = load_version(base.root, None, device=device, progress=False)  # the folder's current version
     model.partial_fit(images)
     info = save_version(model, base.root, author=author, note=note, added=tuple(names))
     warm_up(model)
