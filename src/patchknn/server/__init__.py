@@ -18,16 +18,24 @@ Modules:
     middleware: request metrics, API keys (header only; keys in URLs refused)
     responses: the predict answer's schema, anomaly-map encoding
     registry:  the current version of each model, leases and the hot swap
+    state:     :class:`AppState`, what the routes share (registry, settings, metrics, admission,
+               memory budget, recent results, pools), on ``app.state.patchknn``; :data:`StateDep`
+    handlers:  the exception handlers (every error answer JSON, counted)
+    routes_predict: ``POST /v1/models/{name}/predict``
+    routes_models:  ``GET /v1/models``, ``GET /v1/models/{name}``
+    routes_health:  ``GET /healthz``, ``/readyz``, ``/metrics``
     station:   the inspection web page (Jinja2 template + bundled static assets), recent results,
                camera (watch) folders
-    corrections: ``POST .../corrections`` (admin): partial_fit -> new version -> hot swap; versions
+    corrections: ``POST .../corrections`` (admin): partial_fit -> new version -> hot swap; rollback; versions
     running:   ``uvicorn.Config`` with the guarded protocol (:func:`server_config`), :func:`run`
-    app:       the FastAPI application (:func:`create_app`; re-exports the names above it used to hold)
+    app:       :func:`create_app`: the state, the handlers, the middleware and the routers above
+               (re-exports the names above it used to hold)
     commands:  ``register(app)`` adds ``patchknn serve`` to the CLI
 
 Example:
     >>> from patchknn.server.settings import ServerSettings   # doctest: +SKIP
-    >>> from patchknn.server.app import create_app, load_models  # doctest: +SKIP
+    >>> from patchknn.server.settings import load_models  # doctest: +SKIP
+    >>> from patchknn.server.app import create_app  # doctest: +SKIP
     >>> app = create_app(load_models(["bottle=models/bottle"]), ServerSettings())  # doctest: +SKIP
 """
 

@@ -25,29 +25,32 @@ import os
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from patchknn.errors import ImageError
 from patchknn.server.auth import ADMIN
 from patchknn.server.errors import ERROR_DOCS, ApiError, image_error, json_response
-from patchknn.server.metrics import Metrics
 from patchknn.server.middleware import ROLES_SCOPE_KEY
-from patchknn.server.registry import ModelRegistry
 from patchknn.server.responses import request_body
 from patchknn.server.settings import ServedModel, ServerSettings, model_version, warm_up
+from patchknn.server.state import AppState, StateDep
 from patchknn.server.uploads import parse_parts, read_body
 
 __all__ = [
     "MAX_CORRECTION_IMAGES",
-    "add_correction_routes",
     "build_version",
+    "check_correctable",
     "load_served_version",
+    "require_admin",
+    "router",
     "version_record",
 ]
 
 MAX_CORRECTION_IMAGES = 16
 """Most images in one correction."""
+
+router = APIRouter()
 
 
 def version_record(info: Any) -> dict[str, Any]:
@@ -119,110 +122,122 @@ def _file_name(filename: str, i: int) -> str:
     return clean or f"upload-{i + 1}"
 
 
-def add_correction_routes(app: FastAPI, registry: ModelRegistry, settings: ServerSettings, metrics: Metrics) -> None:
-    """Add ``POST /v1/models/{name}/corrections`` and ``GET /v1/models/{name}/versions`` to ``app``."""
+def require_admin(request: Request, what: str) -> None:
+    """403 ``forbidden`` unless the request's key has the ``admin`` role."""
+    if ADMIN not in request.scope.get(ROLES_SCOPE_KEY, frozenset()):
+        raise ApiError(
+            403, "forbidden",
+            f"{what} need an API key with the 'admin' role (a key file line 'KEY admin', or "
+            "PATCHKNN_ADMIN_KEYS); this key, or a server without keys, may only predict",
+        )
+
+
+def check_correctable(served: ServedModel) -> None:
+    """409 ``not_versioned`` unless ``served`` came from a model folder and can learn new images."""
+    if served.root is None:
+        raise ApiError(
+            409,
+            "not_versioned",
+            f"model {served.name!r} is an exported model (patchknn export), which cannot learn new images; "
+            "serve the model folder it was exported from to correct it",
+        )
+    if not hasattr(served.model, "partial_fit"):
+        raise ApiError(409, "not_versioned", f"model {served.name!r} cannot learn new images (no partial_fit)")
+
+
+async def swap_in(
+    state: AppState, name: str, base: ServedModel, served: ServedModel, info: Any, status: int
+) -> Response:
+    """Serve ``served`` in place of ``base`` (the hot swap) and answer with both versions."""
+    await state.registry.swap(name, served)
+    state.metrics.add_model_info(name, served.version, str(served.model.config.backbone))
+    body = {
+        "model": name,
+        "version_number": served.number,
+        "model_version": served.version,
+        "previous": {"version_number": base.number, "model_version": base.version},
+        "threshold": served.threshold,
+        "version": version_record(info),
+    }
+    return json_response(status, body)
+
+
+async def read_correction(request: Request, settings: ServerSettings) -> tuple[list[np.ndarray], list[str], str, str]:
+    """The images (decoded as ``predict`` decodes them), their file names, the note and the author
+    of a correction's multipart body."""
     from patchknn.data import load_image
 
-    locks: dict[str, asyncio.Lock] = {}
-
-    def require_admin(request: Request, what: str) -> None:
-        if ADMIN not in request.scope.get(ROLES_SCOPE_KEY, frozenset()):
-            raise ApiError(
-                403, "forbidden",
-                f"{what} need an API key with the 'admin' role (a key file line 'KEY admin', or "
-                "PATCHKNN_ADMIN_KEYS); this key, or a server without keys, may only predict",
-            )
-
-    async def swap_in(name: str, base: ServedModel, served: ServedModel, info: Any, status: int) -> Response:
-        await registry.swap(name, served)
-        metrics.add_model_info(name, served.version, str(served.model.config.backbone))
-        body = {
-            "model": name,
-            "version_number": served.number,
-            "model_version": served.version,
-            "previous": {"version_number": base.number, "model_version": base.version},
-            "threshold": served.threshold,
-            "version": version_record(info),
-        }
-        return json_response(status, body)
-
-    def check_correctable(served: ServedModel) -> None:
-        if served.root is None:
-            raise ApiError(
-                409,
-                "not_versioned",
-                f"model {served.name!r} is an exported model (patchknn export), which cannot learn new images; "
-                "serve the model folder it was exported from to correct it",
-            )
-        if not hasattr(served.model, "partial_fit"):
-            raise ApiError(409, "not_versioned", f"model {served.name!r} cannot learn new images (no partial_fit)")
-
-    @app.post(
-        "/v1/models/{name}/corrections",
-        status_code=201,
-        responses=ERROR_DOCS,
-        summary="Teach the model that images are normal (admin): writes and serves a new version",
-        openapi_extra=request_body(
-            {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "note": {"type": "string"},
-                "author": {"type": "string"},
-            }
-        ),
-    )
-    async def correct(name: str, request: Request) -> Response:
-        require_admin(request, "corrections")
-        check_correctable(registry.current(name).served)
-        content_type = request.headers.get("content-type", "")
-        if not content_type.lower().startswith("multipart/form-data"):
-            raise ApiError(400, "invalid_multipart", "send the images as multipart/form-data fields named 'file'")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(400, "invalid_multipart", "send the images as multipart/form-data fields named 'file'")
+    try:
+        async with asyncio.timeout(settings.request_timeout_s):
+            body = await read_body(request, settings.max_upload_bytes)
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
+    parts = parse_parts(body, content_type, max_parts=MAX_CORRECTION_IMAGES + 2)
+    del body
+    files = [p for p in parts if p.name == "file"]
+    if not files:
+        raise ApiError(422, "missing_file", "no image: send the normal images as multipart fields named 'file'")
+    note, author = _text(parts, "note", 500), _text(parts, "author", 100)
+    names = [_file_name(p.filename, i) for i, p in enumerate(files)]
+    images = []
+    for part, file_name in zip(files, names, strict=True):
         try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                body = await read_body(request, settings.max_upload_bytes)
-        except TimeoutError:
-            raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
-        parts = parse_parts(body, content_type, max_parts=MAX_CORRECTION_IMAGES + 2)
-        del body
-        files = [p for p in parts if p.name == "file"]
-        if not files:
-            raise ApiError(422, "missing_file", "no image: send the normal images as multipart fields named 'file'")
-        note, author = _text(parts, "note", 500), _text(parts, "author", 100)
-        names = [_file_name(p.filename, i) for i, p in enumerate(files)]
-        images = []
-        for part, file_name in zip(files, names, strict=True):
-            try:
-                images.append(await asyncio.to_thread(load_image, part.data, max_pixels=settings.max_pixels))
-            except ImageError as exc:
-                err = image_error(exc, settings.max_pixels)
-                raise ApiError(err.status, err.code, f"{file_name}: {err.message}") from None
-        del parts, files
-        async with locks.setdefault(name, asyncio.Lock()):
-            base = registry.current(name).served  # the version served now (an earlier correction may have swapped)
-            check_correctable(base)
-            served, info = await asyncio.to_thread(build_version, base, images, names, author or None, note)
-            return await swap_in(name, base, served, info, 201)
+            images.append(await asyncio.to_thread(load_image, part.data, max_pixels=settings.max_pixels))
+        except ImageError as exc:
+            err = image_error(exc, settings.max_pixels)
+            raise ApiError(err.status, err.code, f"{file_name}: {err.message}") from None
+    return images, names, note, author
 
-    @app.post(
-        "/v1/models/{name}/rollback",
-        responses=ERROR_DOCS,
-        summary="Serve an earlier (or any) version of the model again (admin); it becomes the folder's current one",
-    )
-    async def serve_version(name: str, request: Request, version: int = Query(..., ge=1)) -> Response:
-        require_admin(request, "rollbacks")
-        check_correctable(registry.current(name).served)
-        async with locks.setdefault(name, asyncio.Lock()):
-            base = registry.current(name).served
-            served, info = await asyncio.to_thread(load_served_version, base, version)
-            return await swap_in(name, base, served, info, 200)
 
-    @app.get("/v1/models/{name}/versions", summary="The model's versions, newest first", responses=ERROR_DOCS)
-    async def versions(name: str) -> Response:
-        served = registry.current(name).served
-        records: list[dict[str, Any]] = []
-        if served.root is not None:
-            from patchknn.versions import list_versions
+@router.post(
+    "/v1/models/{name}/corrections",
+    status_code=201,
+    responses=ERROR_DOCS,
+    summary="Teach the model that images are normal (admin): writes and serves a new version",
+    openapi_extra=request_body(
+        {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "note": {"type": "string"},
+            "author": {"type": "string"},
+        }
+    ),
+)
+async def correct(name: str, request: Request, state: StateDep) -> Response:
+    require_admin(request, "corrections")
+    check_correctable(state.registry.current(name).served)
+    images, names, note, author = await read_correction(request, state.settings)
+    async with state.correction_locks.setdefault(name, asyncio.Lock()):
+        base = state.registry.current(name).served  # the version served now (an earlier correction may have swapped)
+        check_correctable(base)
+        served, info = await asyncio.to_thread(build_version, base, images, names, author or None, note)
+        return await swap_in(state, name, base, served, info, 201)
 
-            infos = await asyncio.to_thread(list_versions, served.root)
-            records = sorted((version_record(i) for i in infos), key=lambda r: r["number"], reverse=True)
-        body = {"model": name, "serving": served.number, "versions": records}
-        return json_response(200, body)
+
+@router.post(
+    "/v1/models/{name}/rollback",
+    responses=ERROR_DOCS,
+    summary="Serve an earlier (or any) version of the model again (admin); it becomes the folder's current one",
+)
+async def serve_version(name: str, request: Request, state: StateDep, version: int = Query(..., ge=1)) -> Response:
+    require_admin(request, "rollbacks")
+    check_correctable(state.registry.current(name).served)
+    async with state.correction_locks.setdefault(name, asyncio.Lock()):
+        base = state.registry.current(name).served
+        served, info = await asyncio.to_thread(load_served_version, base, version)
+        return await swap_in(state, name, base, served, info, 200)
+
+
+@router.get("/v1/models/{name}/versions", summary="The model's versions, newest first", responses=ERROR_DOCS)
+async def versions(name: str, state: StateDep) -> Response:
+    served = state.registry.current(name).served
+    records: list[dict[str, Any]] = []
+    if served.root is not None:
+        from patchknn.versions import list_versions
+
+        infos = await asyncio.to_thread(list_versions, served.root)
+        records = sorted((version_record(i) for i in infos), key=lambda r: r["number"], reverse=True)
+    body = {"model": name, "serving": served.number, "versions": records}
+    return json_response(200, body)

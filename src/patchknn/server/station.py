@@ -8,7 +8,7 @@
 * ``GET /v1/session``: the roles of the presented key (``predict``, ``admin``).
 * ``GET /v1/results?model=&verdict=OK|NG&since=&after=&limit=``: the server's most recent
   predictions (any client's), newest first: the page's live list. Held in memory only
-  (:data:`RESULT_LOG_SIZE` results, no images).
+  (:data:`patchknn.server.state.RESULT_LOG_SIZE` results, no images).
 * ``GET /v1/watch``: the camera folders configured at start-up (``--watch-folder NAME=DIR``);
   ``GET /v1/watch/{folder}?limit=``: its newest images (name, size, time);
   ``GET /v1/watch/{folder}/{file}``: one of those images. A client only ever names a configured
@@ -19,15 +19,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import stat
-import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -35,18 +34,19 @@ from patchknn.data import IMAGE_EXTENSIONS
 from patchknn.server.errors import ERROR_DOCS, ApiError, json_response
 from patchknn.server.middleware import ROLES_SCOPE_KEY
 from patchknn.server.settings import ServerSettings
+from patchknn.server.state import StateDep
 from patchknn.server.uploads import sniff_format
 
 __all__ = [
     "PUBLIC_PATHS",
     "PUBLIC_PREFIXES",
-    "RESULT_LOG_SIZE",
     "STATIC_DIR",
     "TEMPLATE_DIR",
-    "ResultLog",
-    "add_station_routes",
     "list_watch_folder",
+    "mount_static",
+    "page_templates",
     "read_watch_file",
+    "router",
     "templates",
 ]
 
@@ -56,52 +56,8 @@ TEMPLATE_DIR = HERE / "templates"
 PUBLIC_PATHS = frozenset({"/", "/station"})
 PUBLIC_PREFIXES = ("/static/",)
 """Paths (and path prefixes) served without a key: the page and its bundled assets, which hold no data."""
-RESULT_LOG_SIZE = 1000
 
-
-class ResultLog:
-    """The most recent predictions of the server, in memory (thread-safe, bounded)."""
-
-    FIELDS = ("model", "model_version", "version_number", "score", "threshold", "verdict")
-
-    def __init__(self, size: int = RESULT_LOG_SIZE) -> None:
-        self._items: deque[dict[str, Any]] = deque(maxlen=size)
-        self._lock = threading.Lock()
-        self._next = 1
-
-    def add(self, answer: dict[str, Any], source: str = "") -> dict[str, Any]:
-        """Record one prediction answer (its score, verdict, version and total time)."""
-        record = {k: answer.get(k) for k in self.FIELDS}
-        record["time"] = time.time()
-        record["source"] = source[:200]
-        record["total_ms"] = (answer.get("timing_ms") or {}).get("total")
-        with self._lock:
-            record["id"] = self._next
-            self._next += 1
-            self._items.append(record)
-        return record
-
-    def query(
-        self,
-        model: str | None = None,
-        verdict: str | None = None,
-        since: float | None = None,
-        after: int = 0,
-        limit: int = 100,
-    ) -> list[dict[str, Any]]:
-        """Newest first: results of ``model`` with ``verdict`` at or after ``since`` (epoch seconds)
-        and with an id above ``after``, at most ``limit``."""
-        with self._lock:
-            items = list(self._items)
-        out = []
-        for record in reversed(items):
-            if record["id"] <= after or (since is not None and record["time"] < since):
-                break
-            if (model is None or record["model"] == model) and (verdict is None or record["verdict"] == verdict):
-                out.append(record)
-                if len(out) >= limit:
-                    break
-        return out
+router = APIRouter()
 
 
 def templates() -> Any:
@@ -109,6 +65,12 @@ def templates() -> Any:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     return Environment(loader=FileSystemLoader(TEMPLATE_DIR), autoescape=select_autoescape(default=True))
+
+
+@functools.cache
+def page_templates() -> Any:
+    """:func:`templates`, made once per process (the page's route renders from it)."""
+    return templates()
 
 
 def _watch_dir(settings: ServerSettings, folder: str) -> Path:
@@ -166,61 +128,67 @@ def read_watch_file(directory: Path, name: str, limit: int) -> bytes:
         return f.read(limit + 1)
 
 
-def add_station_routes(app: FastAPI, results: ResultLog, settings: ServerSettings) -> None:
-    """Add the page, its assets, the recent results and the watch folders to ``app``."""
-    from patchknn._version import __version__
-
-    env = templates()
+def mount_static(app: FastAPI) -> None:
+    """Serve the page's bundled script and style sheet under ``/static/``."""
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/", include_in_schema=False)
-    async def root() -> Response:
-        return RedirectResponse("/station", status_code=307)
 
-    @app.get("/station", include_in_schema=False)
-    async def station() -> Response:
-        html = env.get_template("station.html").render(version=__version__)
-        headers = {
-            "Cache-Control": "no-store",
-            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-            "frame-ancestors 'none'; base-uri 'none'",
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-        }
-        return HTMLResponse(html, headers=headers)
+@router.get("/", include_in_schema=False)
+async def root() -> Response:
+    return RedirectResponse("/station", status_code=307)
 
-    @app.get("/v1/session", summary="The roles of the presented key", responses=ERROR_DOCS)
-    async def session(request: Request) -> dict[str, Any]:
-        return {"roles": sorted(request.scope.get(ROLES_SCOPE_KEY, ()))}
 
-    @app.get("/v1/results", summary="Recent predictions, newest first", responses=ERROR_DOCS)
-    async def recent_results(
-        model: str | None = Query(None, max_length=64),
-        verdict: Literal["OK", "NG"] | None = Query(None),
-        since: float | None = Query(None, description="Only results at or after this time (epoch seconds)."),
-        after: int = Query(0, ge=0, description="Only results with a larger id (for polling)."),
-        limit: int = Query(100, ge=1, le=1000),
-    ) -> Response:
-        items = results.query(model, verdict, since, after, limit)
-        return json_response(200, {"results": items, "now": time.time()})
+@router.get("/station", include_in_schema=False)
+async def station() -> Response:
+    from patchknn._version import __version__
 
-    @app.get("/v1/watch", summary="The configured camera folders", responses=ERROR_DOCS)
-    async def watch_folders() -> dict[str, Any]:
-        return {"folders": [name for name, _ in settings.watch_folders]}
+    html = page_templates().get_template("station.html").render(version=__version__)
+    headers = {
+        "Cache-Control": "no-store",
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+        "frame-ancestors 'none'; base-uri 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+    return HTMLResponse(html, headers=headers)
 
-    @app.get("/v1/watch/{folder}", summary="The newest images of a camera folder", responses=ERROR_DOCS)
-    async def watch_list(folder: str, limit: int = Query(20, ge=1, le=500)) -> Response:
-        directory = _watch_dir(settings, folder)
-        files = await asyncio.to_thread(list_watch_folder, directory, limit)
-        return json_response(200, {"folder": folder, "images": files})
 
-    @app.get("/v1/watch/{folder}/{file}", summary="One image of a camera folder", responses=ERROR_DOCS)
-    async def watch_file(folder: str, file: str) -> Response:
-        directory = _watch_dir(settings, folder)
-        data = await asyncio.to_thread(read_watch_file, directory, file, settings.max_upload_bytes)
-        fmt = sniff_format(data)
-        if fmt is None:
-            raise ApiError(415, "unsupported_media_type", "the file is not an accepted image type")
-        media = {"JPEG": "image/jpeg", "PNG": "image/png"}.get(fmt, "application/octet-stream")
-        return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
+@router.get("/v1/session", summary="The roles of the presented key", responses=ERROR_DOCS)
+async def session(request: Request) -> dict[str, Any]:
+    return {"roles": sorted(request.scope.get(ROLES_SCOPE_KEY, ()))}
 
+
+@router.get("/v1/results", summary="Recent predictions, newest first", responses=ERROR_DOCS)
+async def recent_results(
+    state: StateDep,
+    model: str | None = Query(None, max_length=64),
+    verdict: Literal["OK", "NG"] | None = Query(None),
+    since: float | None = Query(None, description="Only results at or after this time (epoch seconds)."),
+    after: int = Query(0, ge=0, description="Only results with a larger id (for polling)."),
+    limit: int = Query(100, ge=1, le=1000),
+) -> Response:
+    items = state.results.query(model, verdict, since, after, limit)
+    return json_response(200, {"results": items, "now": time.time()})
+
+
+@router.get("/v1/watch", summary="The configured camera folders", responses=ERROR_DOCS)
+async def watch_folders(state: StateDep) -> dict[str, Any]:
+    return {"folders": [name for name, _ in state.settings.watch_folders]}
+
+
+@router.get("/v1/watch/{folder}", summary="The newest images of a camera folder", responses=ERROR_DOCS)
+async def watch_list(folder: str, state: StateDep, limit: int = Query(20, ge=1, le=500)) -> Response:
+    directory = _watch_dir(state.settings, folder)
+    files = await asyncio.to_thread(list_watch_folder, directory, limit)
+    return json_response(200, {"folder": folder, "images": files})
+
+
+@router.get("/v1/watch/{folder}/{file}", summary="One image of a camera folder", responses=ERROR_DOCS)
+async def watch_file(folder: str, file: str, state: StateDep) -> Response:
+    directory = _watch_dir(state.settings, folder)
+    data = await asyncio.to_thread(read_watch_file, directory, file, state.settings.max_upload_bytes)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ApiError(415, "unsupported_media_type", "the file is not an accepted image type")
+    media = {"JPEG": "image/jpeg", "PNG": "image/png"}.get(fmt, "application/octet-stream")
+    return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
