@@ -43,6 +43,7 @@ def test_evaluate_category_on_synthetic(synthetic_root):
     assert ev.masks[ev.labels == 0].sum() == 0
     assert ev.masks[ev.labels == 1].any()
     assert row["paper_pixel_auprc"] is None
+    assert "tune" not in row and "config" not in row  # only a model chosen by `patchknn tune` has them
 
 
 def test_original_resolution(synthetic_root):
@@ -79,3 +80,83 @@ def test_bottle_reproduces_paper(bottle_evaluation):
     assert row["n_components"] == 201
     assert results["config"]["backbone"] == "resnet50-keras"
     assert results["config"]["layers"] == ["layer1", "layer2", "layer3"]
+
+
+# ------------------------------------------------------------------------- --preset auto (issue 17)
+@pytest.fixture(scope="module")
+def auto_run(synthetic_root, monkeypatch_module):
+    """`evaluate(..., AutoPreset(...))` on the synthetic category, with a spy on what `tune` saw."""
+    import patchknn.tune.search as search
+    from patchknn.evaluation import AutoPreset
+
+    seen: list = []
+    real_tune = search.tune
+
+    def spy(images, **kwargs):
+        seen.append(list(images))
+        return real_tune(images, **kwargs)
+
+    monkeypatch_module.setattr(search, "tune", spy)
+    kept: list = []
+    auto = AutoPreset(budget_minutes=0.01, fixed=CONFIG)
+    results = evaluate(synthetic_root, ["synthetic"], auto, on_category=kept.append, **RUNTIME)
+    return results, kept[0], seen
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_evaluate_preset_auto_tunes_on_train_good_and_evaluates_the_choice(auto_run, synthetic_root):
+    from patchknn.tune.result import TuneResult
+
+    results, ev, seen = auto_run
+    assert results["config"] == {"preset": "auto", "budget_minutes": 0.01, "fixed": CONFIG, "max_fit_images": None}
+    row = results["categories"]["synthetic"]
+    tuned = TuneResult.from_dict(row["tune"])
+    # tune saw the category's normal training images and nothing else (no test image, no label)
+    train = synthetic_root / "synthetic" / "train" / "good"
+    assert len(seen) == 1 and sorted(map(str, seen[0])) == sorted(str(p) for p in train.glob("*.png"))
+    assert tuned.n_fit + tuned.n_heldout == row["n_train"] == 8
+    # the choice is a scored candidate, and the chosen configuration is the one evaluated
+    assert tuned.chosen.status == "scored" and tuned.chosen.objective == max(
+        r.objective for r in tuned.rows if r.objective is not None)
+    assert row["config"] == tuned.chosen.config == ev.model.config.to_dict()
+    assert ev.model.config.image_size == 64 and ev.model.config.backbone == "resnet50"  # fixed in every candidate
+    assert ev.model.fit_info_["tune"] == row["tune"] and row["tune_seconds"] > 0
+    assert f"synthetic: tune chose {tuned.choice} from normal training images only" in markdown_table(results)
+    json.dumps(results)  # the results document stays JSON
+
+
+def test_a_saved_auto_model_carries_its_tune_result_into_an_evaluation(auto_run, synthetic_root, tmp_path):
+    """A model fitted with --preset auto keeps the tune result in patchknn.json; scoring it again
+    (evaluation.score_category) puts the table in the row, for the report."""
+    from patchknn.data import MVTecCategory
+    from patchknn.evaluation import score_category
+    from patchknn.model import PatchKNN
+
+    results, ev, _ = auto_run
+    ev.model.save(tmp_path / "model")
+    model = PatchKNN.load(tmp_path / "model", progress=False)
+    again = score_category(model, MVTecCategory(synthetic_root, "synthetic"))
+    row = results["categories"]["synthetic"]
+    assert again.metrics["tune"] == row["tune"] and again.metrics["config"] == row["config"]
+    assert again.metrics["pixel_auprc"] == pytest.approx(row["pixel_auprc"], rel=1e-6)
+
+
+def test_auto_preset_checks_its_options_before_any_work():
+    from patchknn.errors import ConfigError
+    from patchknn.evaluation import AutoPreset, evaluation_config
+
+    assert evaluation_config("paper", {"k": 3}) == preset("paper", k=3)
+    auto = evaluation_config("auto", {"k": 3, "seed": 4}, budget_minutes=2)
+    assert isinstance(auto, AutoPreset) and auto.budget_minutes == 2 and auto.seed == 4
+    with pytest.raises(ConfigError, match="budget"):
+        AutoPreset(budget_minutes=0)
+    with pytest.raises(ConfigError):
+        evaluation_config("auto", {"k": -1})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        evaluation_config("nope")

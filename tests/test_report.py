@@ -90,6 +90,7 @@ def test_evaluate_report_page(synthetic_report):
                  "Worst misses", "Best detections", "calibrated threshold"):
         assert part in text, part
     assert "<script" not in text and "http://" not in text and "https://" not in text
+    assert 'class="tune"' not in text  # a preset chosen by hand: no tune block
     data = json.loads((synthetic_report / "assets" / "synthetic.json").read_text())
     assert data["threshold"] == results["categories"]["synthetic"]["threshold"] is not None
     assert data["curves"]["pr"] and data["curves"]["roc"] and data["curves"]["pro"]
@@ -144,10 +145,24 @@ class _Tags(HTMLParser):
         self._in_h2 = False
 
 
+def _harmless_page(results: dict, folder: Path) -> tuple[str, _Tags]:
+    """Write ``results`` (and the page) into ``folder``; the page has no script element, no
+    event-handler attribute and no image whose source came from the hostile text."""
+    from patchknn.report import write_report
+
+    (folder / "results.json").write_text(json.dumps(results))
+    text = write_report(folder / "results.json", progress=False).read_text(encoding="utf-8")
+    tags = _Tags()
+    tags.feed(text)
+    assert "script" not in {t for t, _ in tags.tags}
+    assert not [a for _, attrs in tags.tags for a in attrs if a.startswith("on")]
+    assert all(a.get("src") != "x" for t, a in tags.tags if t == "img")
+    return text, tags
+
+
 def test_hostile_names_are_escaped(synthetic_report, tmp_path):
     """A category, configuration value or image name holding markup is shown as text (the page is
     a Jinja2 template with autoescape): no script element, no event-handler attribute."""
-    from patchknn.report import write_report
     from patchknn.report.layout import safe_name
 
     hostile = '<script>alert("x")</script>'
@@ -162,13 +177,7 @@ def test_hostile_names_are_escaped(synthetic_report, tmp_path):
         e["verdict"] = '"onmouseover="alert(1)'
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / f"{safe_name(hostile)}.json").write_text(json.dumps(data))
-    (tmp_path / "results.json").write_text(json.dumps(results))
-    text = write_report(tmp_path / "results.json", progress=False).read_text(encoding="utf-8")
-    tags = _Tags()
-    tags.feed(text)
-    assert "script" not in {t for t, _ in tags.tags}
-    assert not [a for _, attrs in tags.tags for a in attrs if a.startswith("on")]
-    assert all(a.get("src") != "x" for t, a in tags.tags if t == "img")
+    text, tags = _harmless_page(results, tmp_path)
     assert hostile in tags.h2  # shown as the text it is
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in text
     assert len([a for t, a in tags.tags if t == "figure"]) == len(entries)
@@ -209,3 +218,89 @@ def test_bottle_report(bottle_evaluation):
     data = json.loads((ev.report_dir / "assets" / "bottle.json").read_text())
     assert data["color_scale"]["source"] == "model"
     assert data["calibration"]["n_images"] == 32  # calibration_images, the default
+
+
+# ------------------------------------------------------------------ the tune result (--preset auto)
+class _TuneTable(HTMLParser):
+    """The rows of the page's tune table: candidate name (data-candidate), chosen or not, cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[str, bool, list[str]]] = []
+        self._cells: list[str] | None = None
+        self._in_td = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "tr" and "data-candidate" in a:
+            self.rows.append((a["data-candidate"], a.get("class") == "chosen", []))
+        if tag == "td" and self.rows:
+            self._in_td = True
+            self.rows[-1][2].append("")
+
+    def handle_data(self, data):
+        if self._in_td:
+            self.rows[-1][2][-1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._in_td = False
+
+
+@pytest.fixture(scope="module")
+def auto_report(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto-report") / "report"
+    r = runner.invoke(app, ["evaluate", "--data-root", str(synthetic_root), "-c", "synthetic", "--preset", "auto",
+                            "--budget", "0.01", "--report", str(out), *TINY_FLAGS])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_report_shows_the_tune_table_and_marks_the_choice(auto_report):
+    from patchknn.tune.result import TuneResult
+
+    results = json.loads((auto_report / "results.json").read_text())
+    check_page(auto_report / "index.html", results)  # the metrics still equal results.json's
+    row = results["categories"]["synthetic"]
+    tuned = TuneResult.from_dict(row["tune"])
+    assert results["config"]["preset"] == "auto" and row["config"] == tuned.chosen.config
+    text = (auto_report / "index.html").read_text(encoding="utf-8")
+    table = _TuneTable()
+    table.feed(text)
+    assert [name for name, _, _ in table.rows] == [r.name for r in tuned.ranked()]  # every candidate, ranked
+    assert [name for name, chosen, _ in table.rows if chosen] == [tuned.choice]
+    by_name = {r.name: r for r in tuned.rows}
+    for name, _, cells in table.rows:
+        r = by_name[name]
+        assert name in cells[0]
+        for cell, value in zip(cells[1:4], (r.pixel_auprc, r.image_auroc, r.threshold_f1)):
+            assert cell == ("–" if value is None else f"{value:.3f}")
+        assert cells[4] == ("–" if r.objective is None else f"{r.objective:.4f}")
+        assert cells[5].startswith(r.status)
+    assert any(cells[5] == "skipped: budget spent" for _, _, cells in table.rows)  # 0.6 s: one group ran
+    assert "Chosen from normal images only, without the test set" in text
+    assert f"fitted on {tuned.n_fit} normal training images" in " ".join(text.split())
+    assert f"Configuration chosen by <code>patchknn tune</code>: {tuned.choice}" in text
+
+
+def test_tune_table_escapes_a_hostile_candidate_name(auto_report, tmp_path):
+    from patchknn.report import ReportError, write_report
+
+    hostile = '<script>alert("t")</script><img src=x onerror=alert(2)>'
+    results = json.loads((auto_report / "results.json").read_text())
+    tuned = results["categories"]["synthetic"]["tune"]
+    for r in tuned["rows"]:
+        if r["name"] == tuned["choice"]:
+            r["name"] = hostile
+    tuned["choice"] = hostile
+    tuned["reason"] = hostile
+    text, tags = _harmless_page(results, tmp_path)
+    table = _TuneTable()
+    table.feed(text)
+    assert [name for name, chosen, _ in table.rows if chosen] == [hostile]  # shown as the text it is, marked
+    assert "&lt;script&gt;alert(&#34;t&#34;)&lt;/script&gt;" in text
+    # a tune entry that is not a tune result: one clear error naming the category
+    results["categories"]["synthetic"]["tune"] = {"rows": [], "choice": "x"}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ReportError, match="'synthetic'.*tune result"):
+        write_report(tmp_path / "results.json", progress=False)

@@ -137,13 +137,18 @@ def evaluate(
     ] = "input",
     method: MethodChoice = MethodChoice(),
     run: RunOptions = RunOptions(),
+    budget: Annotated[
+        float,
+        typer.Option("--budget", min=0.01, help="With --preset auto: minutes `patchknn tune` may spend per category."),
+    ] = 10.0,
 ) -> None:
-    """Fit on train/good of each category, score its test set, report the paper's metrics."""
+    """Fit on train/good of each category, score its test set, report the paper's metrics
+    (--preset auto: `patchknn tune` chooses each category's configuration from train/good alone)."""
     from patchknn.data import list_categories
     from patchknn.evaluation import evaluate as run_evaluation
-    from patchknn.evaluation import markdown_table
+    from patchknn.evaluation import evaluation_config, markdown_table
 
-    config = method.config()
+    config = evaluation_config(method.preset, method.overrides, budget_minutes=budget)
     if all_categories:
         names = list_categories(data_root)
     elif category:

@@ -6,12 +6,23 @@ Example:
     >>> results = evaluate("mvtec", ["bottle"], preset("paper"))   # doctest: +SKIP
     >>> results["categories"]["bottle"]["pixel_auprc"]             # doctest: +SKIP
     0.79
+
+``config`` may also be :class:`AutoPreset` (``patchknn evaluate --preset auto``): per category,
+:func:`patchknn.tune.tune` chooses the configuration from the category's ``train/good`` images
+alone (held-out normal images with synthetic defects; the test set is never looked at), the choice
+is fitted on all of them and evaluated, and the result row records the tune table (``"tune"``) and
+the configuration evaluated (``"config"``).
+
+    >>> results = evaluate("mvtec", ["bottle"], AutoPreset(budget_minutes=10))  # doctest: +SKIP
+    >>> results["categories"]["bottle"]["tune"]["choice"]                       # doctest: +SKIP
+    'best-single+smooth1'
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -22,13 +33,65 @@ import numpy as np
 
 from patchknn import metrics
 from patchknn._version import __version__
-from patchknn.config import PatchKNNConfig
+from patchknn.config import PatchKNNConfig, preset
 from patchknn.data import DEFAULT_MAX_PIXELS, MVTecCategory, Sample, load_mask, resize_mask
-from patchknn.errors import DatasetError, ImageError
+from patchknn.errors import ConfigError, DatasetError, ImageError
 from patchknn.model import PatchKNN
 
 Resolution = Literal["input", "original"]
 METRIC_KEYS = ("pixel_auprc", "pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
+#: the ``--preset`` name resolved per category by ``patchknn tune`` (:class:`AutoPreset`)
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class AutoPreset:
+    """``--preset auto`` in an evaluation: each category's configuration is chosen by
+    :func:`patchknn.tune.tune` from its ``train/good`` images only, then fitted on all of them.
+
+    Attributes:
+        budget_minutes: the search's budget per category (``tune --budget``).
+        fixed: options fixed in every candidate (the method flags given with ``--preset auto``).
+        max_fit_images: fit the candidates on at most this many images (``None``: all).
+    """
+
+    budget_minutes: float = 10.0
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    max_fit_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.budget_minutes > 0:
+            raise ConfigError(f"--budget must be a positive number of minutes, got {self.budget_minutes}")
+        preset("paper", **self.fixed)  # the fixed options are checked now, not after a category's search
+
+    @property
+    def seed(self) -> int:
+        """The seed of the split, the defects and every candidate (the fixed ``seed``, else 0)."""
+        return int(self.fixed.get("seed", 0) or 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config`` entry of the results document."""
+        fixed = {k: list(v) if isinstance(v, tuple) else v for k, v in self.fixed.items()}
+        return {"preset": AUTO, "budget_minutes": self.budget_minutes, "fixed": fixed,
+                "max_fit_images": self.max_fit_images}
+
+    def choose(self, sources: list[Any], **runtime: Any) -> Any:
+        """Run :func:`patchknn.tune.tune` on ``sources`` (normal images); the
+        :class:`~patchknn.tune.result.TuneResult`."""
+        from patchknn.tune.search import tune
+
+        return tune(sources, budget_minutes=self.budget_minutes, seed=self.seed, fixed=dict(self.fixed),
+                    max_fit_images=self.max_fit_images, **{**runtime, "progress": False})
+
+
+def evaluation_config(
+    preset_name: str, overrides: Mapping[str, Any] | None = None, *, budget_minutes: float = 10.0
+) -> PatchKNNConfig | AutoPreset:
+    """What ``patchknn evaluate --preset NAME`` evaluates: the preset with ``overrides``, or for
+    ``auto`` an :class:`AutoPreset` with ``overrides`` fixed in every candidate."""
+    if preset_name == AUTO:
+        return AutoPreset(budget_minutes, dict(overrides or {}))
+    return preset(preset_name, **dict(overrides or {}))
 
 
 @cache
@@ -67,7 +130,7 @@ class CategoryEvaluation:
 def evaluate_category(
     root: str | Path,
     category: str,
-    config: PatchKNNConfig,
+    config: PatchKNNConfig | AutoPreset,
     *,
     resolution: Resolution = "input",
     fpr_limit: float = 0.3,
@@ -78,7 +141,9 @@ def evaluate_category(
     Args:
         root: MVTec-AD-style data root.
         category: category folder name.
-        config: the method's configuration.
+        config: the method's configuration, or :class:`AutoPreset`: ``patchknn tune`` chooses it
+            from the ``train/good`` images alone (the model's ``fit_info_["tune"]`` and the row's
+            ``"tune"`` record the table; ``tune_seconds`` the search's time).
         resolution: ``"input"`` compares maps and masks at ``image_size`` (masks resized with
             nearest neighbour, the default); ``"original"`` at each image's own resolution.
         fpr_limit: the false-positive-rate limit of AUPRO.
@@ -87,12 +152,23 @@ def evaluate_category(
     _check_resolution(resolution)
     dataset = MVTecCategory(root, category)
     dataset.validate(max_pixels=runtime.get("max_pixels", DEFAULT_MAX_PIXELS))
+    train = dataset.train_paths()
+    tuned, tune_seconds = None, None
+    if isinstance(config, AutoPreset):
+        t0 = time.perf_counter()
+        tuned = config.choose(train, **runtime)  # normal training images only: never the test set
+        tune_seconds = time.perf_counter() - t0
+        config = tuned.config
     model = PatchKNN.from_config(config, **runtime)
     t0 = time.perf_counter()
-    model.fit(dataset.train_paths())
+    model.fit(train)
     fit_seconds = time.perf_counter() - t0
+    if tuned is not None:
+        model.fit_info_["tune"] = tuned.to_dict()  # as `fit --preset auto` records it
     ev = score_category(model, dataset, resolution=resolution, fpr_limit=fpr_limit)
     ev.metrics["fit_seconds"] = round(fit_seconds, 3)
+    if tune_seconds is not None:
+        ev.metrics["tune_seconds"] = round(tune_seconds, 3)
     return ev
 
 
@@ -148,6 +224,10 @@ def score_category(
     row |= threshold_metrics(maps, masks, scores, labels, model.threshold_)
     f1, f1_max = row.get("threshold_image_f1"), row.get("image_f1_max")  # calibration gap (issue 12)
     row["calibration_gap"] = None if f1 is None or f1_max is None else float(f1_max - f1)
+    tuned = model.fit_info_.get("tune")
+    if tuned is not None:  # a model whose configuration `patchknn tune` chose (fit --preset auto)
+        row["config"] = config.to_dict()
+        row["tune"] = tuned
     return CategoryEvaluation(category, row, samples, maps, masks, scores, labels, model)
 
 
@@ -171,7 +251,7 @@ def _mask_for(
 def evaluate(
     root: str | Path,
     categories: list[str],
-    config: PatchKNNConfig,
+    config: PatchKNNConfig | AutoPreset,
     *,
     resolution: Resolution = "input",
     fpr_limit: float = 0.3,
@@ -182,6 +262,8 @@ def evaluate(
 
     ``{"config": {...}, "categories": {name: row}, "mean": {metric: mean over categories}}``.
     ``on_category(CategoryEvaluation)`` is called after each category (e.g. to write a report).
+    With :class:`AutoPreset`, ``config`` is its :meth:`AutoPreset.to_dict` and each row holds the
+    configuration ``tune`` chose for that category (``"config"``) and the tune table (``"tune"``).
     """
     if not categories:
         raise DatasetError("no category to evaluate")
@@ -241,6 +323,13 @@ def markdown_table(results: dict[str, Any]) -> str:
             _fmt(row.get("pixel_f1_max")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    chosen = [(name, row["tune"]) for name, row in results["categories"].items() if row.get("tune")]
+    if chosen:
+        lines.append("")
+    for name, tuned in chosen:
+        n_scored = sum(r.get("status") == "scored" for r in tuned.get("rows", []))
+        lines.append(f"{name}: tune chose {tuned.get('choice')} from normal training images only "
+                     f"({n_scored} of {len(tuned.get('rows', []))} candidates scored)")
     return "\n".join(lines)
 
 

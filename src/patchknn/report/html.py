@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from patchknn.errors import PatchKNNError
 from patchknn.report import plots
 from patchknn.report.layout import ASSETS, GALLERY_KINDS, GALLERY_TITLES, ReportError, load_category_data, safe_name
 
@@ -163,7 +164,9 @@ def _metric_cell(category: str, key: str, value: Any) -> dict[str, str]:
 def _category_section(
     name: str, row: dict[str, Any], data: dict[str, Any] | None, assets_dir: Path, page_dir: Path
 ) -> dict[str, Any]:
-    section: dict[str, Any] = {"name": name, "anchor": safe_name(name), "facts": _facts(row, data), "data": None}
+    section: dict[str, Any] = {
+        "name": name, "anchor": safe_name(name), "facts": _facts(row, data), "tune": _tune(name, row), "data": None,
+    }
     if data is None:
         return section
     plots_shown = [
@@ -197,6 +200,40 @@ def _facts(row: dict[str, Any], data: dict[str, Any] | None) -> list[tuple[str, 
         (f"{row.get('fit_seconds', 0):.1f} s · {row.get('predict_images_per_second', 0):.1f} img/s",
          "fit time · prediction speed"),
     ]
+
+
+def _tune(category: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The tune block of a category whose configuration ``patchknn tune`` chose (``row["tune"]``:
+    ``evaluate --preset auto``, or a model fitted with ``fit --preset auto``), else ``None``."""
+    doc = row.get("tune")
+    if doc is None:
+        return None
+    from patchknn.tune.result import TuneResult
+
+    try:
+        if not isinstance(doc, dict):
+            raise ReportError(f"not a tune result: a JSON {type(doc).__name__}")
+        result = TuneResult.from_dict(doc)
+    except PatchKNNError as e:
+        raise ReportError(f"category {category!r}: {e}") from e
+    chosen = row.get("config") or result.chosen.config
+    return {
+        "choice": result.choice,
+        "reason": result.reason,
+        "objective": result.objective,
+        "n_fit": result.n_fit, "n_heldout": result.n_heldout, "n_defective": result.n_defective,
+        "kinds": ", ".join(result.defect_kinds) or "–",
+        "budget": f"{result.budget_minutes:g}", "seconds": f"{result.seconds:.0f}",
+        "n_scored": sum(r.status == "scored" for r in result.rows),
+        "rows": [
+            {"name": r.name, "chosen": r.name == result.choice, "pixel_auprc": _fmt(r.pixel_auprc),
+             "image_auroc": _fmt(r.image_auroc), "threshold_f1": _fmt(r.threshold_f1),
+             "objective": "–" if r.objective is None else f"{r.objective:.4f}", "status": r.status,
+             "note": r.note}
+            for r in result.ranked()
+        ],
+        "config": [(k, json.dumps(v)) for k, v in chosen.items()],
+    }
 
 
 def _calibration(data: dict[str, Any]) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 A :class:`TuneResult` is plain data: it round-trips through JSON (:meth:`TuneResult.to_dict`,
 :meth:`TuneResult.from_dict`, :meth:`TuneResult.save`, :meth:`TuneResult.load`), is stored in the
-``fit_info`` of a model fitted with ``--preset auto`` (so ``patchknn info MODEL`` shows it), and
-renders as a rich table or as Markdown.
+``fit_info`` of a model fitted with ``--preset auto`` (``patchknn.json`` of the model folder, so
+``patchknn info MODEL`` shows it and an evaluation of the model carries it into its results row and
+HTML report), and renders as a rich table, as Markdown, or in the report
+(:mod:`patchknn.report.html`).
 """
 
 from __future__ import annotations
@@ -127,12 +129,15 @@ class TuneResult:
         return cls.from_dict(data)
 
     # ------------------------------------------------------------------------------- rendering
+    def ranked(self) -> list[CandidateRow]:
+        """The rows in the table's order: best objective first, then those not scored."""
+        return sorted(self.rows, key=lambda r: (r.objective is None, -(r.objective or 0.0)))
+
     def cells(self) -> list[list[str]]:
-        """Header + one row of text per candidate (best objective first, then the rest)."""
+        """Header + one row of text per candidate (:meth:`ranked` order)."""
         head = ["", "candidate", "pixel AUPRC", "image AUROC", "F1 @ calibrated", "objective", "cost", "s", "note"]
         out = [head]
-        order = sorted(self.rows, key=lambda r: (r.objective is None, -(r.objective or 0.0)))
-        for r in order:
+        for r in self.ranked():
             out.append([
                 "*" if r.name == self.choice else "", r.name, _fmt(r.pixel_auprc), _fmt(r.image_auroc),
                 _fmt(r.threshold_f1), _fmt(r.objective), f"{r.cost:.2f}", f"{r.seconds:.0f}", r.note or r.status,
