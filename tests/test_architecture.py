@@ -24,8 +24,8 @@ PKG = SRC / "patchknn"
 #: Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS: list[tuple[str, ...]] = [
     ("patchknn._version", "patchknn.errors", "patchknn.resources", "patchknn.checksums"),
-    ("patchknn.backbones", "patchknn.data", "patchknn.metrics", "patchknn.synthetic", "patchknn.reduction",
-     "patchknn.index", "patchknn.coreset"),
+    ("patchknn.backbones", "patchknn.data", "patchknn.metrics", "patchknn.synthetic", "patchknn.defects",
+     "patchknn.reduction", "patchknn.index", "patchknn.coreset"),
     ("patchknn.config", "patchknn.features", "patchknn.execution"),
     ("patchknn.scoring", "patchknn.serialization", "patchknn.visualize"),
     ("patchknn.persistence", "patchknn.heldout", "patchknn.threshold"),

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from patchknn.config import preset
 from patchknn.errors import ConfigError
 from patchknn.tune.candidates import Candidate, default_candidates, plan_groups
-from patchknn.tune.defects import DEFECT_KINDS, MAX_AREA, MIN_AREA, add_defect, defect_set
+from patchknn.defects import DEFECT_KINDS, MAX_AREA, MIN_AREA, add_defect, defect_set
 from patchknn.tune.group import Scored
 from patchknn.tune.result import TuneResult
 from patchknn.tune.search import EvaluationSet, candidate_row, choose, tune

@@ -21,9 +21,9 @@ _EXPORTS = {
     "CandidateRow": "patchknn.tune.result",
     "Candidate": "patchknn.tune.candidates",
     "default_candidates": "patchknn.tune.candidates",
-    "add_defect": "patchknn.tune.defects",
-    "defect_set": "patchknn.tune.defects",
-    "DEFECT_KINDS": "patchknn.tune.defects",
+    "add_defect": "patchknn.defects",
+    "defect_set": "patchknn.defects",
+    "DEFECT_KINDS": "patchknn.defects",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,7 +2,7 @@
 
 1. A seeded share of the normal images is held out (``holdout``, at most ``max_heldout``); the
    candidates are fitted on the others.
-2. Each held-out image gets ``defects_per_image`` synthetic defects (:mod:`patchknn.tune.defects`:
+2. Each held-out image gets ``defects_per_image`` synthetic defects (:mod:`patchknn.defects`:
    cut-paste of the product's own patches, scratches, colour and texture changes, missing parts),
    each with its pixel mask. The evaluation set is the held-out normal images plus these.
 3. The candidates (:func:`~patchknn.tune.candidates.default_candidates`: the presets and a bounded
@@ -39,7 +39,7 @@ from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, load_image, resize_mas
 from patchknn.errors import ConfigError, PatchKNNError
 from patchknn.metrics.decision import threshold_metrics
 from patchknn.tune.candidates import Candidate, CandidateGroup, default_candidates, plan_groups
-from patchknn.tune.defects import DEFECT_KINDS, defect_set
+from patchknn.defects import DEFECT_KINDS, defect_set
 from patchknn.tune.group import Scored, fit_group, score_group
 from patchknn.tune.result import CandidateRow, TuneResult, objective
 
