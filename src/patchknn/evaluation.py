@@ -75,13 +75,19 @@ class AutoPreset:
         return {"preset": AUTO, "budget_minutes": self.budget_minutes, "fixed": fixed,
                 "max_fit_images": self.max_fit_images}
 
-    def choose(self, sources: list[Any], **runtime: Any) -> Any:
+    def choose(self, sources: list[Any], desc: str = "tune", **runtime: Any) -> Any:
         """Run :func:`patchknn.tune.tune` on ``sources`` (normal images); the
-        :class:`~patchknn.tune.result.TuneResult`."""
+        :class:`~patchknn.tune.result.TuneResult`. A progress bar counts the candidates scored
+        (on a terminal, unless ``progress=False``)."""
+        from patchknn.execution import progress_bar
+        from patchknn.tune.candidates import default_candidates
         from patchknn.tune.search import tune
 
-        return tune(sources, budget_minutes=self.budget_minutes, seed=self.seed, fixed=dict(self.fixed),
-                    max_fit_images=self.max_fit_images, **{**runtime, "progress": False})
+        candidates = default_candidates({"seed": self.seed, **self.fixed})
+        with progress_bar(len(candidates), desc, runtime.get("progress", True), unit="candidate") as bar:
+            return tune(sources, budget_minutes=self.budget_minutes, seed=self.seed, candidates=candidates,
+                        max_fit_images=self.max_fit_images, on_group=lambda rows: bar.update(len(rows)),
+                        **{**runtime, "progress": False})
 
 
 def evaluation_config(
@@ -156,7 +162,7 @@ def evaluate_category(
     tuned, tune_seconds = None, None
     if isinstance(config, AutoPreset):
         t0 = time.perf_counter()
-        tuned = config.choose(train, **runtime)  # normal training images only: never the test set
+        tuned = config.choose(train, f"tune {category}", **runtime)  # train/good only: never the test set
         tune_seconds = time.perf_counter() - t0
         config = tuned.config
     model = PatchKNN.from_config(config, **runtime)
