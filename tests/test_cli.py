@@ -114,10 +114,10 @@ def test_warnings_keep_their_default_display_outside_the_cli():
 
 
 def test_set_parses_typed_values():
-    from patchknn.options import method_options
+    from patchknn.options import method_choice
 
-    c = method_options("paper", settings=["k=3", "pca_variance=none", "tta=hflip,vflip", "threshold_method=none",
-                                          "smoothing_sigma=0.5", "layer_norm=true"])
+    c = method_choice("paper", settings=["k=3", "pca_variance=none", "tta=hflip,vflip", "threshold_method=none",
+                                         "smoothing_sigma=0.5", "layer_norm=true"]).config()
     assert c.k == 3 and c.pca_variance is None and c.tta == ("hflip", "vflip")
     assert c.threshold_method == "none" and c.smoothing_sigma == 0.5 and c.layer_norm is True
 
@@ -192,36 +192,73 @@ def test_help_and_usage_errors_are_light_and_one_line():
 
 
 def test_method_flags_are_one_definition_shared_by_the_commands():
-    """fit, evaluate and fit-many offer the same method flags (one per PatchKNNConfig field named
-    in options.METHOD_FLAG_HELP, named after it, with its help text) and --preset/--set."""
+    """fit, evaluate, fit-many and tune offer the same method flags (one per PatchKNNConfig field
+    named in options.METHOD_FLAG_HELP, named after it, with its help text) and --set; fit and
+    evaluate take --preset auto, fit-many the named presets only, tune no --preset (its flags are
+    fixed in every candidate). partial-fit and tune take fit's run flags, from options.RunOptions."""
     import typer
 
     from patchknn.options import METHOD_FLAG_HELP
 
     group = typer.main.get_command(app)
-    shown = {}
-    for name in ("fit", "evaluate", "fit-many"):
+    shown, presets = {}, {}
+    for name in ("fit", "evaluate", "fit-many", "tune"):
         params = {p.name: p for p in group.commands[name].params}
-        flags = {n: (tuple(params[n].opts), tuple(params[n].secondary_opts), params[n].help)
-                 for n in (*METHOD_FLAG_HELP, "preset_name", "settings")}
-        shown[name] = flags
-    assert shown["fit"] == shown["evaluate"] == shown["fit-many"]
+        shown[name] = {n: (tuple(params[n].opts), tuple(params[n].secondary_opts), params[n].help)
+                       for n in (*METHOD_FLAG_HELP, "settings")}
+        presets[name] = params["preset_name"].help if "preset_name" in params else None
+    assert shown["fit"] == shown["evaluate"] == shown["fit-many"] == shown["tune"]
     assert shown["fit"]["image_size"] == (("--image-size",), (), "Input resize (pixels).")
     assert shown["fit"]["layer_norm"][:2] == (("--layer-norm",), ("--no-layer-norm",))
     assert set(shown["fit"]["k"][0]) == {"--k", "-k"}
+    assert presets["fit"] == presets["evaluate"] and "paper, best, fast or auto" in presets["fit"]
+    assert "auto" not in presets["fit-many"] and "paper, best, fast" in presets["fit-many"]
+    assert presets["tune"] is None
     r = CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
-    assert r.exit_code == 0
+    assert r.exit_code == 0 and "auto" in r.output
     for field, (_, help_text) in METHOD_FLAG_HELP.items():
         assert "--" + field.replace("_", "-") in r.output and help_text in r.output, field
+
+    def run_flags(command: str) -> dict:
+        return {p.name: (tuple(p.opts), p.help, p.default) for p in group.commands[command].params
+                if p.name in ("weights", "device", "batch_size", "workers", "on_error", "quiet", "max_pixels")}
+
+    fit_flags = run_flags("fit")
+    assert run_flags("partial-fit") == {n: v for n, v in fit_flags.items() if n != "weights"}  # the model's own
+    assert run_flags("tune") == {n: v for n, v in fit_flags.items() if n != "on_error"}
+    assert run_flags("rollback")["quiet"] == fit_flags["quiet"]
+
+
+def test_tune_fixes_its_method_flags_in_every_candidate(monkeypatch, tmp_path):
+    """`patchknn tune --k 3 --seed 4 --set ...`: the flags are the options fixed in every candidate, as
+    with `fit --preset auto`, and --seed seeds the split and the defects too."""
+    from patchknn.errors import PatchKNNError
+    from patchknn.tune import search
+
+    seen = {}
+
+    def spy(sources, **kwargs):
+        seen.update(kwargs, sources=sources)
+        raise PatchKNNError("stop here")
+
+    monkeypatch.setattr(search, "tune", spy)
+    r = runner.invoke(app, ["tune", str(tmp_path), "--k", "3", "--seed", "4", "--set", "image_size=64",
+                            "--batch-size", "2", "--budget", "0.5", "-q"])
+    assert isinstance(r.exception, PatchKNNError), r.output
+    assert seen["fixed"] == {"k": 3, "seed": 4, "image_size": 64} and seen["seed"] == 4
+    assert seen["budget_minutes"] == 0.5 and seen["batch_size"] == 2 and seen["progress"] is False
+    assert seen["sources"] == [str(tmp_path)] and seen["on_error"] == "stop"
+    r = runner.invoke(app, ["fit-many", str(tmp_path), "-o", str(tmp_path / "out"), "--preset", "auto"])
+    assert r.exit_code != 0 and "--preset auto is chosen by `patchknn tune`" in str(r.exception)
 
 
 def test_method_flags_parse_like_set():
     """A flag's value goes through config.parse_option, as --set NAME=VALUE does; 0 turns PCA off."""
-    from patchknn.options import method_choice, method_options
+    from patchknn.options import method_choice
 
-    by_flags = method_options("fast", layers="layer2,layer3", tta="hflip", pca_variance=0, layer_norm=True, k=2)
-    by_set = method_options("fast", settings=["layers=layer2,layer3", "tta=hflip", "pca_variance=none",
-                                              "layer_norm=true", "k=2"])
+    by_flags = method_choice("fast", layers="layer2,layer3", tta="hflip", pca_variance=0, layer_norm=True, k=2).config()
+    by_set = method_choice("fast", settings=["layers=layer2,layer3", "tta=hflip", "pca_variance=none",
+                                             "layer_norm=true", "k=2"]).config()
     assert by_flags == by_set
     assert by_flags.layers == ("layer2", "layer3") and by_flags.pca_variance is None and by_flags.index == "ivf"
     choice = method_choice("paper", image_size=None, seed=3)
@@ -247,3 +284,12 @@ def test_fit_compact_leaves_out_the_training_bank_and_partial_fit_says_why(synth
     assert p.stderr.count("\n") == 1  # one line, no traceback
     r = runner.invoke(app, ["partial-fit", str(tmp_path / "full"), str(normal), "-q"])
     assert r.exit_code == 0, r.output
+    # fit's run flags: --on-error skip reports an unreadable image and adds the others
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    r = runner.invoke(app, ["partial-fit", str(tmp_path / "full"), str(normal), str(tmp_path / "broken.png"),
+                            "--on-error", "skip", "--batch-size", "1", "--workers", "0", "--max-pixels", "100000"])
+    assert r.exit_code == 0, r.output
+    assert f"skipped {tmp_path / 'broken.png'}: " in r.output and "version 3" in r.output
+    assert "1 image(s) added" in r.output
+    r = runner.invoke(app, ["partial-fit", str(tmp_path / "full"), str(tmp_path / "broken.png"), "-q"])
+    assert r.exit_code != 0 and "broken.png" in str(r.exception)  # --on-error stop (the default)

@@ -8,9 +8,14 @@ decorated with :func:`with_options`; typer then sees the group's flags in its pl
 command receives one :class:`MethodChoice` or :class:`RunOptions`::
 
     @app.command()
-    @with_options(method=METHOD_FLAGS, run=run_flags("weights", "device", "batch_size"))
-    def fit(train_dir: Path, method: MethodChoice, run: RunOptions) -> None:
+    @with_options(method=PRESET_METHOD_FLAGS, run=run_flags("weights", "device", "batch_size"))
+    def fit_many(train_dir: Path, method: MethodChoice, run: RunOptions) -> None:
         model = PatchKNN.from_config(method.config(), **run.model_kwargs())
+
+Three variants of the method group: :data:`METHOD_FLAGS` (``--preset`` takes the named presets and
+``auto``, which ``patchknn tune`` resolves from the training images: ``fit``, ``evaluate``),
+:data:`PRESET_METHOD_FLAGS` (named presets only: ``fit-many``) and :data:`FIXED_METHOD_FLAGS` (no
+``--preset``: the options ``patchknn tune`` fixes in every candidate).
 
 The method flags are derived from the configuration's fields: the name (``image_size`` ->
 ``--image-size``), the value type (the field default's), and the value parser
@@ -48,7 +53,7 @@ METHOD_FLAG_HELP: dict[str, tuple[str, str]] = {
     "layer_norm": ("", "L2-normalise each layer's features."),
     "smoothing_sigma": ("", "Map blur in grid cells (0=off)."),
     "image_score": ("", "max (paper), topk_mean or reweighted."),
-    "seed": ("", "Random seed."),
+    "seed": ("", "Random seed (tune: also of its split and defects)."),
     "index": ("", "Search: flat (exact), ivf or hnsw."),
     "coreset_ratio": ("", "Share of the memory bank kept (1 = all)."),
     "tta": ("", "Flip test-time augmentation: hflip,vflip."),
@@ -57,7 +62,8 @@ METHOD_FLAG_HELP: dict[str, tuple[str, str]] = {
 #: numeric flags whose 0 means the option's ``None`` (off)
 _ZERO_IS_NONE = ("pca_variance",)
 
-Preset = Annotated[str, typer.Option("--preset", help=f"Named configuration: {', '.join(PRESETS)} (default paper).")]
+#: the ``--preset`` that ``patchknn tune`` resolves from the training images (not a static preset)
+AUTO = "auto"
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Any other method option as NAME=VALUE (repeatable), e.g. index_nprobe=16."),
@@ -96,7 +102,11 @@ class MethodChoice:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def config(self) -> PatchKNNConfig:
-        """The validated configuration (:class:`~patchknn.errors.ConfigError` on a bad value)."""
+        """The validated configuration (:class:`~patchknn.errors.ConfigError` on a bad value, and
+        for ``auto``, which only ``patchknn tune`` can resolve)."""
+        if self.preset == AUTO:
+            raise ConfigError(f"--preset {AUTO} is chosen by `patchknn tune` from the training images; "
+                              f"this command takes a named preset: {', '.join(PRESETS)}")
         return preset(self.preset, **self.overrides)
 
 
@@ -104,11 +114,6 @@ def method_choice(preset_name: str = "paper", settings: list[str] | None = None,
     """The :class:`MethodChoice` of ``--preset``, the method flags (``None`` = not given) and ``--set``."""
     overrides = {name: _flag_value(name, v) for name, v in flags.items() if v is not None}
     return MethodChoice(preset_name, overrides | parse_settings(settings or []))
-
-
-def method_options(preset_name: str = "paper", settings: list[str] | None = None, **flags: Any) -> PatchKNNConfig:
-    """The configuration from ``--preset`` plus every flag that was given (flags by field name)."""
-    return method_choice(preset_name, settings, **flags).config()
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -194,14 +199,6 @@ _RUN_ANNOTATIONS: dict[str, Any] = {
 }
 
 
-def runtime_options(
-    weights: str | None, device: str, batch_size: int, workers: str, on_error: str, quiet: bool,
-    max_pixels: int | None = None,
-) -> dict[str, Any]:
-    """The keyword-only :class:`~patchknn.PatchKNN` options from the CLI's run flags."""
-    return RunOptions(weights, device, batch_size, workers, on_error, quiet, max_pixels).model_kwargs()
-
-
 # ------------------------------------------------------------------------------------------ groups
 @dataclass(frozen=True)
 class OptionGroup:
@@ -215,15 +212,32 @@ def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
-#: ``--preset``, the method flags and ``--set`` -> :class:`MethodChoice`
-METHOD_FLAGS = OptionGroup(
-    (
-        _keyword("preset_name", Preset, "paper"),
+def preset_option(auto: bool) -> Any:
+    """The typer annotation of ``--preset``: the named presets, and ``auto`` when the command resolves it."""
+    text = f"Named configuration: {', '.join(PRESETS)}"
+    if auto:
+        text += f" or {AUTO} (`patchknn tune` chooses it from the training images)"
+    return Annotated[str, typer.Option("--preset", help=f"{text} (default paper).")]
+
+
+def method_flags(*, preset_flag: bool = True, auto: bool = False) -> OptionGroup:
+    """``--preset`` (without ``preset_flag``: none; ``auto``: it may be ``auto``), the method flags
+    and ``--set`` -> :class:`MethodChoice` (the preset ``auto`` when there is no ``--preset``)."""
+    flags = (
         *(_keyword(name, method_flag(name), None) for name in METHOD_FLAG_HELP),
         _keyword("settings", SetOpt, None),
-    ),
-    method_choice,
-)
+    )
+    if not preset_flag:
+        return OptionGroup(flags, functools.partial(method_choice, AUTO))
+    return OptionGroup((_keyword("preset_name", preset_option(auto), "paper"), *flags), method_choice)
+
+
+#: ``fit``, ``evaluate``: ``--preset`` (a named preset or ``auto``), the method flags and ``--set``
+METHOD_FLAGS = method_flags(auto=True)
+#: ``fit-many``: ``--preset`` (a named preset), the method flags and ``--set``
+PRESET_METHOD_FLAGS = method_flags()
+#: ``tune``: the method flags and ``--set``, fixed in every candidate (no ``--preset``)
+FIXED_METHOD_FLAGS = method_flags(preset_flag=False)
 
 
 def run_flags(*names: str) -> OptionGroup:

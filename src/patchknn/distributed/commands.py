@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("fit-many")
     @opt.with_options(
-        method=opt.METHOD_FLAGS, run=opt.run_flags("weights", "device", "batch_size", "on_error", "quiet")
+        method=opt.PRESET_METHOD_FLAGS, run=opt.run_flags("weights", "device", "batch_size", "on_error", "quiet")
     )
     def fit_many_command(
         inputs: Annotated[

@@ -9,20 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
-from patchknn.options import (
-    BatchOpt,
-    DeviceOpt,
-    MaxPixelsOpt,
-    QuietOpt,
-    SetOpt,
-    WeightsOpt,
-    WorkersOpt,
-    parse_settings,
-    runtime_options,
-)
+from patchknn.options import AUTO, FIXED_METHOD_FLAGS, MethodChoice, RunOptions, run_flags, with_options
 
-#: the ``--preset`` value that is resolved by :func:`patchknn.tune.search.tune`, not a static preset
-AUTO = "auto"
+__all__ = ["AUTO", "DEFAULT_BUDGET", "auto_config", "register", "run_tune"]
+
 DEFAULT_BUDGET = 10.0
 
 BudgetOpt = Annotated[
@@ -35,15 +25,17 @@ def run_tune(
     train_dir: Sequence[Path | str],
     *,
     budget: float = DEFAULT_BUDGET,
-    seed: int = 0,
     fixed: Mapping[str, Any] | None = None,
     max_fit_images: int | None = None,
     runtime: dict[str, Any],
     quiet: bool = False,
 ) -> Any:
-    """Run :func:`~patchknn.tune.search.tune` on ``train_dir``, printing each group's rows as it
-    finishes unless ``quiet``; returns the :class:`~patchknn.tune.result.TuneResult`."""
+    """Run :func:`~patchknn.tune.search.tune` on ``train_dir`` with the options ``fixed`` in every
+    candidate (their ``seed``, default 0, also seeds the split and the defects), printing each
+    group's rows as it finishes unless ``quiet``; returns the :class:`~patchknn.tune.result.TuneResult`."""
     from patchknn.tune.search import tune
+
+    fixed = dict(fixed or {})
 
     def report(rows: list[Any]) -> None:
         for r in rows:
@@ -52,7 +44,7 @@ def run_tune(
                        err=True)
 
     return tune(
-        [str(p) for p in train_dir], budget_minutes=budget, seed=seed, fixed=dict(fixed or {}),
+        [str(p) for p in train_dir], budget_minutes=budget, seed=int(fixed.get("seed", 0)), fixed=fixed,
         max_fit_images=max_fit_images, on_group=None if quiet else report, **{**runtime, "progress": False},
     )
 
@@ -72,8 +64,7 @@ def auto_config(
 
     if preset_name != AUTO:
         return preset(preset_name, **overrides), None
-    seed = int(overrides.get("seed", 0))
-    result = run_tune(train_dir, budget=budget, seed=seed, fixed=overrides, runtime=runtime, quiet=quiet)
+    result = run_tune(train_dir, budget=budget, fixed=overrides, runtime=runtime, quiet=quiet)
     if not quiet:
         typer.echo(f"tune chose {result.choice}: {result.reason}", err=True)
     return result.config, result
@@ -83,37 +74,35 @@ def register(app: typer.Typer) -> None:
     """Add ``tune`` to the command line."""
 
     @app.command("tune")
+    @with_options(
+        method=FIXED_METHOD_FLAGS,
+        run=run_flags("weights", "device", "batch_size", "workers", "quiet", "max_pixels"),
+    )
     def tune_command(
         train_dir: Annotated[list[Path], typer.Argument(help="Folder(s) or files of defect-free images.")],
+        method: MethodChoice,
+        run: RunOptions,
         budget: BudgetOpt = DEFAULT_BUDGET,
         output: Annotated[
             Path | None, typer.Option("--output", "-o", help="Write the table and choice as JSON here.")
         ] = None,
-        seed: Annotated[int, typer.Option("--seed", help="Seeds the held-out split and the synthetic defects.")] = 0,
         max_fit_images: Annotated[
             int | None,
             typer.Option("--max-fit-images", min=2, help="Fit candidates on at most this many images (faster)."),
         ] = None,
-        settings: SetOpt = None,
-        weights: WeightsOpt = None,
-        device: DeviceOpt = "cpu",
-        batch_size: BatchOpt = 16,
-        workers: WorkersOpt = "auto",
-        quiet: QuietOpt = False,
-        max_pixels: MaxPixelsOpt = None,
     ) -> None:
         """Choose a configuration from normal images only: hold some out, give them synthetic
         defects (cut-paste, scratches, colour/texture changes, missing parts), score the presets
         and a bounded grid on them within --budget minutes, print the table and the choice.
-        Options given with --set are fixed in every candidate."""
-        runtime = runtime_options(weights, device, batch_size, workers, "stop", quiet, max_pixels)
+        The method options given (flags or --set) are fixed in every candidate, as with
+        `patchknn fit --preset auto`; --seed also seeds the held-out split and the defects."""
         result = run_tune(
-            train_dir, budget=budget, seed=seed, fixed=parse_settings(settings or []), max_fit_images=max_fit_images,
-            runtime=runtime, quiet=quiet,
+            train_dir, budget=budget, fixed=method.overrides, max_fit_images=max_fit_images,
+            runtime=run.model_kwargs(), quiet=run.quiet,
         )
         if output is not None:
             result.save(output)
-        if not quiet:
+        if not run.quiet:
             from rich.console import Console
 
             Console().print(result.rich_table())

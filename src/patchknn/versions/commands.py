@@ -10,11 +10,16 @@ from typing import Annotated
 
 import typer
 
+from patchknn.options import QuietOpt, RunOptions, run_flags, with_options
+
+__all__ = ["register"]
+
 
 def register(app: typer.Typer) -> None:
     """Add ``partial-fit``, ``history`` and ``rollback`` to the ``patchknn`` command line."""
 
     @app.command("partial-fit")
+    @with_options(run=run_flags("device", "batch_size", "workers", "on_error", "quiet", "max_pixels"))
     def partial_fit(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder (`patchknn fit --out`).")],
         images: Annotated[
@@ -22,18 +27,20 @@ def register(app: typer.Typer) -> None:
         ],
         author: Annotated[str | None, typer.Option("--author", help="Who adds them (recorded).")] = None,
         note: Annotated[str, typer.Option("--note", help="Why (recorded), e.g. 'glare is normal'.")] = "",
-        device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")] = False,
+        run: RunOptions = RunOptions(),
     ) -> None:
         """Add normal images to a saved model's memory bank (same PCA, threshold recalibrated by
         fit's rule) and save the result as a new version of MODEL; the previous versions are kept
-        (`patchknn history MODEL`, `patchknn rollback MODEL VERSION`)."""
+        (`patchknn history MODEL`, `patchknn rollback MODEL VERSION`). With --on-error skip an
+        unreadable image is reported and left out."""
         from patchknn.versions import load_version, save_version
 
-        model = load_version(model_path, device=device, progress=not quiet)
+        model = load_version(model_path, **run.load_kwargs())
         model.partial_fit([str(p) for p in images])
+        for src, reason in model.skipped_:
+            typer.echo(f"skipped {src}: {reason}", err=True)
         info = save_version(model, model_path, author=author, note=note)
-        if not quiet:
+        if not run.quiet:
             thr = "none" if info.threshold is None else f"{info.threshold:.4g}"
             typer.echo(
                 f"version {info.number} of {model_path}: {info.n_added} image(s) added, "
@@ -82,7 +89,7 @@ def register(app: typer.Typer) -> None:
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A versioned model folder.")],
         version: Annotated[int, typer.Argument(metavar="VERSION", help="The version to make current.")],
         author: Annotated[str | None, typer.Option("--author", help="Who rolls back (recorded).")] = None,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No messages.")] = False,
+        quiet: QuietOpt = False,
     ) -> None:
         """Make an older (or newer) version of MODEL current again; every version is kept and the
         rollback is recorded (`patchknn history MODEL`)."""
