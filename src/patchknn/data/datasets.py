@@ -18,8 +18,23 @@ from patchknn.errors import DatasetError
 # -------------------------------------------------------------------------------------------------
 # folders
 # -------------------------------------------------------------------------------------------------
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def is_image_name(name: str) -> bool:
+    """Whether ``name`` is the plain file name of an image: not hidden (no leading ``.``, e.g.
+    ``.DS_Store``, ``._x.png``), no path separator (``/``, ``\\``) or NUL, and a suffix in
+    :data:`IMAGE_EXTENSIONS` (any case). The one rule of every folder listing (datasets, the hot
+    folder, the server's camera folders).
+
+    Example:
+        >>> is_image_name("000.PNG"), is_image_name("._000.png"), is_image_name("a/b.png")
+        (True, False, False)
+    """
+    return (
+        not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    )
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -28,7 +43,7 @@ def _images_in(folder: Path) -> list[Path]:
         entries = list(os.scandir(folder))
     except OSError as exc:
         raise DatasetError(f"cannot list {folder}: {exc.strerror or exc}") from None
-    return sorted(folder / e.name for e in entries if _is_image_name(e.name) and e.is_file())
+    return sorted(folder / e.name for e in entries if is_image_name(e.name) and e.is_file())
 
 
 def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
@@ -59,7 +74,7 @@ def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
         found = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found.extend(Path(dirpath) / f for f in filenames if _is_image_name(f))
+            found.extend(Path(dirpath) / f for f in filenames if is_image_name(f))
         found.sort(key=lambda p: p.relative_to(root).parts)
     if not found:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))

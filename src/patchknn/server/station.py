@@ -30,7 +30,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from patchknn.data import IMAGE_EXTENSIONS
+from patchknn.data import is_image_name
 from patchknn.server.errors import ERROR_DOCS, ApiError, json_response
 from patchknn.server.middleware import ROLES_SCOPE_KEY
 from patchknn.server.settings import ServerSettings
@@ -81,23 +81,13 @@ def _watch_dir(settings: ServerSettings, folder: str) -> Path:
                    f"{', '.join(n for n, _ in settings.watch_folders) or 'none (serve --watch-folder NAME=DIR)'}")
 
 
-def _is_image_name(name: str) -> bool:
-    return (
-        not name.startswith(".")
-        and "/" not in name
-        and "\\" not in name
-        and "\x00" not in name
-        and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-    )
-
-
 def list_watch_folder(directory: Path, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` images directly in ``directory`` (regular files, no links), newest first."""
     found = []
     try:
         with os.scandir(directory) as entries:
             for entry in entries:
-                if not _is_image_name(entry.name) or entry.is_symlink():
+                if not is_image_name(entry.name) or entry.is_symlink():
                     continue
                 info = entry.stat(follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode):
@@ -111,7 +101,7 @@ def list_watch_folder(directory: Path, limit: int) -> list[dict[str, Any]]:
 def read_watch_file(directory: Path, name: str, limit: int) -> bytes:
     """The bytes of image ``name`` directly in ``directory`` (404 for anything else; 413 over ``limit``)."""
     missing = ApiError(404, "folder_not_found", "no such image in the watch folder")
-    if not _is_image_name(name) or name in (".", ".."):
+    if not is_image_name(name) or name in (".", ".."):
         raise missing
     path = directory / name
     try:

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from patchknn.data import is_image_name
 from patchknn.errors import ImageError, PatchKNNError
 from patchknn.watch.ledger import Fingerprint, Ledger
 
@@ -222,11 +223,8 @@ class HotFolder:
         if self.patterns:
             if not any(fnmatch.fnmatch(base, p) for p in self.patterns):
                 return None
-        else:
-            from patchknn.data import IMAGE_EXTENSIONS
-
-            if os.path.splitext(base)[1].lower() not in IMAGE_EXTENSIONS:
-                return None
+        elif not is_image_name(base):
+            return None
         return "/".join(parts)
 
     def _list_folder(self, *, count_done: bool = False) -> None:
