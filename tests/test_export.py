@@ -201,6 +201,35 @@ def test_runtime_runs_without_torch(tiny, tmp_path):
         assert total == pytest.approx(float(np.abs(p.anomaly_map).sum()), rel=REL)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_runtime_answers_each_thread_with_its_own_batch(tiny, backend):
+    """The server (and any caller) may score from several threads at once: each thread gets the
+    answer of its own batch, equal to scoring that batch alone (no answer of another thread's batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runtime = ExportedModel(tiny[2], backend)
+    size = runtime.image_size
+    rng = np.random.default_rng(7)
+    batches = [rng.integers(0, 255, size=(2, 3, size, size), dtype=np.uint8) for _ in range(6)]
+    alone = [runtime.score_batch(b) for b in batches]
+    assert not np.allclose(alone[0][0], alone[1][0])  # the batches' answers differ
+
+    def score(i: int) -> tuple[int, np.ndarray, np.ndarray]:
+        grids, weights = runtime.score_batch(batches[i % len(batches)])
+        return i % len(batches), grids, weights
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: a shared cache would be caught
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(score, range(48)))
+    finally:
+        sys.setswitchinterval(interval)
+    for i, grids, weights in answers:
+        np.testing.assert_allclose(grids, alone[i][0], rtol=1e-5, atol=1e-6 * float(np.abs(alone[i][0]).max()))
+        np.testing.assert_array_equal(weights, alone[i][1])
+
+
 # ------------------------------------------------------------------------------ real data
 def _bottle(mvtec_root: Path, n_train: int = 24, test_step: int = 3):
     train = sorted((mvtec_root / "bottle" / "train" / "good").glob("*.png"))[:n_train]

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,12 +59,13 @@ def is_exported(path: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------- graphs
 class _Graph:
     """One graph: uint8 ``(B, 3, S, S)`` -> float32 ``(B, grid*grid, d)`` for each member it serves
-    (one backbone pass). The last batch's outputs are kept, so the members of a shared graph run
-    it once per batch."""
+    (one backbone pass). Safe to call from several threads at once: it keeps no state between
+    calls (the members of a shared graph reuse one run through :class:`BatchOutputs`), and
+    OpenVINO runs on an infer request of the calling thread's own (onnxruntime's session is
+    thread-safe as it is)."""
 
     def __init__(self, path: Path, backend: str, threads: int | None) -> None:
         self.backend = backend
-        self._last: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
         if backend == "onnxruntime":
             try:
                 import onnxruntime as ort
@@ -73,6 +75,7 @@ class _Graph:
             if threads:
                 opts.intra_op_num_threads = int(threads)
             self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.output_names = [o.name for o in self._session.get_outputs()]
         else:
             try:
                 import openvino as ov
@@ -82,24 +85,39 @@ class _Graph:
             if threads:
                 config["INFERENCE_NUM_THREADS"] = int(threads)
             self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+            self.output_names = [o.get_any_name() for o in self._compiled.outputs]
+            self._requests = threading.local()  # one infer request per thread (a request runs one call at a time)
 
-    @property
-    def output_names(self) -> list[str]:
-        if self.backend == "onnxruntime":
-            return [o.name for o in self._session.get_outputs()]
-        return [o.get_any_name() for o in self._compiled.outputs]
-
-    def __call__(self, images: np.ndarray, output: str) -> np.ndarray:
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the graph for ``images``, by name (float32)."""
         x = np.ascontiguousarray(images, dtype=np.uint8)
-        if self._last is None or self._last[0].shape != x.shape or not np.array_equal(self._last[0], x):
-            names = self.output_names
-            if self.backend == "onnxruntime":
-                values = self._session.run(names, {"images": x})
-            else:
-                result = self._compiled([x])
-                values = [result[o] for o in self._compiled.outputs]
-            self._last = (x.copy(), {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, values)})
-        return self._last[1][output]
+        if self.backend == "onnxruntime":
+            values = self._session.run(self.output_names, {"images": x})
+        else:
+            request = getattr(self._requests, "request", None)
+            if request is None:
+                request = self._requests.request = self._compiled.create_infer_request()
+            result = request.infer([x], share_inputs=True)  # as CompiledModel.__call__ (x is ours)
+            values = [result[o] for o in self._compiled.outputs]
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, values)}
+
+
+class BatchOutputs:
+    """The graphs' outputs for one batch, each graph run once per view of it (the batch as it is,
+    or flipped for test-time augmentation) however many members read it. Made for one
+    :meth:`ExportedModel.score_batch` call and never shared between calls."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+        self._runs: dict[tuple[int, int | None], dict[str, np.ndarray]] = {}
+
+    def rows(self, graph: _Graph, output: str, flip_axis: int | None = None) -> np.ndarray:
+        """``graph``'s ``output`` for the batch (flipped along ``flip_axis`` when given)."""
+        key = (id(graph), flip_axis)
+        if key not in self._runs:
+            view = self.images if flip_axis is None else np.flip(self.images, axis=flip_axis)
+            self._runs[key] = graph.run(view)
+        return self._runs[key][output]
 
 
 def _pick_backend(backend: str, fmt: str) -> str:
@@ -136,8 +154,8 @@ class _Member:
         )
         self.k = int(cfg.k)
 
-    def _grid_and_rows(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.graph(images, self.output)
+    def _grid_and_rows(self, batch: BatchOutputs, flip_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        rows = batch.rows(self.graph, self.output, flip_axis)
         b, p, d = rows.shape
         flat = rows.reshape(b * p, d)
         scores = self.search.search(flat, self.k).mean(axis=1, dtype=np.float64).astype(np.float32)
@@ -145,16 +163,16 @@ class _Member:
         g = int(self.config.grid_size)
         return scores.reshape(b, g, g), rows
 
-    def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score_batch(self, batch: BatchOutputs) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`PatchKNN.score_batch <patchknn.model.PatchKNN.score_batch>`."""
-        grids, rows = self._grid_and_rows(images)
+        grids, rows = self._grid_and_rows(batch)
         weights = np.ones(grids.shape[0], dtype=np.float64)
         if self.config.image_score == "reweighted":
             weights = scoring.reweight(grids, rows, self.search.bank, int(self.config.image_score_topk))
         tta = list(self.config.tta or ())
         for kind in tta:
             axis = 3 if kind == "hflip" else 2
-            flipped, _ = self._grid_and_rows(np.flip(images, axis=axis))
+            flipped, _ = self._grid_and_rows(batch, axis)
             grids += np.flip(flipped, axis=axis - 1)
         if tta:
             grids /= 1 + len(tta)
@@ -234,12 +252,12 @@ class ExportedModel:
     def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 ``(B, 3, S, S)`` (numpy, or anything numpy converts, such as a CPU tensor) ->
         ``(B, grid, grid)`` patch scores and image weights, as ``PatchKNN.score_batch``."""
-        images = np.asarray(images, dtype=np.uint8)
+        batch = BatchOutputs(np.asarray(images, dtype=np.uint8))  # this call's graph runs, shared by its members
         if self.norm_ is None:
-            return self.members[0].score_batch(images)
+            return self.members[0].score_batch(batch)
         total, weight_sum = None, None
         for member, (mu, sd) in zip(self.members, self.norm_):
-            grids, weights = member.score_batch(images)
+            grids, weights = member.score_batch(batch)
             z = (grids.astype(np.float64) - mu) / sd
             total = z if total is None else total + z
             weight_sum = weights if weight_sum is None else weight_sum + weights
