@@ -37,6 +37,7 @@ from patchknn.config import PatchKNNConfig, preset
 from patchknn.data import DEFAULT_MAX_PIXELS, MVTecCategory, Sample, load_mask, resize_mask
 from patchknn.errors import ConfigError, DatasetError, ImageError
 from patchknn.model import PatchKNN
+from patchknn.tune.result import TuneResult
 
 Resolution = Literal["input", "original"]
 METRIC_KEYS = ("pixel_auprc", "pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
@@ -75,7 +76,7 @@ class AutoPreset:
         return {"preset": AUTO, "budget_minutes": self.budget_minutes, "fixed": fixed,
                 "max_fit_images": self.max_fit_images}
 
-    def choose(self, sources: list[Any], desc: str = "tune", **runtime: Any) -> Any:
+    def choose(self, sources: list[Any], desc: str = "tune", **runtime: Any) -> TuneResult:
         """Run :func:`patchknn.tune.tune` on ``sources`` (normal images); the
         :class:`~patchknn.tune.result.TuneResult`. A progress bar counts the candidates scored
         (on a terminal, unless ``progress=False``)."""
