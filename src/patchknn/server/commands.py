@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from patchknn.options import DeviceOpt
+
 __all__ = ["register"]
 
 
@@ -92,7 +94,7 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[
             int | None, typer.Option("--threads", help="torch CPU threads for the backbone (default: torch's).")
         ] = None,
-        device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
+        device: DeviceOpt = "cpu",
         public_docs: Annotated[
             bool, typer.Option("--public-docs/--no-public-docs", help="Serve /docs and /openapi.json without a key.")
         ] = False,

@@ -7,7 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
-from patchknn.options import BatchOpt, DeviceOpt, MaxPixelsOpt, max_pixels_option
+from patchknn.options import (
+    BatchOpt,
+    DeviceOpt,
+    MaxPixelsOpt,
+    ResolutionOpt,
+    ThresholdOverrideOpt,
+    max_pixels_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -49,12 +56,8 @@ def register(app: typer.Typer) -> None:
         maps: Annotated[
             bool, typer.Option("--maps/--no-maps", help="Write maps/NAME.npy and masks/NAME.png.")
         ] = False,
-        threshold: Annotated[
-            float | None, typer.Option("--threshold", help="Override the model's decision threshold.")
-        ] = None,
-        resolution: Annotated[
-            str, typer.Option("--resolution", help="Map size: input (model input size) or original.")
-        ] = "input",
+        threshold: ThresholdOverrideOpt = None,
+        resolution: ResolutionOpt = "input",
         device: DeviceOpt = "cpu",
         batch_size: BatchOpt = 16,
         max_pixels: MaxPixelsOpt = None,
