@@ -144,6 +144,7 @@ def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, Any
         "fit_seconds": round(fit_seconds, 1),
         "predict_seconds": round(predict_seconds, 1),
         "held_out_scores": held.scores,
+        "defect_scores": cal.get("defect_scores", []),
         "test_scores": scores.tolist(),
         "test_labels": labels.tolist(),
     }

@@ -74,7 +74,7 @@ def main() -> None:
         calib = float(model.fit_info_.get("calibration", {}).get("seconds", float("nan")))
 
         ref = PatchKNN.load(saved, **{k: v for k, v in runtime.items() if k != "weights"})
-        store, _ = collect_features(ref, a + b)
+        store = collect_features(ref, a + b).store
         ref.fit_store(store, time.perf_counter(), pca=ref.pca_)
         coreset = model.training_ is not None
         if coreset:  # the reference's coreset is a fresh selection: compare the full training banks

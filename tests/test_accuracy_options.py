@@ -271,8 +271,9 @@ def test_ensemble_of_views_shares_one_backbone_pass(images):
 def test_ensemble_calibrates_on_held_out_grids_by_the_single_models_folds(images):
     """The ensemble's threshold comes from its members' held-out grids of the same images, made by
     the single model's folds (patchknn.threshold.held_out_grids): the calibration images score
-    well above a training image's own ~0, and the threshold is the same rule on those scores."""
-    from patchknn.threshold import threshold_from_scores
+    well above a training image's own ~0, and the threshold is the same rule on those scores
+    (the "defects" rule: the synthetic defects' grids combined as the normal images' are)."""
+    from patchknn.threshold import separating_threshold, threshold_from_scores
 
     train, _ = images
     ens = EnsemblePatchKNN([{}, {"layer_norm": True}], preset("paper", **SMALL), **RUNTIME).fit(train)
@@ -281,8 +282,10 @@ def test_ensemble_calibrates_on_held_out_grids_by_the_single_models_folds(images
     assert len(scores) == min(ens.config.calibration_images, len(train)) == cal["n_images"]
     own = ens.predict([train[0]])[0].score  # a training image against the full banks
     assert scores.min() > own
-    expected = threshold_from_scores(scores, "quantile", quantile=ens.config.threshold_quantile)
-    assert ens.threshold_ == pytest.approx(expected, rel=1e-5)
+    made = np.array(cal["defect_scores"])
+    assert made.size == 2 * scores.size and np.median(made) > np.median(scores)
+    cap = threshold_from_scores(scores, "quantile", quantile=ens.config.threshold_quantile)
+    assert ens.threshold_ == pytest.approx(min(separating_threshold(scores, made), cap), rel=1e-5)
     assert not any(hasattr(m, "held_out_") for m in ens.members)  # nothing kept after fitting
 
 

@@ -17,10 +17,12 @@ from patchknn.bank import collect_features
 from patchknn.config import PatchKNNConfig
 from patchknn.errors import ConfigError, NotFittedError
 from patchknn.index import build_index
-from patchknn.threshold import calibrate, held_out_grids, threshold_from_scores
+from patchknn.threshold import calibrate, held_out_grids, separating_threshold, threshold_from_scores
 
 #: small and quick: two layers of the random-weight ResNet-50 (its layer3 is 80 % of the build time)
-CAL = {"layers": ("layer1", "layer2"), "calibration_images": 8, "num_workers": 0}
+# the quantile rule: these tests check that partial_fit recalibrates exactly as a fit does (the
+# "defects" rule keeps the fit's operating point instead: test_defects_rule_keeps_the_operating_point)
+CAL = {"layers": ("layer1", "layer2"), "calibration_images": 8, "num_workers": 0, "threshold_method": "quantile"}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,7 @@ def images() -> list[np.ndarray]:
 def reference(saved_a, images, runtime=None) -> PatchKNN:
     """A fit on ``images`` with the PCA of the model saved at ``saved_a`` (fit's own path)."""
     ref = PatchKNN.load(saved_a, **(runtime or {"progress": False, "num_workers": 0}))
-    store, _ = collect_features(ref, images)
-    return ref.fit_store(store, time.perf_counter(), pca=ref.pca_)
+    return ref.fit_store(collect_features(ref, images).store, time.perf_counter(), pca=ref.pca_)
 
 
 def assert_same_answers(model, ref, images) -> list:
@@ -71,6 +72,23 @@ def test_partial_fit_equals_a_fit_with_the_old_pca(flat, images):
     assert model.fit_info_["n_train_images"] == 9
     assert model.fit_info_["added"] == {"names": ["<array #0>", "<array #1>", "<array #2>"], "count": 3}
     assert_same_answers(model, ref, images[4:8])
+
+
+def test_defects_rule_keeps_the_operating_point(images):
+    """With threshold_method="defects" (the default) fit separates held-out normal scores from
+    synthetic defects on the same images; partial_fit (no defects: only the new images are at
+    hand) applies the share of normal scores the fit put below its threshold to its new scores."""
+    model = tiny_model(**{**CAL, "threshold_method": "defects"}).fit(images[:6])
+    cal = model.fit_info_["calibration"]
+    normal, made = np.array(cal["image_scores"]), np.array(cal["defect_scores"])
+    assert cal["n_defects"] == 2 * len(normal) == made.size
+    cap = float(np.quantile(normal, 0.99))
+    assert model.threshold_ == pytest.approx(min(separating_threshold(normal, made), cap), rel=1e-6)
+    assert cal["defects_quantile"] == pytest.approx(float((normal < model.threshold_).mean()))
+    model.partial_fit(images[6:])
+    after = model.fit_info_["calibration"]
+    assert after["defects_quantile"] == cal["defects_quantile"] and "defect_scores" not in after
+    assert model.threshold_ == pytest.approx(float(np.quantile(after["image_scores"], cal["defects_quantile"])))
 
 
 def test_partial_fit_of_a_loaded_model_is_the_same(flat, images):
@@ -154,7 +172,7 @@ def test_ensemble_partial_fit_per_member(images, tmp_path, monkeypatch):
 
     config = PatchKNNConfig(
         backbone="resnet50", layers=("layer1", "layer2"), image_size=64, grid_size=8, coreset_ratio=0.5,
-        calibration_images=8,
+        calibration_images=8, threshold_method="quantile",
         ensemble=("layer_norm=true",),
     )
     ens = EnsemblePatchKNN(None, config, weights="random", progress=False, num_workers=0).fit(images[:6])
@@ -214,6 +232,13 @@ def test_bottle_partial_fit_is_exact(mvtec_root, caffe_weights, tmp_path):
     ref = reference(saved, a + b, {"progress": False, "num_workers": 0})
     assert model.fit_info_["n_train_images"] == 18 and model.fit_info_["added"]["names"] == b
     np.testing.assert_allclose(model.index_.bank, ref.index_.bank, rtol=1e-4, atol=1e-3)
-    assert model.threshold_ == pytest.approx(ref.threshold_, rel=1e-5)
+    # the same held-out scores; the paper preset's "defects" rule keeps the operating point of the
+    # fit on A (the share of held-out normal scores below its threshold) on them
+    held, want = model.fit_info_["calibration"], ref.fit_info_["calibration"]
+    np.testing.assert_allclose(held["image_scores"], want["image_scores"], rtol=1e-5)
+    q = PatchKNN.load(saved).fit_info_["calibration"]["defects_quantile"]
+    assert held["defects_quantile"] == q
+    assert model.threshold_ == pytest.approx(float(np.quantile(held["image_scores"], q)), rel=1e-6)
+    ref.threshold_ = model.threshold_
     got = assert_same_answers(model, ref, [str(p) for p in test])
     assert [p.verdict for p in got][2:] == ["NG", "NG"]  # the broken bottles stay detected

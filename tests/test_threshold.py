@@ -10,7 +10,7 @@ from conftest import tiny_model
 from patchknn import PatchKNN
 from patchknn.index import MemoryBankIndex
 from patchknn.metrics.decision import threshold_metrics
-from patchknn.threshold import CalibrationWarning, select_images, threshold_from_scores
+from patchknn.threshold import CalibrationWarning, select_images, separating_threshold, threshold_from_scores
 from patchknn.visualize import color_scale
 
 
@@ -41,9 +41,12 @@ def test_select_images_is_seeded_and_bounded():
 
 def test_fit_calibrates_on_held_out_images(fitted, train):
     cal = fitted.fit_info_["calibration"]
-    assert cal["method"] == "quantile" and cal["n_images"] == len(train) and cal["n_groups"] == 4
-    held_out = np.array(cal["image_scores"])
-    assert fitted.threshold_ == pytest.approx(np.quantile(held_out, 0.99), rel=1e-5)
+    assert cal["method"] == "defects" and cal["n_images"] == len(train) and cal["n_groups"] == 4
+    held_out, made = np.array(cal["image_scores"]), np.array(cal["defect_scores"])
+    # the default rule: the best cut between normal and synthetic-defect scores, at most the 0.99 quantile
+    cap = np.quantile(held_out, 0.99)
+    assert fitted.threshold_ == pytest.approx(min(separating_threshold(held_out, made), cap), rel=1e-5)
+    assert cal["defects_cap"] == pytest.approx(cap) and made.size == 2 * held_out.size
     # held out: far from the ~0 a training image gets against the full bank
     own = fitted.predict(train[:1])[0].score
     assert own < 1e-2 < held_out.min()
@@ -62,6 +65,14 @@ def test_held_out_score_matches_a_model_without_that_image(fitted, train):
     expected = sub.predict([train[0], train[4]])
     assert cal["image_scores"][0] == pytest.approx(expected[0].score, rel=1e-4)
     assert cal["image_scores"][4] == pytest.approx(expected[1].score, rel=1e-4)
+    # and so are the synthetic defects made on them (defect n = image * 2 + j, kinds in turn)
+    from patchknn.data import load_image
+    from patchknn.defects import DEFECT_KINDS, add_defect
+
+    made = [add_defect(load_image(train[i]), DEFECT_KINDS[n % 5], seed=0, index=n).image for i, n in ((0, 1), (4, 8))]
+    expected = sub.predict(made)
+    assert cal["defect_scores"][1] == pytest.approx(expected[0].score, rel=1e-4)
+    assert cal["defect_scores"][8] == pytest.approx(expected[1].score, rel=1e-4)
 
 
 def test_sigma_method_and_none(train):
@@ -246,7 +257,9 @@ def test_calibration_scores_are_brute_force_leave_group_out(train, captured_bank
     rows = np.arange(bank.shape[0])
     expected = _brute_group_scores(model, bank, n, cal.images, rows, rows // model.config.grid_size**2)
     np.testing.assert_allclose(cal.image_scores, [expected[i] for i in cal.images], rtol=1e-4)
-    assert model.threshold_ == pytest.approx(np.quantile(cal.image_scores, 0.99), rel=1e-6)
+    made = np.array(cal.info["defect_scores"])
+    want = min(separating_threshold(cal.image_scores, made), np.quantile(cal.image_scores, 0.99))
+    assert model.threshold_ == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
@@ -346,7 +359,7 @@ def test_held_out_grids_are_what_calibrate_scores(coreset):
         kept = np.sort(greedy_coreset(bank, 0.4, 128, 0))
         kw = {"bank_rows": kept, "index_bank": bank[kept]}
     cal = calibrate(model, bank, 16, exact=True, **kw)
-    images, grids = held_out_grids(model, bank, 16, **kw)
+    images, grids, _ = held_out_grids(model, bank, 16, **kw)
     assert images == cal.images and grids.shape == (16, 4, 4)
     scores = [scoring.image_score(g, model.config) for g in grids]
     np.testing.assert_allclose(scores, cal.image_scores, rtol=1e-6)

@@ -11,9 +11,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from patchknn.config import preset
+from patchknn.defects import DEFECT_KINDS, MAX_AREA, MIN_AREA, add_defect, defect_set
 from patchknn.errors import ConfigError
 from patchknn.tune.candidates import Candidate, default_candidates, plan_groups
-from patchknn.defects import DEFECT_KINDS, MAX_AREA, MIN_AREA, add_defect, defect_set
 from patchknn.tune.group import Scored
 from patchknn.tune.result import TuneResult
 from patchknn.tune.search import EvaluationSet, candidate_row, choose, tune

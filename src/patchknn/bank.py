@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "TrainingBank",
     "build_memory_bank",
     "check_store",
+    "Collected",
     "collect_features",
     "extend_memory_bank",
     "training_store",
@@ -95,11 +96,18 @@ class TrainingBank:
         return self.full, self.kept
 
 
-def collect_features(
-    model: PatchKNN, images: Sequence[Any] | str | Path, what: str = "fit"
-) -> tuple[TrainingStore, list[str]]:
-    """The training store of ``images`` for ``model`` (decoded in batches by its run options) and
-    the names of the images in it; sets ``model.skipped_`` (unreadable images left out)."""
+class Collected(NamedTuple):
+    """What :func:`collect_features` returns: the training store, the names of the images in it
+    and the images themselves (their sources, in the store's order)."""
+
+    store: TrainingStore
+    names: list[str]
+    sources: list[Any]
+
+
+def collect_features(model: PatchKNN, images: Sequence[Any] | str | Path, what: str = "fit") -> Collected:
+    """The training store of ``images`` for ``model`` (decoded in batches by its run options), the
+    names and sources of the images in it; sets ``model.skipped_`` (unreadable images left out)."""
     sources = as_sources(images)
     if len(sources) == 0:
         raise ConfigError(f"{what} needs at least one normal image")
@@ -112,7 +120,8 @@ def collect_features(
     errors = getattr(batches, "errors", [])
     model.skipped_ = [(src, reason) for _, src, reason in errors]
     bad = {i for i, _, _ in errors}
-    return store, [source_name(s, i) for i, s in enumerate(sources) if i not in bad]
+    kept = [i for i in range(len(sources)) if i not in bad]
+    return Collected(store, [source_name(sources[i], i) for i in kept], [sources[i] for i in kept])
 
 
 def training_store(model: PatchKNN, capacity: int) -> TrainingStore:

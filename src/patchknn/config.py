@@ -65,9 +65,12 @@ class PatchKNNConfig:
             (PatchCore); 1.0 = keep every patch (paper).
         coreset_dim: dimension of the random projection used to select the coreset.
         threshold_method: how :meth:`PatchKNN.fit` calibrates the decision threshold from normal
-            images only: ``"quantile"`` (a quantile of held-out normal image scores), ``"sigma"``
-            (mean + ``threshold_sigma`` standard deviations of them) or ``"none"``.
-        threshold_quantile: the quantile for ``"quantile"``.
+            images only: ``"defects"`` (the lowest cut that best separates held-out normal image
+            scores from synthetic defects made on the same images, never above the
+            ``"quantile"`` rule's; see :mod:`patchknn.threshold`), ``"quantile"`` (a quantile of
+            held-out normal image scores), ``"sigma"`` (mean + ``threshold_sigma`` standard
+            deviations of them) or ``"none"``.
+        threshold_quantile: the quantile for ``"quantile"`` (and the upper bound of ``"defects"``).
         threshold_sigma: the number of standard deviations for ``"sigma"``.
         calibration_images: at most this many training images are scored against the bank
             without their own patches (cross-validation, so no image is lost to the bank).
@@ -107,7 +110,7 @@ class PatchKNNConfig:
     hnsw_ef_search: int = 64
     coreset_ratio: float = 1.0
     coreset_dim: int = 128
-    threshold_method: str = "quantile"
+    threshold_method: str = "defects"
     threshold_quantile: float = 0.99
     threshold_sigma: float = 3.0
     calibration_images: int = 32
@@ -283,7 +286,7 @@ _REAL_FIELDS = ("pca_variance", "smoothing_sigma", "coreset_ratio", "threshold_q
 
 IMAGE_SCORES = ("max", "topk_mean", "reweighted")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
-THRESHOLD_METHODS = ("quantile", "sigma", "none")
+THRESHOLD_METHODS = ("defects", "quantile", "sigma", "none")
 TTA_KINDS = ("hflip", "vflip")
 PRECISIONS = ("float32", "bfloat16", "auto")
 #: options every ensemble member shares with the main configuration

@@ -176,8 +176,10 @@ class EnsemblePatchKNN(PatchKNN):
         sources = as_sources(images)
         if len(sources) < 2:
             raise ConfigError("an ensemble needs at least two normal images to calibrate its members")
-        for member, store in zip(self.members, self._member_stores(sources, "fit")[0]):
-            member.fit_store(store, t0, keep_held_out=True)
+        stores, _, kept = self._member_stores(sources, "fit")
+        defects = kept if self.config.threshold_method == "defects" else None
+        for member, store in zip(self.members, stores):
+            member.fit_store(store, t0, keep_held_out=True, sources=defects)
         return self._calibrate(t0)
 
     def partial_fit(self, images: Sequence[Any] | str | Path) -> EnsemblePatchKNN:
@@ -187,7 +189,7 @@ class EnsemblePatchKNN(PatchKNN):
         self._check_fitted()
         t0 = time.perf_counter()
         sources = as_sources(images)
-        stores, names = self._member_stores(sources, "partial_fit")
+        stores, names, _ = self._member_stores(sources, "partial_fit")
         old = self.fit_info_
         for member, store in zip(self.members, stores):
             member.extend_store(store, names, t0, keep_held_out=True)
@@ -200,8 +202,8 @@ class EnsemblePatchKNN(PatchKNN):
         }
         return self
 
-    def _member_stores(self, sources: list[Any], what: str) -> tuple[list[Any], list[str]]:
-        """Every member's training store of ``sources`` and the names of the images in them
+    def _member_stores(self, sources: list[Any], what: str) -> tuple[list[Any], list[str], list[Any]]:
+        """Every member's training store of ``sources``, the names and sources of the images in them
         (``skipped_`` set on all, for the unreadable ones left out): one decoding
         pass for all members, and one backbone pass per distinct network (members on the same
         network read the maps it computed for the batch, :class:`_SharedBackbone`)."""
@@ -225,27 +227,33 @@ class EnsemblePatchKNN(PatchKNN):
         for member in self.members:
             member.skipped_ = list(self.skipped_)
         bad = {i for i, _, _ in errors}
-        return stores, [source_name(s, i) for i, s in enumerate(sources) if i not in bad]
+        kept = [i for i in range(len(sources)) if i not in bad]
+        return stores, [source_name(sources[i], i) for i in kept], [sources[i] for i in kept]
 
     def _calibrate(self, t0: float) -> EnsemblePatchKNN:
         """The members' normalisation and the ensemble's threshold from the members' held-out
         grids of the same images, by the folds (and coreset replacements) of the single model's
         calibration (:func:`patchknn.threshold.held_out_grids`)."""
         held = [m.__dict__.pop("held_out_") for m in self.members]
-        cal, loo = held[0][0], [grids for _, grids in held]
+        cal = held[0].images
         if not cal:
             raise ConfigError("an ensemble needs calibration_images >= 1 to normalise its members")
-        self.norm_ = np.array([(g.mean(), max(g.std(), 1e-12)) for g in loo], dtype=np.float64)
-        z = np.mean([(g - mu) / sd for g, (mu, sd) in zip(loo, self.norm_)], axis=0).astype(np.float32)
-        scores = np.array([scoring.image_score(g, self.config) for g in z])
-        from patchknn.threshold import IMAGE_QUANTILES, PATCH_QUANTILES, summarize, threshold_from_scores
+        self.norm_ = np.array([(h.grids.mean(), max(h.grids.std(), 1e-12)) for h in held], dtype=np.float64)
 
-        self.threshold_ = None
+        def combined(grids: list[np.ndarray]) -> np.ndarray:  # the members' z-scored grids, averaged
+            return np.mean([(g - mu) / sd for g, (mu, sd) in zip(grids, self.norm_)], axis=0).astype(np.float32)
+
+        z = combined([h.grids for h in held])
+        scores = np.array([scoring.image_score(g, self.config) for g in z])
+        made = None
+        if len(held[0].defect_grids):
+            made = np.array([scoring.image_score(g, self.config) for g in combined([h.defect_grids for h in held])])
+        from patchknn.threshold import IMAGE_QUANTILES, PATCH_QUANTILES, summarize, threshold_for
+
+        self.threshold_, defects_info = None, {}
         if self.config.threshold_method != "none":
-            self.threshold_ = threshold_from_scores(
-                scores, self.config.threshold_method,
-                quantile=self.config.threshold_quantile, sigma=self.config.threshold_sigma,
-            )
+            operating = (getattr(self, "fit_info_", None) or {}).get("calibration", {}).get("defects_quantile")
+            self.threshold_, defects_info = threshold_for(self.config, scores, made, operating_quantile=operating)
         calibration = {
             "method": self.config.threshold_method,
             "threshold": self.threshold_,
@@ -254,7 +262,7 @@ class EnsemblePatchKNN(PatchKNN):
             "units": "mean of the members' z-scores",
             "image": summarize(scores, IMAGE_QUANTILES),
             "patch": summarize(z.ravel(), PATCH_QUANTILES),
-        }
+        } | defects_info
         infos = [m.fit_info_ for m in self.members]
         self.fit_info_ = {
             "n_train_images": int(infos[0]["n_train_images"]),

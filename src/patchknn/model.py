@@ -108,7 +108,7 @@ class PatchKNN:
         hnsw_ef_search: int = 64,
         coreset_ratio: float = 1.0,
         coreset_dim: int = 128,
-        threshold_method: str = "quantile",
+        threshold_method: str = "defects",
         threshold_quantile: float = 0.99,
         threshold_sigma: float = 3.0,
         calibration_images: int = 32,
@@ -235,7 +235,8 @@ class PatchKNN:
     def fit(self, images: Sequence[Any] | str | Path) -> PatchKNN:
         """Learn normality from defect-free ``images`` (paths, a folder, PIL images or arrays); ``self``."""
         t0 = time.perf_counter()
-        return self.fit_store(collect_features(self, images, "fit")[0], t0)
+        got = collect_features(self, images, "fit")
+        return self.fit_store(got.store, t0, sources=got.sources)
 
     def partial_fit(self, images: Sequence[Any] | str | Path) -> PatchKNN:
         """Add normal ``images`` (e.g. false alarms marked normal) to the fitted model; ``self``.
@@ -246,7 +247,7 @@ class PatchKNN:
         saves the result as a new version."""
         self._check_fitted()
         t0 = time.perf_counter()
-        return self.extend_store(*collect_features(self, images, "partial_fit"), t0)
+        return self.extend_store(*collect_features(self, images, "partial_fit")[:2], t0)
 
     def extend_store(
         self, store: TrainingStore, names: Sequence[str], t0: float, *, keep_held_out: bool = False
@@ -279,7 +280,8 @@ class PatchKNN:
         )
 
     def fit_store(
-        self, store: TrainingStore, t0: float, *, keep_held_out: bool = False, pca: PCA | None = None
+        self, store: TrainingStore, t0: float, *, keep_held_out: bool = False, pca: PCA | None = None,
+        sources: Sequence[Any] | None = None,
     ) -> PatchKNN:
         """Everything after the features: PCA, bank, coreset, index, threshold (``skipped_`` set).
 
@@ -287,6 +289,8 @@ class PatchKNN:
         grids (:func:`patchknn.threshold.held_out_grids`), for an ensemble that combines its
         members' grids and calibrates on the result by the same folds. ``pca``: project by this
         fitted PCA instead of fitting one (what :meth:`partial_fit` equals: the PCA of fewer images).
+        ``sources``: the images of ``store`` (in its order), on which the calibration makes its
+        synthetic defects (``threshold_method="defects"``; without them it keeps the quantile rule).
         """
         seed_everything(self.config.seed)
         ext = self.extractor
@@ -308,7 +312,7 @@ class PatchKNN:
             "feature_seconds": round(t_feat - t0, 3),
             "weights_id": str(getattr(ext.backbone, "weights_id", "unknown")),
         }
-        calibrate_model(self, bank, kept, keep_held_out)
+        calibrate_model(self, bank, kept, keep_held_out, sources)
         return self
 
     def _set_bank(self, built: Any) -> None:

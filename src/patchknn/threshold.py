@@ -12,6 +12,16 @@ other images (a coreset row stands for a cluster of patches of many images; see
 The held-out maps and image scores are formed exactly as :meth:`PatchKNN.predict` forms them
 (:meth:`~patchknn.model.PatchKNN.grid_to_map`, :meth:`~patchknn.model.PatchKNN.image_score`).
 
+* ``threshold_method="defects"`` (the default): each calibration image also gets
+  :data:`DEFECTS_PER_IMAGE` synthetic defects (:mod:`patchknn.defects`), scored by the same folds
+  (so the bank has seen neither the image nor its defect); the threshold is the lowest cut with
+  the best F1 on these images (the calibration images negative, their defects positive, each
+  image counting once: :func:`separating_threshold`), never above the ``"quantile"`` rule's. Where
+  the synthetic defects stand clear of the normal scores (bottle), this *is* the quantile rule;
+  where they overlap (magnetic_tile), it trades false alarms for misses as F1 does. The operating
+  point is kept as ``defects_quantile`` (the share of held-out normal scores below the threshold):
+  :meth:`~patchknn.model.PatchKNN.partial_fit`, which has only the new images, applies that
+  quantile to its new held-out scores.
 * ``threshold_method="quantile"``: threshold = the ``threshold_quantile`` quantile of the
   held-out normal image scores (linear interpolation; with 16 images, 0.99 is close to the max).
 * ``threshold_method="sigma"``: threshold = mean + ``threshold_sigma`` x standard deviation.
@@ -37,11 +47,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from patchknn.data import load_image
+from patchknn.defects import DEFECT_KINDS, add_defect
 from patchknn.errors import ConfigError
 from patchknn.execution import progress_bar
 from patchknn.heldout import Folds, score_group, select_images
@@ -50,6 +63,8 @@ if TYPE_CHECKING:
     from patchknn.model import PatchKNN
 
 IMAGE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
+#: synthetic defects made on each calibration image for ``threshold_method="defects"``
+DEFECTS_PER_IMAGE = 2
 PATCH_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -91,6 +106,76 @@ def threshold_from_scores(
     raise ConfigError(f"threshold_method must be 'quantile' or 'sigma' to calibrate, got {method!r}")
 
 
+def separating_threshold(normal: np.ndarray, defective: np.ndarray) -> float:
+    """The lowest cut that maximises the F1 of the verdict ``score >= cut`` on the images scored:
+    ``normal`` (negatives) and ``defective`` (positives) scores, each image counting once. Cuts lie
+    midway between consecutive scores, so where the two separate, the cut is midway between the
+    highest normal and the lowest defective score.
+
+    >>> separating_threshold(np.array([1.0, 2.0, 3.0]), np.array([5.0, 6.0]))
+    4.0
+    """
+    normal = np.sort(np.asarray(normal, dtype=np.float64).ravel())
+    defective = np.sort(np.asarray(defective, dtype=np.float64).ravel())
+    if normal.size == 0 or defective.size == 0:
+        raise ConfigError("separating_threshold needs normal and defective scores")
+    values = np.unique(np.concatenate([normal, defective]))
+    cuts = np.concatenate([values[:1], (values[1:] + values[:-1]) / 2])
+    tp = defective.size - np.searchsorted(defective, cuts, side="left")
+    fp = normal.size - np.searchsorted(normal, cuts, side="left")
+    f1 = 2 * tp / (tp + fp + defective.size)  # 2TP / (2TP + FP + FN) with FN = defective - TP
+    return float(cuts[int(np.flatnonzero(f1 >= f1.max() - 1e-12)[0])])
+
+
+def threshold_for(
+    config: Any, scores: np.ndarray, defect_scores: np.ndarray | None = None, *, operating_quantile: float | None = None
+) -> tuple[float, dict[str, Any]]:
+    """``config.threshold_method``'s threshold from held-out normal image ``scores`` and (for
+    ``"defects"``) the held-out scores of synthetic defects made on the same images; with no
+    defect scores (:meth:`~patchknn.model.PatchKNN.partial_fit`) the ``operating_quantile`` a fit
+    found (else ``threshold_quantile``). Returns the threshold and what to record about it."""
+    method = config.threshold_method
+    if method != "defects":
+        q, sigma = config.threshold_quantile, config.threshold_sigma
+        return threshold_from_scores(scores, method, quantile=q, sigma=sigma), {}
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if defect_scores is None or len(defect_scores) == 0:
+        q = float(config.threshold_quantile if operating_quantile is None else operating_quantile)
+        kept = {"defects_quantile": q, "defects": "operating point kept"}
+        return threshold_from_scores(scores, "quantile", quantile=q), kept
+    cap = threshold_from_scores(scores, "quantile", quantile=config.threshold_quantile)
+    threshold = min(separating_threshold(scores, defect_scores), cap)
+    defect_scores = np.asarray(defect_scores, dtype=np.float64).ravel()
+    return threshold, {
+        "defects_quantile": float((scores < threshold).mean()),
+        "defects_cap": cap,
+        "n_defects": int(defect_scores.size),
+        "defects_recall": float((defect_scores >= threshold).mean()),
+        "defect_scores": [round(float(v), 6) for v in defect_scores],
+    }
+
+
+def defect_rows(model: PatchKNN, sources: Sequence[Any], images: Sequence[int]) -> np.ndarray:
+    """The patch vectors searched for :data:`DEFECTS_PER_IMAGE` synthetic defects on each of the
+    fitted ``images`` (indices into ``sources``, the fitted images in bank order), image by image:
+    ``(len(images) * DEFECTS_PER_IMAGE * grid**2, d)`` float32. Defect ``n = image * per + j``
+    has kind ``DEFECT_KINDS[n % 5]`` and seed ``(config.seed, n)``, so each image's defects are
+    the same whichever fold it is in."""
+    import torch
+
+    per, seed = DEFECTS_PER_IMAGE, model.config.seed
+    made = []
+    for img in images:
+        normal = load_image(sources[img], max_pixels=model.max_pixels)
+        for j in range(per):
+            n = img * per + j
+            made.append(add_defect(normal, DEFECT_KINDS[n % len(DEFECT_KINDS)], seed=seed, index=n).image)
+    with torch.inference_mode():
+        rows = [model.query_rows(batch.images).float().numpy() for batch in model.batches(made)]
+    out = np.concatenate(rows)
+    return np.ascontiguousarray(out.reshape(-1, out.shape[-1]), dtype=np.float32)
+
+
 def calibrate(
     model: PatchKNN,
     bank: np.ndarray,
@@ -100,6 +185,7 @@ def calibrate(
     index_bank: np.ndarray | None = None,
     progress: bool = True,
     exact: bool = False,
+    sources: Sequence[Any] | None = None,
 ) -> Calibration:
     """Calibrate ``model``'s threshold by cross-validation over its own training images.
 
@@ -116,6 +202,9 @@ def calibrate(
         progress: show a progress bar (only when ``model.progress`` and stderr is a terminal).
         exact: search every held-out patch exactly instead of pruning (same scores, slower; for
             tests). Pruning is used only where it is exact (``image_score`` ``max``/``topk_mean``).
+        sources: the fitted images in bank order, for ``threshold_method="defects"`` (synthetic
+            defects are made on the calibration images); ``None``: the operating point the model
+            found when it was fitted is kept (see :func:`threshold_for`).
 
     Returns:
         A :class:`Calibration`; its ``threshold`` is ``None`` (with a :class:`CalibrationWarning`)
@@ -124,8 +213,8 @@ def calibrate(
     cfg = model.config
     method = cfg.threshold_method
     cells = cfg.grid_size**2
-    if method not in ("quantile", "sigma"):
-        raise ConfigError(f"calibrate needs threshold_method 'quantile' or 'sigma', got {method!r}")
+    if method not in ("quantile", "sigma", "defects"):
+        raise ConfigError(f"calibrate needs threshold_method 'quantile', 'sigma' or 'defects', got {method!r}")
     if bank.shape[0] != n_images * cells:
         raise ConfigError(f"calibrate: the bank has {bank.shape[0]} rows, expected {n_images} x {cells}")
     if n_images < 2 or cfg.calibration_images < 1:
@@ -151,19 +240,26 @@ def calibrate(
     scores = np.empty(len(chosen), dtype=np.float64)
     position = {img: j for j, img in enumerate(chosen)}
     patch_samples: list[np.ndarray] = []
+    defect_scores: dict[int, np.ndarray] = {}
+    with_defects = method == "defects" and sources is not None
     rng = np.random.default_rng(cfg.seed)
     with progress_bar(len(chosen), "fit: calibrate", model.progress and progress) as bar:
         for group, searcher, excluded, queries in folds:
             group_scores, patches = score_group(model, searcher, excluded, queries, len(group), rng, exact=exact)
             for img, score in zip(group, group_scores):
                 scores[position[img]] = score
+            if with_defects:
+                rows, n = defect_rows(model, sources, group), len(group) * DEFECTS_PER_IMAGE
+                found, _ = score_group(model, searcher, excluded, rows, n, rng, exact=exact)
+                for img, pair in zip(group, found.reshape(len(group), DEFECTS_PER_IMAGE)):
+                    defect_scores[img] = pair
             patch_samples.append(patches)
             bar.update(len(group))
     n_substitutes = folds.n_substitutes
     patches = np.concatenate(patch_samples)
-    threshold = threshold_from_scores(
-        scores, method, quantile=float(cfg.threshold_quantile), sigma=float(cfg.threshold_sigma)
-    )
+    made = np.concatenate([defect_scores[img] for img in chosen]) if with_defects else None
+    operating = (model.fit_info_.get("calibration") or {}).get("defects_quantile")
+    threshold, defects_info = threshold_for(cfg, scores, made, operating_quantile=operating)
     info = {
         "method": method,
         "threshold": threshold,
@@ -178,11 +274,16 @@ def calibrate(
     }
     if n_substitutes:
         info["coreset_substitutes"] = n_substitutes
+    info |= defects_info
     return Calibration(threshold, method, scores, chosen, info)
 
 
 def calibrate_model(
-    model: PatchKNN, bank: np.ndarray, bank_rows: np.ndarray | None = None, keep_held_out: bool = False
+    model: PatchKNN,
+    bank: np.ndarray,
+    bank_rows: np.ndarray | None = None,
+    keep_held_out: bool = False,
+    sources: Sequence[Any] | None = None,
 ) -> None:
     """Set ``model.threshold_`` (and ``fit_info_["calibration"]``) from held-out normal scores, the
     rule of :meth:`~patchknn.model.PatchKNN.fit` and :meth:`~patchknn.model.PatchKNN.partial_fit`.
@@ -190,17 +291,36 @@ def calibrate_model(
     ``bank`` is the full bank before any subsampling (rows ``[i*G*G, (i+1)*G*G)`` = image ``i``);
     with a coreset pass the kept row numbers as ``bank_rows`` (the model's index holds those rows).
     ``keep_held_out``: also set ``model.held_out_`` = :func:`held_out_grids` (for an ensemble).
+    ``sources``: the fitted images in bank order (synthetic defects are made on them, see
+    :func:`calibrate`; with ``keep_held_out``, also the defects' held-out grids).
     """
     n_images = bank.shape[0] // model.config.grid_size**2
     model.threshold_ = None
     index_bank = None if bank_rows is None else model.index_.bank  # type: ignore[union-attr]
     if keep_held_out:
-        model.held_out_ = held_out_grids(model, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
+        model.held_out_ = held_out_grids(
+            model, bank, n_images, bank_rows=bank_rows, index_bank=index_bank, sources=sources
+        )
     if model.config.threshold_method == "none":
         return
-    cal = calibrate(model, bank, n_images, bank_rows=bank_rows, index_bank=index_bank)
+    cal = calibrate(model, bank, n_images, bank_rows=bank_rows, index_bank=index_bank, sources=sources)
     model.threshold_ = cal.threshold
     model.fit_info_["calibration"] = cal.info
+
+
+class HeldOut(NamedTuple):
+    """What :func:`held_out_grids` returns.
+
+    Attributes:
+        images: the calibration images (indices into the fitted images).
+        grids: their held-out grids ``(n, grid, grid)`` float32.
+        defect_grids: the held-out grids of their synthetic defects (:func:`defect_rows`, image by
+            image), ``(n * DEFECTS_PER_IMAGE, grid, grid)``; empty without ``sources``.
+    """
+
+    images: list[int]
+    grids: np.ndarray
+    defect_grids: np.ndarray
 
 
 def held_out_grids(
@@ -210,29 +330,38 @@ def held_out_grids(
     *,
     bank_rows: np.ndarray | None = None,
     index_bank: np.ndarray | None = None,
-) -> tuple[list[int], np.ndarray]:
+    sources: Sequence[Any] | None = None,
+) -> HeldOut:
     """The held-out patch-score grids :func:`calibrate` scores its images from, searched exactly.
 
     Same arguments, images and cross-validation groups as :func:`calibrate` (coreset included);
     returns the chosen image indices and their grids ``(n, grid, grid)`` float32 (empty when
-    there are fewer than two images or the bank without a group is smaller than ``k``). For
-    callers that combine grids before scoring them (an ensemble z-scores and averages its
-    members' grids, then calibrates its threshold on the result).
+    there are fewer than two images or the bank without a group is smaller than ``k``), and with
+    ``sources`` the grids of the synthetic defects made on them. For callers that combine grids
+    before scoring them (an ensemble z-scores and averages its members' grids, then calibrates
+    its threshold on the result).
     """
     cfg = model.config
     g = cfg.grid_size
+    empty = np.empty((0, g, g), dtype=np.float32)
     if n_images < 2 or cfg.calibration_images < 1:
-        return [], np.empty((0, g, g), dtype=np.float32)
+        return HeldOut([], empty, empty)
     folds = Folds(model, bank, n_images, bank_rows, index_bank)
     if folds.too_small:
-        return [], np.empty((0, g, g), dtype=np.float32)
+        return HeldOut([], empty, empty)
     grids = np.empty((len(folds.chosen), g, g), dtype=np.float32)
+    per = DEFECTS_PER_IMAGE
+    defects = np.empty((len(folds.chosen) * per if sources is not None else 0, g, g), dtype=np.float32)
     position = {img: j for j, img in enumerate(folds.chosen)}
     for group, searcher, excluded, queries in folds:
         values = searcher(queries, excluded).reshape(len(group), g, g)
-        for img, grid in zip(group, values):
+        made = None if sources is None else searcher(defect_rows(model, sources, group), excluded)
+        for j, (img, grid) in enumerate(zip(group, values)):
             grids[position[img]] = grid
-    return folds.chosen, grids
+            if made is not None:
+                p = position[img] * per
+                defects[p : p + per] = made.reshape(len(group), per, g, g)[j]
+    return HeldOut(folds.chosen, grids, defects)
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -258,12 +387,17 @@ def _qname(q: float) -> str:
 __all__ = [
     "IMAGE_QUANTILES",
     "PATCH_QUANTILES",
+    "DEFECTS_PER_IMAGE",
     "Calibration",
     "CalibrationWarning",
+    "HeldOut",
     "calibrate",
     "calibrate_model",
     "held_out_grids",
+    "defect_rows",
     "select_images",
+    "separating_threshold",
     "summarize",
+    "threshold_for",
     "threshold_from_scores",
 ]

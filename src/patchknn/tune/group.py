@@ -22,7 +22,7 @@ from patchknn import scoring
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig
 from patchknn.ensemble import EnsemblePatchKNN
 from patchknn.model import PatchKNN
-from patchknn.threshold import threshold_from_scores
+from patchknn.threshold import threshold_for
 from patchknn.tune.candidates import Candidate, CandidateGroup
 
 __all__ = ["GroupModels", "Scored", "fit_group", "score_group"]
@@ -34,7 +34,9 @@ class HeldOutMember(PatchKNN):
 
     held_out_grids: np.ndarray | None = None
 
-    def fit_store(self, store: Any, t0: float, *, keep_held_out: bool = False) -> HeldOutMember:
+    def fit_store(self, store: Any, t0: float, *, keep_held_out: bool = False, **_: Any) -> HeldOutMember:
+        # no synthetic defects for the candidates' thresholds (the evaluation set has its own):
+        # a "defects" candidate is ranked by its upper bound, the quantile rule (threshold_for)
         super().fit_store(store, t0, keep_held_out=True)
         held = self.__dict__.get("held_out_")
         self.held_out_grids = None if held is None else held[1]
@@ -95,9 +97,7 @@ def _threshold(model: PatchKNN, config: PatchKNNConfig) -> float | None:
     if config.threshold_method == "none" or len(grids) == 0:
         return None
     scores = np.array([scoring.image_score(g, config) for g in grids])
-    return threshold_from_scores(
-        scores, config.threshold_method, quantile=config.threshold_quantile, sigma=config.threshold_sigma
-    )
+    return threshold_for(config, scores)[0]
 
 
 def score_group(

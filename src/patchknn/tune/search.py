@@ -36,10 +36,10 @@ import numpy as np
 from patchknn import metrics
 from patchknn.config import PatchKNNConfig
 from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, load_image, resize_mask
+from patchknn.defects import DEFECT_KINDS, defect_set
 from patchknn.errors import ConfigError, PatchKNNError
 from patchknn.metrics.decision import threshold_metrics
 from patchknn.tune.candidates import Candidate, CandidateGroup, default_candidates, plan_groups
-from patchknn.defects import DEFECT_KINDS, defect_set
 from patchknn.tune.group import Scored, fit_group, score_group
 from patchknn.tune.result import CandidateRow, TuneResult, objective
 
