@@ -57,7 +57,7 @@ METHOD_FLAG_HELP: dict[str, tuple[str, str]] = {
     "index": ("", "Search: flat (exact), ivf or hnsw."),
     "coreset_ratio": ("", "Share of the memory bank kept (1 = all)."),
     "tta": ("", "Flip test-time augmentation: hflip,vflip."),
-    "threshold_method": ("", "Threshold calibration: quantile, sigma, none."),
+    "threshold_method": ("", "Threshold calibration: defects (default), quantile, sigma, none."),
 }
 #: numeric flags whose 0 means the option's ``None`` (off)
 _ZERO_IS_NONE = ("pca_variance",)

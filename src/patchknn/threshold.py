@@ -17,7 +17,7 @@ The held-out maps and image scores are formed exactly as :meth:`PatchKNN.predict
   (so the bank has seen neither the image nor its defect); the threshold is the lowest cut with
   the best F1 on these images (the calibration images negative, their defects positive, each
   image counting once: :func:`separating_threshold`), never above the ``"quantile"`` rule's. Where
-  the synthetic defects stand clear of the normal scores (bottle), this *is* the quantile rule;
+  the synthetic defects stand clear of the normal scores it stays near the normal scores' tail;
   where they overlap (magnetic_tile), it trades false alarms for misses as F1 does. The operating
   point is kept as ``defects_quantile`` (the share of held-out normal scores below the threshold):
   :meth:`~patchknn.model.PatchKNN.partial_fit`, which has only the new images, applies that
@@ -60,6 +60,7 @@ from patchknn.execution import progress_bar
 from patchknn.heldout import Folds, score_group, select_images
 
 if TYPE_CHECKING:
+    from patchknn.config import PatchKNNConfig
     from patchknn.model import PatchKNN
 
 IMAGE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -128,7 +129,11 @@ def separating_threshold(normal: np.ndarray, defective: np.ndarray) -> float:
 
 
 def threshold_for(
-    config: Any, scores: np.ndarray, defect_scores: np.ndarray | None = None, *, operating_quantile: float | None = None
+    config: PatchKNNConfig,
+    scores: np.ndarray,
+    defect_scores: np.ndarray | None = None,
+    *,
+    operating_quantile: float | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """``config.threshold_method``'s threshold from held-out normal image ``scores`` and (for
     ``"defects"``) the held-out scores of synthetic defects made on the same images; with no
