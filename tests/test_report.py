@@ -91,6 +91,9 @@ def test_evaluate_report_page(synthetic_report):
         assert part in text, part
     assert "<script" not in text and "http://" not in text and "https://" not in text
     assert 'class="tune"' not in text  # a preset chosen by hand: no tune block
+    # the default threshold rule is named in the calibration note ("defects", not a stray "mean + None")
+    note = text.split("Calibrated threshold")[1][:400]
+    assert "synthetic defects (made on these images)" in note and "None" not in note
     data = json.loads((synthetic_report / "assets" / "synthetic.json").read_text())
     assert data["threshold"] == results["categories"]["synthetic"]["threshold"] is not None
     assert data["curves"]["pr"] and data["curves"]["roc"] and data["curves"]["pro"]

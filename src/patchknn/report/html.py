@@ -243,8 +243,13 @@ def _calibration(data: dict[str, Any]) -> dict[str, Any]:
         return {"threshold": None, "why": cal.get("reason") or f"threshold_method = {data.get('threshold_method')!r}"}
     img = cal.get("image") or {}
     pix = cal.get("patch") or {}
-    quantile = cal.get("method") == "quantile"
-    rule = f"quantile {cal.get('quantile')} of" if quantile else f"mean + {cal.get('sigma')} × std of"
+    rules = {
+        "quantile": f"quantile {cal.get('quantile')} of",
+        "sigma": f"mean + {cal.get('sigma')} × std of",
+        "defects": f"the lowest cut with the best F1 (at most the {cal.get('quantile')} quantile) between "
+        f"{cal.get('n_defects')} synthetic defects (made on these images) and",
+    }
+    rule = rules.get(str(cal.get("method")), f"{cal.get('method')} of")
     return {
         "threshold": f"{cal['threshold']:.4g}", "rule": rule, "n_images": cal.get("n_images"),
         "n_groups": cal.get("n_groups"), "image_mean": f"{img.get('mean', 0):.4g}",
