@@ -69,13 +69,14 @@ def test_held_out_score_matches_a_model_without_that_image(fitted, train):
     from patchknn.data import load_image
     from patchknn.defects import DEFECT_KINDS, add_defect
 
-    # (the group's four defects in one batch, as the calibration ran them: the backbone's last
-    # bits depend on the batch)
+    # (the group's four defects in one batch, as the calibration ran them; to 1e-3: with one
+    # thread the random-weight backbone's features of a defect differ in their last bits, 1.3e-4
+    # of the score, while a wrong fold or a kept own patch changes it by far more)
     pairs = ((0, 0), (0, 1), (4, 8), (4, 9))
     made = [add_defect(load_image(train[i]), DEFECT_KINDS[n % 5], seed=0, index=n).image for i, n in pairs]
     expected = sub.predict(made)
     for (_, n), want in zip(pairs, expected):
-        assert cal["defect_scores"][n] == pytest.approx(want.score, rel=1e-4)
+        assert cal["defect_scores"][n] == pytest.approx(want.score, rel=1e-3)
 
 
 def test_sigma_method_and_none(train):
