@@ -42,6 +42,7 @@ __all__ = [
     "check_store",
     "Collected",
     "collect_features",
+    "fitted_images",
     "extend_memory_bank",
     "training_store",
 ]
@@ -119,9 +120,15 @@ def collect_features(model: PatchKNN, images: Sequence[Any] | str | Path, what: 
             bar.update(len(batch.indices))
     errors = getattr(batches, "errors", [])
     model.skipped_ = [(src, reason) for _, src, reason in errors]
+    return Collected(store, *fitted_images(sources, errors))
+
+
+def fitted_images(sources: Sequence[Any], errors: Sequence[Any]) -> tuple[list[str], list[Any]]:
+    """The names and sources of ``sources`` without the unreadable ones (``errors``: a batch
+    iterator's ``(index, source, reason)`` triples), in order: the images a store holds."""
     bad = {i for i, _, _ in errors}
     kept = [i for i in range(len(sources)) if i not in bad]
-    return Collected(store, [source_name(sources[i], i) for i in kept], [sources[i] for i in kept])
+    return [source_name(sources[i], i) for i in kept], [sources[i] for i in kept]
 
 
 def training_store(model: PatchKNN, capacity: int) -> TrainingStore:

@@ -46,9 +46,9 @@ from torch import nn
 
 from patchknn import scoring
 from patchknn.backbones.base import WeightsArg
-from patchknn.bank import training_store
+from patchknn.bank import fitted_images, training_store
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
-from patchknn.data import as_sources, source_name
+from patchknn.data import as_sources
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
 from patchknn.kinds import register_model_kind
 from patchknn.model import IndexFactory, PatchKNN
@@ -226,9 +226,7 @@ class EnsemblePatchKNN(PatchKNN):
         self.skipped_ = [(src, reason) for _, src, reason in errors]
         for member in self.members:
             member.skipped_ = list(self.skipped_)
-        bad = {i for i, _, _ in errors}
-        kept = [i for i in range(len(sources)) if i not in bad]
-        return stores, [source_name(sources[i], i) for i in kept], [sources[i] for i in kept]
+        return stores, *fitted_images(sources, errors)
 
     def _calibrate(self, t0: float) -> EnsemblePatchKNN:
         """The members' normalisation and the ensemble's threshold from the members' held-out
