@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchknn.data import DECODE_FORMATS, load_image, load_resized, resize_image
+from patchknn.data import DECODE_FORMATS, load_resized
+from patchknn.data.decode import JPEG_DRAFT_RATIO
 from patchknn.errors import ImageError
 
 __all__ = [
@@ -184,23 +185,24 @@ def _may_rotate(img, data: bytes) -> bool:
 
 
 def prepare_image(
-    data: bytes, image_size: int, max_pixels: int, mode: str | None = None, trim: bool = False
+    data: bytes,
+    image_size: int,
+    max_pixels: int,
+    mode: str | None = None,
+    trim: bool = False,
+    jpeg_draft: float | None = JPEG_DRAFT_RATIO,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Decode and resize exactly as :class:`patchknn.data.ImageDataset` does for ``predict``.
-
-    8-bit RGB files go through :func:`~patchknn.data.load_resized` (resized by Pillow straight after
-    decoding); every other mode through ``resize_image(load_image(...))``, which gives the same
-    pixels as ``load_resized``'s own fallback but holds fewer full-size copies at once. ``mode`` is
-    the header's (:attr:`DecodeCost.mode`); ``None`` takes the ``load_image`` path. ``trim``: call
-    :func:`return_freed_memory` afterwards (the server does for large images).
+    """Decode and resize exactly as :class:`patchknn.data.ImageDataset` does for ``predict``:
+    :func:`~patchknn.data.load_resized` with its defaults (8-bit RGB resized by Pillow straight after
+    decoding, a large JPEG decoded at a reduced size by DCT scaling first, other modes through the
+    array rules). ``mode`` (the header's, :attr:`DecodeCost.mode`) is accepted for the callers'
+    convenience and does not change the pixels. ``trim``: call :func:`return_freed_memory`
+    afterwards (the server does for large images). ``jpeg_draft``: as for ``load_resized`` (keep
+    the default to get ``predict``'s pixels; ``None`` = full decode, the most memory, which the
+    cost table covers).
     """
-    if mode == "RGB":
-        resized, original = load_resized(data, image_size, max_pixels=max_pixels)
-    else:
-        image = load_image(data, max_pixels=max_pixels)
-        original = (int(image.shape[0]), int(image.shape[1]))
-        resized = resize_image(image, image_size)
-        del image
+    del mode  # load_resized reads the mode itself; the same pixels whatever the caller read
+    resized, original = load_resized(data, image_size, max_pixels=max_pixels, jpeg_draft=jpeg_draft)
     tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
     if trim:
         return_freed_memory()
