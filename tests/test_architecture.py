@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
      "patchknn.reduction", "patchknn.index", "patchknn.coreset"),
     ("patchknn.config", "patchknn.features", "patchknn.execution"),
     ("patchknn.scoring", "patchknn.serialization", "patchknn.visualize"),
-    ("patchknn.persistence", "patchknn.heldout", "patchknn.threshold"),
+    ("patchknn.persistence", "patchknn.heldout", "patchknn.calibration_defects", "patchknn.threshold"),
     ("patchknn.bank", "patchknn.kinds", "patchknn.model", "patchknn.runtime"),
     ("patchknn.ensemble", "patchknn.versions"),
     ("patchknn.evaluation", "patchknn.report", "patchknn.tune"),
@@ -44,6 +44,8 @@ MAX_LINES = 500
 THIRD_PARTY_PRIVATE = {
     # the only way to ask oneDNN whether this CPU has native bfloat16 (AVX512-BF16 / AMX)
     ("torch.ops.mkldnn", "_is_mkldnn_bf16_supported"),
+    # torch's int8 x int8 -> int32 matrix product (the exact int8 screen; no public name yet)
+    ("torch", "_int_mm"),
 }
 
 

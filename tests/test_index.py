@@ -367,3 +367,51 @@ def test_screened_exact_with_large_norms_and_tiny_distances():
     err = state._error_bound(qt.double().norm(dim=1))
     assert ((lb32 - lb64).abs() <= err[:, None]).all()
     assert (lb32 - lb64).abs().max() > 1e-3 * err.min()  # and the check is not vacuous
+
+
+def test_int8_screen_bounds_never_exceed_the_distance():
+    """The int8 screen (:mod:`patchknn.index.quantized`): for every (query, row) pair of a bank
+    with a decaying spectrum, the pair's lower bound is <= its float64 squared distance and is not
+    vacuous, and every row whose bound is <= ``u`` passes its chunk's integer threshold."""
+    from patchknn.index.quantized import QuantizedBounds
+
+    rng = np.random.default_rng(5)
+    n, d = 3000, 300
+    scale = np.linspace(2.0, 0.1, d) ** 1.5
+    bank = (rng.normal(size=(n, d)) * scale).astype(np.float32)
+    q = (rng.normal(size=(40, d)) * scale).astype(np.float32)
+    q[:5] *= 3.0  # beyond the bank's spread
+    q[5:10] = bank[:5] + 1e-4  # next to bank rows
+    state = QuantizedBounds(bank, head_dim=64, chunk_rows=512, pilot_rows=1024)
+    enc = state.encode(torch.from_numpy(q))
+    assert bool((enc.kappa >= 1).all())
+    prod = torch._int_mm(enc.codes, state.codes.t())  # R' of every pair (rows in screening order)
+    qi = torch.arange(len(q)).repeat_interleave(n)
+    ri = torch.arange(n).repeat(len(q))
+    low = state.pair_lower_bound(enc, qi, ri, prod.reshape(-1))
+    diff = torch.from_numpy(q).double()[qi] - torch.from_numpy(bank).double()[state.order[ri]]
+    true = (diff * diff).sum(1)
+    assert bool((low <= true).all())
+    assert float((low / true).median()) > 0.5  # and the bound is informative
+    u = true.view(len(q), n).quantile(0.05, dim=1)  # some per-query radius
+    for ci, (a, b) in enumerate(state.bounds):
+        thr = state.chunk_threshold(enc, ci, u)
+        inside = low.view(len(q), n)[:, a:b] <= u[:, None]
+        assert bool((prod[:, a:b][inside] >= thr[:, None].expand(-1, b - a)[inside]).all())
+
+
+def test_int8_and_float32_screens_agree_and_far_queries_fall_back(clustered):
+    """Both screens give the float64 scan's answers bit for bit; a query far outside the int8
+    range (its scale factor below 1) is screened in float32, still exactly."""
+    from patchknn.index.screened import ScreenedFlatIndex
+
+    bank, q = clustered
+    q = np.concatenate([q, 1e4 * q[:2]])
+    got = {s: ScreenedFlatIndex(head_dim=8, threads=1, chunk_rows=512, screen=s).build(bank) for s in ("int8", "float32")}
+    one, two = (got[s].search(q, 3) for s in ("int8", "float32"))
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_allclose(one, brute64(bank, q, 3), rtol=2e-7, atol=1e-6)
+    assert got["int8"].stats["int8_kept"] > 0 and got["int8"].stats["rechecked"] < got["int8"].stats["screened"]
+    assert bool((got["int8"]._index.encode(torch.from_numpy(q[-2:])).kappa < 1).all())
+    with pytest.raises(ValueError, match="screen"):
+        ScreenedFlatIndex(screen="int4")

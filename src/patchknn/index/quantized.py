@@ -1,0 +1,222 @@
+"""The exact screened search with an int8 screen (:class:`QuantizedBounds`): the lower bound of
+:mod:`patchknn.index.bounds` computed by an integer matrix product (``torch._int_mm``, exact
+int32 accumulation; VNNI on x86), with a proven bound on its quantisation error, then the float32
+bound and the float64 re-check of the rows it cannot rule out. Same answers as the float64 scan.
+
+Why: on a 597,408 x 709 bank (magnetic_tile, ``paper`` preset) the float32 screen is a matrix
+product over every bank row for every query; the int8 product does the same work 2.6x faster on
+this CPU (1 thread: 0.68 s against 1.80 s for 256 queries with a 385-column screen), for some
+extra candidates to check (about 900 per query instead of 80), which a float32 bound of those
+pairs alone brings back to the float32 screen's few.
+
+The int8 screen. The screen vector of a bank row is ``b' = (b_h, ||b_t||)`` (``p + 1`` columns,
+:class:`~patchknn.index.bounds.BoundedFlatIndex`). Each column ``j`` has a scale
+``s_j = max_rows |b'_j| / 127`` and a row is stored as ``B = round(b' / s)`` (int8) with its
+residual ``Δb = b' - s B`` (``||Δb||`` and ``||B||`` kept per row, in float64). For a query
+``q' = (q_h, ||q_t||)`` let ``w = s q'`` (elementwise), ``Q = round(w / α)`` (int8) and
+``Δw = w - α Q``. Exactly,
+
+    q'.b' = w.B + q'.Δb = α Q.B + Δw.B + q'.Δb,    |Δw.B + q'.Δb| <= ||Δw|| ||B|| + ||q'|| ||Δb|| =: η
+
+so ``LB = ||q'||^2 + ||b'||^2 - 2 q'.b' >= ||q'||^2 + ||b'||^2 - 2 α Q.B - 2 η`` with ``Q.B`` an exact
+integer. The rows' ``||b'||^2`` enter the same product: ``G = round(||b'||^2 / γ)`` is stored as a
+few extra int8 columns (digits of ``-G``, each in ``[-127, 0]``) matched by the query's integer
+``κ = γ / (2 α)`` (``α`` is chosen so that ``κ`` is an integer in ``[1, 127]``), so one product gives
+``R' = Q.B - κ G`` and a row is kept if ``R' >= T`` for the query's integer threshold ``T`` (one
+comparison per pair, no other pass over the product). ``T`` uses per-chunk maxima of ``||B||`` and
+``||Δb||`` (the rows are sorted by ``||B||``, so chunks are homogeneous) and the rounding of ``G``
+(``|||b'||^2 - γ G| <= γ / 2``); the kept pairs are then tested with their own ``η`` and exact
+``||b'||^2``, then with the float32 bound of :class:`BoundedFlatIndex` (``E``), and the survivors
+are re-checked in float64. Every test only drops pairs whose lower bound exceeds the query's
+current ``k``-th exact distance ``u``; the slack terms (float64 rounding of the scales and norms,
+float32 rounding of the stored tail norm: a relative ``1e-6`` of ``||q||^2 + ||b||^2``) are added to
+the bound, never subtracted.
+
+A query whose ``κ`` would fall below 1 (a vector far larger than the bank's, e.g. an extreme
+anomaly) is screened in float32 as before; the answers do not depend on which screen ran.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from patchknn.index.bounds import CHUNK_ROWS, BoundedFlatIndex
+
+#: Relative slack on ``||q||^2 + ||b||^2`` for the float64 roundings of the scales and norms and
+#: the float32 rounding of the stored tail norms (each well below 1e-6).
+_SLACK = 1e-6
+
+
+class Encoded(NamedTuple):
+    """A block of queries for the int8 screen: ``codes`` ``(Q, κ...)`` int8, ``alpha`` = ``γ / (2κ)``,
+    ``kappa`` (below 1: outside the int8 range), ``dw`` = ``||Δw||``, ``qsq`` / ``qnorm`` = ``||q||^2`` /
+    ``||q||``, and the float32 screen's ``qa32`` (``q'``), ``qa_sq`` and ``err32`` (twice its ``E``)."""
+
+    q64: torch.Tensor
+    codes: torch.Tensor
+    alpha: torch.Tensor
+    kappa: torch.Tensor
+    dw: torch.Tensor
+    qsq: torch.Tensor
+    qnorm: torch.Tensor
+    qa32: torch.Tensor
+    qa_sq: torch.Tensor
+    err32: torch.Tensor
+
+
+def int8_matmul_available() -> bool:
+    """Whether this torch has the CPU int8 matrix product (``torch._int_mm``)."""
+    try:
+        a = torch.ones((2, 8), dtype=torch.int8)
+        return bool(torch._int_mm(a, a.t())[0, 0] == 8)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class QuantizedBounds(BoundedFlatIndex):
+    """Exact search state of one bank with the int8 screen (see the module docstring).
+
+    Args: as :class:`~patchknn.index.bounds.BoundedFlatIndex`. The default head is 55 % of the
+    dimensions (the int8 product is cheap, the stages after it are not: on the 597,408 x 709 bank,
+    one thread, CPU time per query with p = 320 / 384 / 448 / 512: 3.66 / 3.27 / 3.44 / 3.29 ms,
+    re-checking 163 / 78 / 43 / 27 rows; the float32 screen at its default p = 320: 4.7-5.8 ms).
+    """
+
+    head_fraction = 0.55
+
+    def __init__(self, bank: np.ndarray, head_dim: int | None = None, chunk_rows: int = CHUNK_ROWS,
+                 pilot_rows: int = 16384) -> None:
+        super().__init__(bank, head_dim, chunk_rows, pilot_rows, chunk_argmin=False)
+        n, p1 = self.aug.shape
+        step = max(1, (1 << 22) // p1)
+        self.scales = (self.aug.abs().amax(0).double() / 127).clamp_min(1e-30)  # s_j
+        self.sq64 = self.aug_sq64  # ||b'||^2 of the stored (float32) b'
+        # γ: a bank row as a query would get κ ≈ 100 (a fine α); G = ||b'||^2 / γ in digits of 127
+        sample = self.aug[:: max(1, n // 65536)].double() * self.scales
+        self.gamma = float(max(1.6 * float(sample.abs().amax(1).median()), 1e-30))
+        del sample
+        self.g_int = torch.round(self.sq64 / self.gamma)
+        self.digits = digits = max(1, math.ceil(float(self.g_int.max()) / 127))
+        self.bnorm = torch.empty(n, dtype=torch.float64)  # ||B||
+        self.resid = torch.empty(n, dtype=torch.float64)  # ||Δb||
+        self.codes = torch.empty((n, p1 + digits), dtype=torch.int8)  # (B, digits of -G)
+        for a in range(0, n, step):
+            b64 = self.aug[a : a + step].double()
+            code = torch.round(b64 / self.scales)
+            self.codes[a : a + step, :p1] = code.to(torch.int8)
+            self.bnorm[a : a + step] = code.norm(dim=1)
+            self.resid[a : a + step] = (b64 - code * self.scales).norm(dim=1)
+            rem = self.g_int[a : a + step].clone()
+            for i in range(digits):
+                part = rem.clamp(max=127)
+                self.codes[a : a + step, p1 + i] = (-part).to(torch.int8)
+                rem -= part
+        bounds = sorted({0, self.pilot, *range(self.pilot, n, self.chunk_rows), n})
+        self.bounds = list(zip(bounds[:-1], bounds[1:]))
+        self.chunk_bnorm = [float(self.bnorm[a:b].max()) for a, b in self.bounds]
+        self.chunk_resid = [float(self.resid[a:b].max()) for a, b in self.bounds]
+
+    def _row_order(self, pilot: torch.Tensor, rest: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+        """Each part sorted by ``||b'||`` with the columns scaled by their spread (about ``||B||``:
+        chunks of similar ``||B||`` have tight chunk bounds; the order only matters for speed)."""
+        p, n = self.head_dim, len(pilot) + len(rest)
+        inv = 1.0 / variances.clamp_min(1e-30)
+        weight = inv.clone()  # head columns: 1 / var; tail columns: 1 / (sum of the tail's variances)
+        weight[self.columns[p:]] = 1.0 / float(variances[self.columns[p:]].sum().clamp_min(1e-30))
+        weight = weight.float()
+        key = torch.empty(n, dtype=torch.float32)
+        step = max(1, (1 << 22) // self.bank.shape[1])
+        for a in range(0, n, step):
+            key[a : a + step] = self.bank[a : a + step].square() @ weight
+        return torch.cat([pilot[torch.argsort(key[pilot], stable=True)], rest[torch.argsort(key[rest], stable=True)]])
+
+    def encode(self, q: torch.Tensor) -> Encoded:
+        """The int8 codes and bound terms of a block of float32 queries ``(m, d)``."""
+        m, p = q.shape[0], self.head_dim
+        q64 = q.double()
+        qa = torch.empty((m, p + 1), dtype=torch.float64)
+        qa[:, :p] = q64.index_select(1, self.columns[:p])
+        qa[:, p] = q64.index_select(1, self.columns[p:]).square().sum(1).sqrt()
+        w = qa * self.scales
+        kappa = torch.floor(self.gamma * 127 / (2 * w.abs().amax(1).clamp_min(1e-300))).clamp(max=127)
+        alpha = self.gamma / (2 * kappa.clamp(min=1))
+        codes = torch.round(w / alpha[:, None])
+        qcodes = torch.cat([codes, kappa.clamp(min=1)[:, None].expand(m, self.digits)], 1).to(torch.int8)
+        qsq = (q64 * q64).sum(1)
+        qa32 = qa.float()
+        return Encoded(
+            q64=q64, codes=qcodes, alpha=alpha, kappa=kappa, dw=(w - codes * alpha[:, None]).norm(dim=1),
+            qsq=qsq, qnorm=qsq.sqrt(), qa32=qa32, qa_sq=(qa32.double() ** 2).sum(1),
+            err32=2 * self._error_bound(qsq.sqrt()),
+        )
+
+    def chunk_threshold(self, enc: Encoded, chunk: int, u: torch.Tensor) -> torch.Tensor:
+        """Per query, the int32 ``T`` such that a row of chunk ``chunk`` whose lower bound is not
+        above ``u`` has ``R' >= T`` (``η`` from the chunk's largest ``||B||`` and ``||Δb||``, ``-κ/2``
+        for the rounding of ``G``, rounded down, minus 1)."""
+        eta = enc.dw * self.chunk_bnorm[chunk] + enc.qnorm * self.chunk_resid[chunk]
+        slack = _SLACK * (enc.qsq + u.clamp(max=1e300)) + 1e-30
+        thr = torch.floor((enc.qsq - 2 * eta - u - slack) / (2 * enc.alpha) - enc.kappa / 2) - 1
+        return thr.clamp(min=-(2**31) + 1, max=2**31 - 1).to(torch.int32)
+
+    def pair_lower_bound(self, enc: Encoded, qi: torch.Tensor, ri: torch.Tensor, prod: torch.Tensor) -> torch.Tensor:
+        """A lower bound on ``||q - b||^2`` of the pairs (query ``qi``, screening-order row ``ri``)
+        from their int8 product ``prod`` (``R'``): ``Q.B`` exact, the pair's own ``η``."""
+        dot = prod.double() + enc.kappa[qi] * self.g_int[ri]
+        eta = enc.dw[qi] * self.bnorm[ri] + enc.qnorm[qi] * self.resid[ri]
+        low = enc.qsq[qi] + self.sq64[ri] - 2 * enc.alpha[qi] * dot - 2 * eta
+        return low - (_SLACK * (enc.qsq[qi] + self.sq64[ri]) + 1e-30)
+
+    @torch.inference_mode()
+    def search_block(self, q: torch.Tensor, k: int, stats: dict[str, int] | None = None) -> torch.Tensor:
+        """Exact squared distances ``(m, k)`` (float64, sorted) of one block of float32 queries."""
+        enc = self.encode(q)
+        wide = enc.kappa < 1
+        if bool(wide.any()):  # far outside the bank's range: the float32 screen for those
+            out = torch.empty((q.shape[0], k), dtype=torch.float64)
+            out[wide] = super().search_block(q[wide], k, stats)
+            if bool((~wide).any()):
+                out[~wide] = self.search_block(q[~wide], k, stats)
+            return out
+        m = q.shape[0]
+        best = torch.full((m, k), math.inf, dtype=torch.float64)
+        counts = {"screened": m * self.aug.shape[0], "int8_kept": 0, "pair_kept": 0, "rechecked": 0}
+        for ci, (a, b) in enumerate(self.bounds):
+            prod = torch._int_mm(enc.codes, self.codes[a:b].t())  # R' = Q.B - κ G (exact int32)
+            if ci == 0:  # the pilot: re-check its k + 3 best rows first, so u is tight early
+                kk = min(k + 3, b - a)
+                at = prod.topk(kk, dim=1).indices
+                qi = torch.arange(m).repeat_interleave(kk)
+                best = self._merge(best, qi, self._exact(enc.q64, qi, at.reshape(-1) + a), k)
+                counts["rechecked"] += qi.numel()
+                prod.scatter_(1, at, torch.iinfo(torch.int32).min)
+            u = best[:, k - 1]
+            thr = self.chunk_threshold(enc, ci, u)
+            flat = torch.from_numpy(np.flatnonzero((prod >= thr[:, None]).numpy()))
+            if not flat.numel():
+                continue
+            counts["int8_kept"] += flat.numel()
+            qi, ri = flat // (b - a), flat % (b - a) + a
+            keep = self.pair_lower_bound(enc, qi, ri, prod.view(-1)[flat]) <= u[qi]
+            qi, ri = qi[keep], ri[keep]
+            # the float32 bound of those pairs (E as the float32 screen's, doubled)
+            dot32 = (self.aug.index_select(0, ri) * enc.qa32.index_select(0, qi)).sum(1).double()
+            low = self.aug_sq.index_select(0, ri).double() - 2 * dot32 + enc.qa_sq[qi] - enc.err32[qi]
+            keep = low <= u[qi]
+            qi, ri = qi[keep], ri[keep]
+            counts["pair_kept"] += qi.numel()
+            if qi.numel():
+                best = self._merge(best, qi, self._exact(enc.q64, qi, ri), k)
+                counts["rechecked"] += qi.numel()
+        if stats is not None:
+            stats["queries"] = stats.get("queries", 0) + m
+            for key, val in counts.items():
+                stats[key] = stats.get(key, 0) + val
+        return best
+
+
+__all__ = ["Encoded", "QuantizedBounds", "int8_matmul_available"]
