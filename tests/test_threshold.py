@@ -1,16 +1,27 @@
 """Threshold calibration from normal images only (cross-validated against the memory bank)."""
 
 import copy
+import threading
 import warnings
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_model
 
 from patchknn import PatchKNN
+from patchknn import calibration_defects as made_defects
+from patchknn.calibration_defects import DefectRows, DefectSources, defect_images, fold_groups
 from patchknn.index import MemoryBankIndex
 from patchknn.metrics.decision import threshold_metrics
-from patchknn.threshold import CalibrationWarning, select_images, separating_threshold, threshold_from_scores
+from patchknn.reduction import PCA
+from patchknn.threshold import (
+    CalibrationWarning,
+    calibrate,
+    select_images,
+    separating_threshold,
+    threshold_from_scores,
+)
 from patchknn.visualize import color_scale
 
 
@@ -403,3 +414,96 @@ def test_fast_preset_calibration_groups_agree_on_real_bottle(mvtec_root, caffe_w
     medians = [np.median(scores[j :: cal["n_groups"]]) for j in range(cal["n_groups"])]
     assert max(medians) < 1.25 * min(medians), medians
     assert model.threshold_ < 1.5 * np.median(scores), (model.threshold_, np.median(scores))
+
+
+# ------------------------------------------ the synthetic defects made while the bank is built (calibration_defects)
+def _defect_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "patchknn-defect-rows"]
+
+
+def test_background_defects_give_the_calibrations_own_scores(fitted, train):
+    """fit computes the defects' rows in a thread while the bank is built; calibrating the fitted
+    model again, with the rows computed there and then, gives the very same scores and threshold."""
+    again = calibrate(fitted, fitted.index_.bank, len(train), sources=train)
+    cal = fitted.fit_info_["calibration"]
+    assert again.info["defect_scores"] == cal["defect_scores"]
+    assert again.info["image_scores"] == cal["image_scores"]
+    assert again.threshold == fitted.threshold_
+    assert not _defect_threads()
+
+
+def test_defect_rows_are_the_folds_batches(fitted, train):
+    """Each fold's rows are its images' defects, image by image, as defect_rows batches them."""
+    rows = DefectRows.of(fitted, train, len(train))
+    assert rows.groups == fold_groups(len(train), fitted.config.calibration_images, fitted.config.seed)
+    group = rows.groups[1]
+    alone = made_defects.defect_rows(fitted, train, group, fitted.pca_)
+    np.testing.assert_array_equal(rows.rows(group), alone)
+    per, cells = made_defects.DEFECTS_PER_IMAGE, fitted.config.grid_size**2
+    assert alone.shape == (len(group) * per * cells, fitted.pca_.n_components)
+
+
+def test_defects_are_the_same_on_any_number_of_threads_and_made_once(fitted, train):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = defect_images(fitted, train, [0, 3, 5])
+        torch.set_num_threads(2)
+        shared = DefectSources(train)
+        two = defect_images(fitted, shared, [0, 3, 5])
+    finally:
+        torch.set_num_threads(before)
+    for img in (0, 3, 5):
+        assert len(one[img]) == made_defects.DEFECTS_PER_IMAGE
+        for a, b in zip(one[img], two[img]):
+            np.testing.assert_array_equal(a, b)
+    again = defect_images(fitted, shared, [3])  # an ensemble's next member: made once
+    assert all(a is b for a, b in zip(again[3], two[3]))
+    assert len(shared) == len(train) and shared[2] == train[2]
+
+
+def test_a_fit_that_fails_before_its_pca_stops_the_defect_thread(train, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("eigensolver failed")
+
+    monkeypatch.setattr(PCA, "from_moments", classmethod(broken))
+    with pytest.raises(RuntimeError, match="eigensolver failed"):
+        tiny_model().fit(train)
+    for t in _defect_threads():
+        t.join(timeout=30)
+    assert not _defect_threads()
+
+
+def test_an_error_making_the_defects_is_raised_by_fit(train, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("no defect today")
+
+    monkeypatch.setattr(made_defects, "add_defect", broken)
+    with pytest.raises(ValueError, match="no defect today"):
+        tiny_model().fit(train)
+    assert not _defect_threads()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_position_bounds_are_upper_bounds_and_tight_on_aligned_images(k):
+    """The other images' rows at a patch's own and neighbouring positions: never below the exact
+    held-out distance (up to round-off); on aligned images about as tight (here: equal for most)."""
+    from patchknn.heldout import ExactSearch, PositionBound
+
+    rng = np.random.default_rng(1)
+    n_images, g, d = 20, 6, 8
+    bank = (rng.normal(size=(1, g * g, d)) * 3 + rng.normal(size=(n_images, g * g, d))).astype(np.float32)
+    group = [2, 7, 11]
+    excluded_images = np.isin(np.arange(n_images), group)
+    queries = bank[group].reshape(-1, d)
+    flat = bank.reshape(-1, d)
+    exact = ExactSearch(flat, k)(queries, np.repeat(excluded_images, g * g))
+    bound = PositionBound(flat, n_images, g)(queries, excluded_images, k)
+    assert bound.shape == exact.shape and bound.dtype == np.float32
+    assert np.all(bound >= exact - 1e-5 * exact.max())
+    assert np.mean(np.isclose(bound, exact, rtol=1e-5)) > 0.5
+    # a patch far from its own position's rows is bounded by them only (a loose but valid bound)
+    moved = queries.copy()
+    moved[0] = bank[0, g * g - 1]
+    assert PositionBound(flat, n_images, g)(moved, excluded_images, k)[0] >= ExactSearch(flat, k)(
+        moved[:1], np.repeat(excluded_images, g * g))[0] - 1e-5

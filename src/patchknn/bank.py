@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from patchknn.calibration_defects import DefectRows
 from patchknn.config import PatchKNNConfig
 from patchknn.coreset import extend_coreset, greedy_coreset
 from patchknn.data import as_sources, source_name
@@ -152,19 +153,29 @@ def build_memory_bank(
     config: PatchKNNConfig,
     make_index: Callable[[np.ndarray], Any],
     pca: PCA | None = None,
+    defects: DefectRows | None = None,
 ) -> MemoryBank:
     """PCA, bank, coreset and index from the features in ``store`` (which is released after use).
 
     ``pca``: project by this fitted PCA instead of fitting one (e.g. a fit on A plus B with the
     PCA of A, what :func:`extend_memory_bank` is equal to); ``None`` = as ``config.pca_variance``
-    says.
+    says. ``defects``: the calibration's synthetic defects, being made in the background (their
+    rows are computed from the moment the PCA is known, while the bank is projected, the coreset
+    and the index built: :class:`~patchknn.threshold.DefectRows`).
     """
     t0 = time.perf_counter()
-    if pca is None and config.pca_variance is not None:
-        # one thread: the eigensolver's many small parallel steps run up to 10x slower on 2
-        # threads than on one as soon as anything else wants the CPU
-        with single_threaded():
-            pca = PCA.from_moments(store.moments, float(config.pca_variance))
+    try:
+        if pca is None and config.pca_variance is not None:
+            # one thread: the eigensolver's many small parallel steps run up to 10x slower on 2
+            # threads than on one as soon as anything else wants the CPU
+            with single_threaded():
+                pca = PCA.from_moments(store.moments, float(config.pca_variance))
+    except BaseException:
+        if defects is not None:
+            defects.cancel()
+        raise
+    if defects is not None:
+        defects.set_pca(pca)
     bank = _project(store, pca)
     t_pca = time.perf_counter()
     kept: np.ndarray | None = None

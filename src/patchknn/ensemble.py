@@ -47,6 +47,7 @@ from torch import nn
 from patchknn import scoring
 from patchknn.backbones.base import WeightsArg
 from patchknn.bank import fitted_images, training_store
+from patchknn.calibration_defects import DefectSources
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
 from patchknn.data import as_sources
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
@@ -177,7 +178,7 @@ class EnsemblePatchKNN(PatchKNN):
         if len(sources) < 2:
             raise ConfigError("an ensemble needs at least two normal images to calibrate its members")
         stores, _, kept = self._member_stores(sources, "fit")
-        defects = kept if self.config.threshold_method == "defects" else None
+        defects = DefectSources(kept) if self.config.threshold_method == "defects" else None  # made once
         for member, store in zip(self.members, stores):
             member.fit_store(store, t0, keep_held_out=True, sources=defects)
         return self._calibrate(t0)

@@ -27,6 +27,7 @@ from patchknn._version import __version__
 from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
 from patchknn.bank import TrainingBank, build_memory_bank, check_store, collect_features, extend_memory_bank
+from patchknn.calibration_defects import fit_defects
 from patchknn.config import PatchKNNConfig, preset
 from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
@@ -293,13 +294,12 @@ class PatchKNN:
         synthetic defects (``threshold_method="defects"``; without them it keeps the quantile rule).
         """
         seed_everything(self.config.seed)
-        ext = self.extractor
+        ext, defects = self.extractor, fit_defects(self, check_store(store, "fit"), sources, keep_held_out)
         grid_cells, dim, filled = store.grid_cells, store.dim, store.n_rows
         t_feat = time.perf_counter()
-        built = build_memory_bank(check_store(store, "fit"), self.config, self._build_index, pca)
+        built = build_memory_bank(store, self.config, self._build_index, pca, defects)
         self._set_bank(built)
         bank, kept, index_bank = built.full, built.kept, built.index.bank
-        t_end = time.perf_counter()
         self.fit_info_ = {
             "n_train_images": filled // grid_cells,
             "n_skipped": len(self.skipped_),
@@ -308,11 +308,11 @@ class PatchKNN:
             **built.seconds,
             "feature_dim": int(dim),
             "n_components": int(bank.shape[1]),
-            "fit_seconds": round(t_end - t0, 3),
+            "fit_seconds": round(time.perf_counter() - t0, 3),
             "feature_seconds": round(t_feat - t0, 3),
             "weights_id": str(getattr(ext.backbone, "weights_id", "unknown")),
         }
-        calibrate_model(self, bank, kept, keep_held_out, sources)
+        calibrate_model(self, bank, kept, keep_held_out, defects)
         return self
 
     def _set_bank(self, built: Any) -> None:

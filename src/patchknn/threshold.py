@@ -53,19 +53,23 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from patchknn.data import load_image
-from patchknn.defects import DEFECT_KINDS, add_defect
+from patchknn.calibration_defects import (
+    DEFECTS_PER_IMAGE,
+    DefectRows,
+    defect_images,
+    defect_rows,
+    fit_defects,
+)
 from patchknn.errors import ConfigError
 from patchknn.execution import progress_bar
 from patchknn.heldout import Folds, score_group, select_images
+from patchknn.index.base import single_threaded_blas
 
 if TYPE_CHECKING:
     from patchknn.config import PatchKNNConfig
     from patchknn.model import PatchKNN
 
 IMAGE_QUANTILES = (0.5, 0.9, 0.95, 0.99)
-#: synthetic defects made on each calibration image for ``threshold_method="defects"``
-DEFECTS_PER_IMAGE = 2
 PATCH_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -160,27 +164,6 @@ def threshold_for(
     }
 
 
-def defect_rows(model: PatchKNN, sources: Sequence[Any], images: Sequence[int]) -> np.ndarray:
-    """The patch vectors searched for :data:`DEFECTS_PER_IMAGE` synthetic defects on each of the
-    fitted ``images`` (indices into ``sources``, the fitted images in bank order), image by image:
-    ``(len(images) * DEFECTS_PER_IMAGE * grid**2, d)`` float32. Defect ``n = image * per + j``
-    has kind ``DEFECT_KINDS[n % 5]`` and seed ``(config.seed, n)``, so each image's defects are
-    the same whichever fold it is in."""
-    import torch
-
-    per, seed = DEFECTS_PER_IMAGE, model.config.seed
-    made = []
-    for img in images:
-        normal = load_image(sources[img], max_pixels=model.max_pixels)
-        for j in range(per):
-            n = img * per + j
-            made.append(add_defect(normal, DEFECT_KINDS[n % len(DEFECT_KINDS)], seed=seed, index=n).image)
-    with torch.inference_mode():
-        rows = [model.query_rows(batch.images).float().numpy() for batch in model.batches(made)]
-    out = np.concatenate(rows)
-    return np.ascontiguousarray(out.reshape(-1, out.shape[-1]), dtype=np.float32)
-
-
 def calibrate(
     model: PatchKNN,
     bank: np.ndarray,
@@ -190,7 +173,7 @@ def calibrate(
     index_bank: np.ndarray | None = None,
     progress: bool = True,
     exact: bool = False,
-    sources: Sequence[Any] | None = None,
+    sources: Sequence[Any] | DefectRows | None = None,
 ) -> Calibration:
     """Calibrate ``model``'s threshold by cross-validation over its own training images.
 
@@ -209,7 +192,8 @@ def calibrate(
             tests). Pruning is used only where it is exact (``image_score`` ``max``/``topk_mean``).
         sources: the fitted images in bank order, for ``threshold_method="defects"`` (synthetic
             defects are made on the calibration images); ``None``: the operating point the model
-            found when it was fitted is kept (see :func:`threshold_for`).
+            found when it was fitted is kept (see :func:`threshold_for`). Or their
+            :class:`DefectRows`, computed while the bank was built (:func:`fit_defects`).
 
     Returns:
         A :class:`Calibration`; its ``threshold`` is ``None`` (with a :class:`CalibrationWarning`)
@@ -248,14 +232,20 @@ def calibrate(
     defect_scores: dict[int, np.ndarray] = {}
     with_defects = method == "defects" and sources is not None
     rng = np.random.default_rng(cfg.seed)
-    with progress_bar(len(chosen), "fit: calibrate", model.progress and progress) as bar:
+    defects = DefectRows.of(model, sources, n_images) if with_defects else None
+    # numpy's BLAS on one thread: the maps of the pruned search are tiny products (28 x 28 ->
+    # 224 x 224), which a 2-thread BLAS runs 100x slower when the cores are busy (same results)
+    with progress_bar(len(chosen), "fit: calibrate", model.progress and progress) as bar, single_threaded_blas():
         for group, searcher, excluded, queries in folds:
-            group_scores, patches = score_group(model, searcher, excluded, queries, len(group), rng, exact=exact)
+            bound = folds.bound(group)
+            group_scores, patches = score_group(
+                model, searcher, excluded, queries, len(group), rng, exact=exact, bound=bound
+            )
             for img, score in zip(group, group_scores):
                 scores[position[img]] = score
             if with_defects:
-                rows, n = defect_rows(model, sources, group), len(group) * DEFECTS_PER_IMAGE
-                found, _ = score_group(model, searcher, excluded, rows, n, rng, exact=exact)
+                rows, n = defects.rows(group), len(group) * DEFECTS_PER_IMAGE  # type: ignore[union-attr]
+                found, _ = score_group(model, searcher, excluded, rows, n, rng, exact=exact, bound=bound)
                 for img, pair in zip(group, found.reshape(len(group), DEFECTS_PER_IMAGE)):
                     defect_scores[img] = pair
             patch_samples.append(patches)
@@ -288,7 +278,7 @@ def calibrate_model(
     bank: np.ndarray,
     bank_rows: np.ndarray | None = None,
     keep_held_out: bool = False,
-    sources: Sequence[Any] | None = None,
+    sources: Sequence[Any] | DefectRows | None = None,
 ) -> None:
     """Set ``model.threshold_`` (and ``fit_info_["calibration"]``) from held-out normal scores, the
     rule of :meth:`~patchknn.model.PatchKNN.fit` and :meth:`~patchknn.model.PatchKNN.partial_fit`.
@@ -297,7 +287,8 @@ def calibrate_model(
     with a coreset pass the kept row numbers as ``bank_rows`` (the model's index holds those rows).
     ``keep_held_out``: also set ``model.held_out_`` = :func:`held_out_grids` (for an ensemble).
     ``sources``: the fitted images in bank order (synthetic defects are made on them, see
-    :func:`calibrate`; with ``keep_held_out``, also the defects' held-out grids).
+    :func:`calibrate`; with ``keep_held_out``, also the defects' held-out grids), or their
+    :class:`DefectRows` (:func:`fit_defects`).
     """
     n_images = bank.shape[0] // model.config.grid_size**2
     model.threshold_ = None
@@ -335,7 +326,7 @@ def held_out_grids(
     *,
     bank_rows: np.ndarray | None = None,
     index_bank: np.ndarray | None = None,
-    sources: Sequence[Any] | None = None,
+    sources: Sequence[Any] | DefectRows | None = None,
 ) -> HeldOut:
     """The held-out patch-score grids :func:`calibrate` scores its images from, searched exactly.
 
@@ -358,9 +349,10 @@ def held_out_grids(
     per = DEFECTS_PER_IMAGE
     defects = np.empty((len(folds.chosen) * per if sources is not None else 0, g, g), dtype=np.float32)
     position = {img: j for j, img in enumerate(folds.chosen)}
+    made_rows = None if sources is None else DefectRows.of(model, sources, n_images)
     for group, searcher, excluded, queries in folds:
         values = searcher(queries, excluded).reshape(len(group), g, g)
-        made = None if sources is None else searcher(defect_rows(model, sources, group), excluded)
+        made = None if made_rows is None else searcher(made_rows.rows(group), excluded)
         for j, (img, grid) in enumerate(zip(group, values)):
             grids[position[img]] = grid
             if made is not None:
@@ -395,11 +387,14 @@ __all__ = [
     "DEFECTS_PER_IMAGE",
     "Calibration",
     "CalibrationWarning",
+    "DefectRows",
     "HeldOut",
     "calibrate",
     "calibrate_model",
     "held_out_grids",
+    "defect_images",
     "defect_rows",
+    "fit_defects",
     "select_images",
     "separating_threshold",
     "summarize",
