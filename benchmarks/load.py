@@ -6,6 +6,9 @@ port, with a random API key) for each ``--max-batch`` value, or targets a runnin
 ``PatchKNN.predict`` result for the same image (score to relative 1e-5, verdict equal); the script
 exits with status 1 if any request failed or any answer differed.
 
+The offline ``predict`` of the same images is timed before the servers start and again after they stop
+(``--offline-rounds``), and each level's throughput is printed as a ratio to it.
+
 Bounded: at most ``--requests`` requests per concurrency level and ``--max-seconds`` per level.
 
 Examples:
@@ -217,6 +220,46 @@ def run_level(
     level.wall = time.perf_counter() - t0
 
 
+def offline_predict(args: argparse.Namespace, images: list[Path], before: bool) -> tuple[list, list[float]]:
+    """Offline ``PatchKNN.predict`` of ``images`` in this process: the answers to check the server's
+    against (one untimed call, which also warms the model up) and ``--offline-rounds`` timed calls'
+    images/s, with the runtime ``predict`` has by default (batch size, decoding workers, threads).
+    Run before the servers start and again after they stop, so that the ratio compares figures taken
+    on the same machine state; the model is dropped afterwards so that it holds no memory meanwhile."""
+    from patchknn import PatchKNN
+
+    t0 = time.perf_counter()
+    offline = PatchKNN.load(args.model, progress=False, device=args.device)
+    files = [str(x) for x in images]
+    expected = offline.predict(files) if before else []
+    # as many images as a level's requests (the list repeated), so that both figures cover as much work
+    # (a short predict call is dominated by decoding its first batch before the backbone can start)
+    n_timed = max(len(files), min(args.requests, 100 * len(files)))
+    timed = [files[i % len(files)] for i in range(n_timed)]
+    rates = []
+    for _ in range(args.offline_rounds):
+        t = time.perf_counter()
+        offline.predict(timed)
+        rates.append(round(n_timed / (time.perf_counter() - t), 2))
+    del offline
+    when = "before" if before else "after"
+    print(f"offline predict of {n_timed} images ({when} the server runs): {rates} images/s "
+          f"({time.perf_counter() - t0:.1f} s with loading)", file=sys.stderr)
+    return expected, rates
+
+
+def ratio_lines(rows: list[dict], offline_rates: list[float]) -> str:
+    """The server's throughput at each concurrency as a ratio to offline ``predict`` of the same images."""
+    offline = float(np.mean(offline_rates))
+    lines = [f"\noffline predict: {offline:.2f} images/s (mean of {offline_rates})"]
+    for r in rows:
+        lines.append(
+            f"server max_batch {r['max_batch']}, {r['concurrency']} clients: {r['throughput_rps']:.2f} images/s "
+            f"= {r['throughput_rps'] / offline:.2f}x offline predict"
+        )
+    return "\n".join(lines)
+
+
 def warm(url: str, name: str, key: str | None, payloads: list[bytes], n: int) -> None:
     import httpx
 
@@ -265,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="server --threads (own server only; 0 = torch default)")
     p.add_argument("--device", default="cpu", help="server --device (own server only)")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with offline predict")
+    p.add_argument(
+        "--offline-rounds",
+        type=int,
+        default=2,
+        help="timed offline predict calls before and again after the servers (default 2; 0 = none); "
+        "the server's images/s is printed as a ratio to their mean",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -284,14 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     images = load_images(args.images, args.n_images, workdir)
     payloads = [path.read_bytes() for path in images]
     expected: list = []
+    offline_rates: list[float] = []
     if not args.no_check:
-        from patchknn import PatchKNN
-
-        t0 = time.perf_counter()
-        offline = PatchKNN.load(args.model, progress=False, device=args.device)
-        expected = offline.predict([str(x) for x in images])
-        del offline
-        print(f"offline predict of {len(images)} images: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        expected, offline_rates = offline_predict(args, images, before=True)
 
     rows: list[dict] = []
     failed = False
@@ -325,11 +370,16 @@ def main(argv: list[str] | None = None) -> int:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+    if offline_rates and args.offline_rounds > 0:
+        offline_rates += offline_predict(args, images, before=False)[1]
     print(table(rows))
+    if offline_rates:
+        print(ratio_lines(rows, offline_rates))
     checked = "every answer equal to offline predict" if expected else "answers not checked"
     print(f"\n{len(images)} distinct images; {checked}; {'FAILED' if failed else 'no request failed'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "failed": failed, "argv": sys.argv[1:]}, indent=2))
+        summary = {"rows": rows, "failed": failed, "offline_images_per_s": offline_rates, "argv": sys.argv[1:]}
+        Path(args.json).write_text(json.dumps(summary, indent=2))
     return 1 if failed else 0
 
 
