@@ -295,6 +295,10 @@ ENSEMBLE_SHARED = (
     "calibration_images",
 )
 
+#: the ``--preset`` name that ``patchknn tune`` resolves from a product's normal images (not a
+#: static preset: :class:`patchknn.evaluation.AutoPreset`, ``fit --preset auto``)
+AUTO_PRESET = "auto"
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper, exactly: the defaults of PatchKNNConfig.
     "paper": {},

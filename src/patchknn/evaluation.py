@@ -33,6 +33,7 @@ import numpy as np
 
 from patchknn import metrics
 from patchknn._version import __version__
+from patchknn.config import AUTO_PRESET as AUTO
 from patchknn.config import PatchKNNConfig, preset
 from patchknn.data import DEFAULT_MAX_PIXELS, MVTecCategory, Sample, load_mask, resize_mask
 from patchknn.errors import ConfigError, DatasetError, ImageError
@@ -41,8 +42,6 @@ from patchknn.tune.result import TuneResult
 
 Resolution = Literal["input", "original"]
 METRIC_KEYS = ("pixel_auprc", "pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
-#: the ``--preset`` name resolved per category by ``patchknn tune`` (:class:`AutoPreset`)
-AUTO = "auto"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from patchknn.config import AUTO_PRESET as AUTO
 from patchknn.config import PRESETS, PatchKNNConfig, parse_option, preset
 from patchknn.errors import ConfigError
 
@@ -62,8 +63,6 @@ METHOD_FLAG_HELP: dict[str, tuple[str, str]] = {
 #: numeric flags whose 0 means the option's ``None`` (off)
 _ZERO_IS_NONE = ("pca_variance",)
 
-#: the ``--preset`` that ``patchknn tune`` resolves from the training images (not a static preset)
-AUTO = "auto"
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Any other method option as NAME=VALUE (repeatable), e.g. index_nprobe=16."),

@@ -8,7 +8,8 @@
   and re-checks in float64 every row its round-off bound cannot rule out: the float64 scan's
   answer) and, from :data:`SCREENED_MIN_DIM` dimensions on,
   :class:`patchknn.index.screened.ScreenedFlatIndex` (a low-dimensional lower bound with a proven round-off
-  margin, then a float64 re-check: the float64 scan's answer too; there cluster radii exceed the
+  margin, computed by an int8 matrix product with a proven quantisation margin where torch has
+  one, then a float64 re-check: the float64 scan's answer too; there cluster radii exceed the
   neighbour distances and cluster pruning skips almost nothing). The CPU searches need no torch
   (numpy, faiss), except the screened one: where torch is not loaded (:mod:`patchknn.runtime`) the
   pruned search serves wide banks as well, with the same answers. On a CUDA device the plain faiss
