@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from patchknn import PatchKNN
@@ -293,3 +294,28 @@ def test_fit_compact_leaves_out_the_training_bank_and_partial_fit_says_why(synth
     assert "1 image(s) added" in r.output
     r = runner.invoke(app, ["partial-fit", str(tmp_path / "full"), str(tmp_path / "broken.png"), "-q"])
     assert r.exit_code != 0 and "broken.png" in str(r.exception)  # --on-error stop (the default)
+
+
+def test_evaluate_a_saved_model(synthetic_root, tmp_path):
+    """`evaluate --model DIR` scores a saved model (no fit) with its own threshold: the same metrics
+    as scoring the loaded model through the API, and the document names the model's training."""
+    from patchknn import PatchKNN
+    from patchknn.data import MVTecCategory
+    from patchknn.evaluation import score_category
+
+    model_dir = tmp_path / "model"
+    r = runner.invoke(app, ["fit", str(synthetic_root / "synthetic" / "train" / "good"), "-o", str(model_dir),
+                            *TINY_FLAGS, "--set", "threshold_method=quantile"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "results.json"
+    r = runner.invoke(app, ["evaluate", "--model", str(model_dir), "--data-root", str(synthetic_root),
+                            "-c", "synthetic", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    row = doc["categories"]["synthetic"]
+    model = PatchKNN.load(model_dir, progress=False)
+    want = score_category(model, MVTecCategory(synthetic_root, "synthetic")).metrics
+    assert row["threshold"] == model.threshold_ and "fit_seconds" not in row
+    for key in ("pixel_auprc", "image_auroc", "threshold_image_f1"):
+        assert row[key] == pytest.approx(want[key], abs=1e-12)
+    assert doc["model_fit_info"]["n_train_images"] == 8 and doc["config"]["image_size"] == 64

@@ -141,14 +141,22 @@ def evaluate(
         float,
         typer.Option("--budget", min=0.01, help="With --preset auto: minutes `patchknn tune` may spend per category."),
     ] = 10.0,
+    model_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Evaluate this saved model (`patchknn fit`) with its own threshold instead of fitting one "
+            "(the method flags do not apply).",
+        ),
+    ] = None,
 ) -> None:
     """Fit on train/good of each category, score its test set, report the paper's metrics
-    (--preset auto: `patchknn tune` chooses each category's configuration from train/good alone)."""
+    (--preset auto: `patchknn tune` chooses each category's configuration from train/good alone;
+    --model: score a saved model, no fit)."""
     from patchknn.data import list_categories
     from patchknn.evaluation import evaluate as run_evaluation
-    from patchknn.evaluation import evaluation_config, markdown_table
+    from patchknn.evaluation import evaluate_model, evaluation_config, markdown_table
 
-    config = evaluation_config(method.preset, method.overrides, budget_minutes=budget)
     if all_categories:
         names = list_categories(data_root)
     elif category:
@@ -162,9 +170,16 @@ def evaluate(
         from patchknn.report import ReportCollector
 
         collector = ReportCollector(report, progress=not run.quiet)
-    results = run_evaluation(
-        data_root, names, config, resolution=resolution, on_category=collector, **run.model_kwargs()
-    )
+    if model_path is not None:
+        from patchknn.model import PatchKNN
+
+        model = PatchKNN.load(model_path, **run.load_kwargs())
+        results = evaluate_model(model, data_root, names, resolution=resolution, on_category=collector)
+    else:
+        config = evaluation_config(method.preset, method.overrides, budget_minutes=budget)
+        results = run_evaluation(
+            data_root, names, config, resolution=resolution, on_category=collector, **run.model_kwargs()
+        )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))

@@ -284,9 +284,41 @@ def evaluate(
         rows[name] = ev.metrics
         if on_category is not None:
             on_category(ev)
+    return results_document(config.to_dict(), resolution, rows)
+
+
+def evaluate_model(
+    model: PatchKNN,
+    root: str | Path,
+    categories: list[str],
+    *,
+    resolution: Resolution = "input",
+    fpr_limit: float = 0.3,
+    on_category: Any = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` of an already fitted (e.g. saved and loaded) ``model``: no fit, its own
+    threshold and options; each category's test set is scored and the same document returned
+    (``"model_fit_info"``: the model's training record, so the report names what was evaluated)."""
+    if not categories:
+        raise DatasetError("no category to evaluate")
+    rows: dict[str, dict[str, Any]] = {}
+    for name in categories:
+        dataset = MVTecCategory(root, name)
+        dataset.validate(max_pixels=model.max_pixels)
+        ev = score_category(model, dataset, resolution=resolution, fpr_limit=fpr_limit)
+        rows[name] = ev.metrics
+        if on_category is not None:
+            on_category(ev)
+    doc = results_document(model.config.to_dict(), resolution, rows)
+    doc["model_fit_info"] = {k: v for k, v in model.fit_info_.items() if k != "tune"}
+    return doc
+
+
+def results_document(config: dict[str, Any], resolution: str, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``results.json`` document of per-category rows (with their mean)."""
     return {
         "patchknn_version": __version__,
-        "config": config.to_dict(),
+        "config": config,
         "resolution": resolution,
         "categories": rows,
         "mean": mean_row(rows),
