@@ -160,8 +160,8 @@ def build_memory_bank(
     ``pca``: project by this fitted PCA instead of fitting one (e.g. a fit on A plus B with the
     PCA of A, what :func:`extend_memory_bank` is equal to); ``None`` = as ``config.pca_variance``
     says. ``defects``: the calibration's synthetic defects, being made in the background (their
-    rows are computed from the moment the PCA is known, while the bank is projected, the coreset
-    and the index built: :class:`~patchknn.threshold.DefectRows`).
+    rows are computed from the moment the PCA is known, while the bank is projected and the index
+    built, not beside the coreset: :class:`~patchknn.calibration_defects.DefectRows`).
     """
     t0 = time.perf_counter()
     try:
@@ -180,6 +180,8 @@ def build_memory_bank(
     t_pca = time.perf_counter()
     kept: np.ndarray | None = None
     if config.coreset_ratio < 1.0:
+        if defects is not None:
+            defects.wait()  # the greedy selection is a loop of small steps: alone (see DefectRows.wait)
         kept = np.sort(greedy_coreset(bank, config.coreset_ratio, config.coreset_dim, config.seed))
     return _finish(pca, bank, kept, config, make_index, t0, t_pca)
 

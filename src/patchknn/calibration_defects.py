@@ -7,7 +7,8 @@ release the GIL); :func:`defect_rows` runs a fold's defects through the backbone
 batch as the calibration scores them. :class:`DefectRows` does both in a background thread while
 :meth:`PatchKNN.fit <patchknn.model.PatchKNN.fit>` builds the memory bank: the defects are made
 while the PCA is fitted (on one thread), their rows computed once the PCA is known, while the bank
-is projected and the coreset and the index are built. :class:`DefectSources` makes them once for
+is projected and the index is built (the greedy coreset and the calibration's own loop run alone:
+:meth:`DefectRows.wait`). :class:`DefectSources` makes them once for
 every member of an ensemble.
 
 Example:
@@ -109,7 +110,8 @@ class DefectRows:
     images, one fold per call as the calibration batches them: the same rows), computed in a
     background thread while the memory bank is built: the defects are made (:func:`defect_images`)
     while the PCA is fitted on one thread, and run through the backbone once :meth:`set_pca` gives
-    the projection, while the bank is projected and the coreset and the index are built.
+    the projection, while the bank is projected and the index is built (not beside the greedy
+    coreset, see :meth:`wait`).
 
     Args:
         model: the model being fitted (its config, extractor and run options).
@@ -151,12 +153,19 @@ class DefectRows:
         self._cancelled = True
         self._go.set()
 
-    def rows(self, group: Sequence[int]) -> np.ndarray:
-        """:func:`defect_rows` of the fold ``group`` (waits for the thread)."""
+    def wait(self) -> DefectRows:
+        """Wait for the thread to finish (``self``); its error, if any, is raised here. Called
+        before the fit's Python-heavy loops (the greedy coreset, the pruned fold searches): a
+        thread running beside a loop of many small operations slows it down many times over,
+        each operation waiting for the GIL."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self._rows[tuple(group)]
+        return self
+
+    def rows(self, group: Sequence[int]) -> np.ndarray:
+        """:func:`defect_rows` of the fold ``group`` (waits for the thread)."""
+        return self.wait()._rows[tuple(group)]
 
     def _run(self) -> None:
         import torch

@@ -232,7 +232,7 @@ def calibrate(
     defect_scores: dict[int, np.ndarray] = {}
     with_defects = method == "defects" and sources is not None
     rng = np.random.default_rng(cfg.seed)
-    defects = DefectRows.of(model, sources, n_images) if with_defects else None
+    defects = DefectRows.of(model, sources, n_images).wait() if with_defects else None  # the loop runs alone
     # numpy's BLAS on one thread: the maps of the pruned search are tiny products (28 x 28 ->
     # 224 x 224), which a 2-thread BLAS runs 100x slower when the cores are busy (same results)
     with progress_bar(len(chosen), "fit: calibrate", model.progress and progress) as bar, single_threaded_blas():
@@ -349,7 +349,7 @@ def held_out_grids(
     per = DEFECTS_PER_IMAGE
     defects = np.empty((len(folds.chosen) * per if sources is not None else 0, g, g), dtype=np.float32)
     position = {img: j for j, img in enumerate(folds.chosen)}
-    made_rows = None if sources is None else DefectRows.of(model, sources, n_images)
+    made_rows = None if sources is None else DefectRows.of(model, sources, n_images).wait()
     for group, searcher, excluded, queries in folds:
         values = searcher(queries, excluded).reshape(len(group), g, g)
         made = None if made_rows is None else searcher(made_rows.rows(group), excluded)
