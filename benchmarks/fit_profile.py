@@ -35,6 +35,8 @@ import argparse
 import contextlib
 import cProfile
 import functools
+import hashlib
+import importlib
 import json
 import os
 import sys
@@ -79,8 +81,6 @@ class StageTimers:
         self._undo: list[Callable[[], None]] = []
 
     def install(self) -> None:
-        import importlib
-
         main = threading.main_thread()
         for label, _depth, owner, attr in STAGES:
             module_name, _, cls_name = owner.partition(":")
@@ -180,6 +180,9 @@ def run_preset(name: str, paths: list[Path], args: argparse.Namespace) -> dict[s
         profiler.dump_stats(f"{args.profile}.{name}")
     reference = min(before, after)
     cal = model.fit_info_.get("calibration") or {}
+    banks = hashlib.sha256()
+    for member in _models(model):  # the fitted banks, to compare two commits' fits
+        banks.update(np.ascontiguousarray(member.index_.bank).tobytes())
     return {
         "preset": name,
         "n_images": len(paths),
@@ -188,6 +191,8 @@ def run_preset(name: str, paths: list[Path], args: argparse.Namespace) -> dict[s
         "backbone_only_before_after": [round(before, 2), round(after, 2)],
         "ratio": round(fit / reference, 2),
         "threshold": model.threshold_,
+        "banks_sha256": banks.hexdigest()[:16],
+        "patchknn": str(Path(importlib.import_module("patchknn").__file__).parent),
         "calibration_seconds": cal.get("seconds"),
         "stages": timers.rows(),
         "loadavg_before_after": [round(load0, 2), round(load1, 2)],
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{args.category} {name}: fit {out['fit_seconds']} s for {out['n_images']} images, backbone alone "
             f"{out['backbone_only_seconds']} s (before/after {out['backbone_only_before_after']}): "
-            f"ratio {out['ratio']}  threshold {out['threshold']}  load {out['loadavg_before_after']}",
+            f"ratio {out['ratio']}  threshold {out['threshold']}  banks {out['banks_sha256']}  "
+            f"load {out['loadavg_before_after']}  (patchknn from {out['patchknn']})",
             flush=True,
         )
         for label, depth, seconds, calls in out["stages"]:
