@@ -319,3 +319,22 @@ def test_evaluate_a_saved_model(synthetic_root, tmp_path):
     for key in ("pixel_auprc", "image_auroc", "threshold_image_f1"):
         assert row[key] == pytest.approx(want[key], abs=1e-12)
     assert doc["model_fit_info"]["n_train_images"] == 8 and doc["config"]["image_size"] == 64
+
+
+def test_evaluate_preset_auto_passes_max_fit_images(synthetic_root, monkeypatch):
+    """`evaluate --preset auto --max-fit-images N` hands N to tune's candidate fits (as `tune` does)."""
+    import patchknn.evaluation as evaluation
+
+    got = {}
+
+    def fake(root, names, config, **kwargs):
+        got["config"] = config
+        return {"config": config.to_dict(), "categories": {}, "mean": {}}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake)
+    monkeypatch.setattr(evaluation, "markdown_table", lambda results: "")
+    r = runner.invoke(app, ["evaluate", "--data-root", str(synthetic_root), "-c", "synthetic", "--preset", "auto",
+                            "--budget", "0.5", "--max-fit-images", "5", "-q"])
+    assert r.exit_code == 0, r.output
+    assert isinstance(got["config"], evaluation.AutoPreset)
+    assert got["config"].max_fit_images == 5 and got["config"].budget_minutes == 0.5

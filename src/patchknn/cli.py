@@ -18,6 +18,7 @@ from typer.exceptions import TyperException
 from patchknn.errors import PatchKNNError
 from patchknn.options import (
     METHOD_FLAGS,
+    MaxFitImagesOpt,
     MethodChoice,
     QuietOpt,
     ResolutionOpt,
@@ -141,6 +142,7 @@ def evaluate(
         float,
         typer.Option("--budget", min=0.01, help="With --preset auto: minutes `patchknn tune` may spend per category."),
     ] = 10.0,
+    max_fit_images: MaxFitImagesOpt = None,
     model_path: Annotated[
         Path | None,
         typer.Option(
@@ -176,7 +178,9 @@ def evaluate(
         model = PatchKNN.load(model_path, **run.load_kwargs())
         results = evaluate_model(model, data_root, names, resolution=resolution, on_category=collector)
     else:
-        config = evaluation_config(method.preset, method.overrides, budget_minutes=budget)
+        config = evaluation_config(
+            method.preset, method.overrides, budget_minutes=budget, max_fit_images=max_fit_images
+        )
         results = run_evaluation(
             data_root, names, config, resolution=resolution, on_category=collector, **run.model_kwargs()
         )

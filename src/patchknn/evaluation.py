@@ -91,12 +91,14 @@ class AutoPreset:
 
 
 def evaluation_config(
-    preset_name: str, overrides: Mapping[str, Any] | None = None, *, budget_minutes: float = 10.0
+    preset_name: str, overrides: Mapping[str, Any] | None = None, *, budget_minutes: float = 10.0,
+    max_fit_images: int | None = None,
 ) -> PatchKNNConfig | AutoPreset:
     """What ``patchknn evaluate --preset NAME`` evaluates: the preset with ``overrides``, or for
-    ``auto`` an :class:`AutoPreset` with ``overrides`` fixed in every candidate."""
+    ``auto`` an :class:`AutoPreset` with ``overrides`` fixed in every candidate (``max_fit_images``:
+    its candidates' fits, see :func:`patchknn.tune.tune`)."""
     if preset_name == AUTO:
-        return AutoPreset(budget_minutes, dict(overrides or {}))
+        return AutoPreset(budget_minutes, dict(overrides or {}), max_fit_images=max_fit_images)
     return preset(preset_name, **dict(overrides or {}))
 
 

@@ -146,6 +146,12 @@ WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Local backbon
 ThresholdOverrideOpt = Annotated[
     float | None, typer.Option("--threshold", help="Override the model's decision threshold.")
 ]
+MaxFitImagesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-fit-images", min=2, help="`patchknn tune`: fit candidates on at most this many images (faster)."
+    ),
+]
 ResolutionOpt = Annotated[str, typer.Option("--resolution", help="Map size: input (model input size) or original.")]
 
 

@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from patchknn.options import AUTO, FIXED_METHOD_FLAGS, MethodChoice, RunOptions, run_flags, with_options
+from patchknn.options import (
+    AUTO,
+    FIXED_METHOD_FLAGS,
+    MaxFitImagesOpt,
+    MethodChoice,
+    RunOptions,
+    run_flags,
+    with_options,
+)
 
 __all__ = ["AUTO", "DEFAULT_BUDGET", "auto_config", "register", "run_tune"]
 
@@ -86,10 +94,7 @@ def register(app: typer.Typer) -> None:
         output: Annotated[
             Path | None, typer.Option("--output", "-o", help="Write the table and choice as JSON here.")
         ] = None,
-        max_fit_images: Annotated[
-            int | None,
-            typer.Option("--max-fit-images", min=2, help="Fit candidates on at most this many images (faster)."),
-        ] = None,
+        max_fit_images: MaxFitImagesOpt = None,
     ) -> None:
         """Choose a configuration from normal images only: hold some out, give them synthetic
         defects (cut-paste, scratches, colour/texture changes, missing parts), score the presets
