@@ -7,7 +7,8 @@ port, with a random API key) for each ``--max-batch`` value, or targets a runnin
 exits with status 1 if any request failed or any answer differed.
 
 The offline ``predict`` of the same images is timed before the servers start and again after they stop
-(``--offline-rounds``), and each level's throughput is printed as a ratio to it.
+(``--offline-rounds``), and each level's throughput is printed as a ratio to it, with the CPU time per image
+of both (the server process's from /proc, own server only), which does not depend on other load.
 
 Bounded: at most ``--requests`` requests per concurrency level and ``--max-seconds`` per level.
 
@@ -50,6 +51,7 @@ class Level:
     failures: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     wall: float = 0.0
+    server_cpu: float = float("nan")  # CPU seconds of the server process during the level (own server only)
 
     @property
     def done(self) -> int:
@@ -67,12 +69,30 @@ class Level:
             "p95_ms": round(float(np.percentile(lat, 95)), 1),
             "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "throughput_rps": round(self.done / self.wall, 2) if self.wall > 0 else 0.0,
+            "server_cpu_ms_per_image": round(self.server_cpu / self.done * 1000, 1) if self.done else float("nan"),
             "mean_batch": round(float(np.mean(self.batch_sizes)), 2) if self.batch_sizes else 0.0,
             **{
                 f"{part}_ms": round(float(np.mean([t[part] for t in self.server_ms])), 1) if self.server_ms else 0.0
                 for part in ("decode", "queue", "inference")
             },
         }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its threads so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (``predict``'s decoding workers)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def is_loopback(host: str) -> bool:
@@ -220,6 +240,10 @@ def run_level(
     level.wall = time.perf_counter() - t0
 
 
+OFFLINE_CPU_MS: list[float] = []
+"""CPU milliseconds per image of each timed offline ``predict`` (this process and its decoding workers)."""
+
+
 def offline_predict(args: argparse.Namespace, images: list[Path], before: bool) -> tuple[list, list[float]]:
     """Offline ``PatchKNN.predict`` of ``images`` in this process: the answers to check the server's
     against (one untimed call, which also warms the model up) and ``--offline-rounds`` timed calls'
@@ -238,9 +262,10 @@ def offline_predict(args: argparse.Namespace, images: list[Path], before: bool) 
     timed = [files[i % len(files)] for i in range(n_timed)]
     rates = []
     for _ in range(args.offline_rounds):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), own_cpu_seconds()
         offline.predict(timed)
         rates.append(round(n_timed / (time.perf_counter() - t), 2))
+        OFFLINE_CPU_MS.append(round((own_cpu_seconds() - cpu) / n_timed * 1000, 1))
     del offline
     when = "before" if before else "after"
     print(f"offline predict of {n_timed} images ({when} the server runs): {rates} images/s "
@@ -251,11 +276,14 @@ def offline_predict(args: argparse.Namespace, images: list[Path], before: bool) 
 def ratio_lines(rows: list[dict], offline_rates: list[float]) -> str:
     """The server's throughput at each concurrency as a ratio to offline ``predict`` of the same images."""
     offline = float(np.mean(offline_rates))
-    lines = [f"\noffline predict: {offline:.2f} images/s (mean of {offline_rates})"]
+    cpu = float(np.mean(OFFLINE_CPU_MS)) if OFFLINE_CPU_MS else float("nan")
+    lines = [f"\noffline predict: {offline:.2f} images/s (mean of {offline_rates}); "
+             f"CPU {cpu:.1f} ms/image (main process + decoding workers)"]
     for r in rows:
         lines.append(
             f"server max_batch {r['max_batch']}, {r['concurrency']} clients: {r['throughput_rps']:.2f} images/s "
-            f"= {r['throughput_rps'] / offline:.2f}x offline predict"
+            f"= {r['throughput_rps'] / offline:.2f}x offline predict; server CPU {r['server_cpu_ms_per_image']} "
+            f"ms/image = {r['server_cpu_ms_per_image'] / cpu:.2f}x offline's"
         )
     return "\n".join(lines)
 
@@ -284,6 +312,7 @@ def table(rows: list[dict]) -> str:
         "decode_ms",
         "queue_ms",
         "inference_ms",
+        "server_cpu_ms_per_image",
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
@@ -302,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests per level (default 64, at most 10000)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time cap per level (default 120)")
     p.add_argument("--warmup", type=int, default=4, help="unmeasured requests before each server's levels")
-    p.add_argument("--max-batch", default="8", help="server --max-batch values, e.g. 1,8 (own server only)")
+    p.add_argument("--max-batch", default="16", help="server --max-batch values, e.g. 1,16 (own server only)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="server --max-delay-ms (own server only)")
     p.add_argument("--timeout", type=float, default=60.0, help="server --timeout (own server only)")
     p.add_argument("--threads", type=int, default=0, help="server --threads (own server only; 0 = torch default)")
@@ -356,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             warm(url, args.name, key, payloads, args.warmup)
             for c in levels:
                 level = Level(label, c)
+                cpu0 = process_cpu_seconds(proc.pid) if proc is not None else float("nan")
                 run_level(url, args.name, key, payloads, expected, level, args.requests, args.max_seconds)
+                if proc is not None:
+                    level.server_cpu = process_cpu_seconds(proc.pid) - cpu0
                 row = level.row()
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
@@ -378,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     checked = "every answer equal to offline predict" if expected else "answers not checked"
     print(f"\n{len(images)} distinct images; {checked}; {'FAILED' if failed else 'no request failed'}")
     if args.json:
-        summary = {"rows": rows, "failed": failed, "offline_images_per_s": offline_rates, "argv": sys.argv[1:]}
+        summary = {"rows": rows, "failed": failed, "offline_images_per_s": offline_rates,
+                   "offline_cpu_ms_per_image": OFFLINE_CPU_MS, "argv": sys.argv[1:]}
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 1 if failed else 0
 
