@@ -12,8 +12,12 @@ from patchknn.index.base import MemoryBankIndex, default_threads, single_threade
 
 #: float32 unit round-off.
 U32 = 2.0**-24
-#: Queries per block (one block per worker thread at a time).
-BLOCK_QUERIES = 1024
+#: At most this many queries per block (one block per worker thread at a time). The queries are
+#: split into as few equal blocks as the threads and this cap allow: the per-cluster work is a
+#: Python loop over the clusters a block touches, so larger blocks cost less per query (bottle's
+#: 163,856 x 201 bank, 12,544 queries = one predict batch of 16 images, CPU time per query with
+#: blocks of 1,024 / 2,048 / 4,096 / 6,272 / 8,192: 0.154 / 0.119 / 0.098 / 0.088 / 0.094 ms).
+BLOCK_QUERIES = 8192
 
 
 def merge_smallest(best: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
@@ -119,8 +123,12 @@ class PrunedFlatIndex(MemoryBankIndex):
         m = q.shape[0]
         if m == 0:
             return np.zeros((0, k), dtype=np.float32)
-        blocks = [q[i : i + BLOCK_QUERIES] for i in range(0, m, BLOCK_QUERIES)]
-        threads = min(self.threads or default_threads(), len(blocks))
+        threads = self.threads or default_threads()
+        # the block's (queries x clusters) float64 bounds stay within 128 MB
+        cap = max(1024, min(BLOCK_QUERIES, (1 << 24) // len(self._index["centres"])))
+        parts = min(m, max(threads, -(-m // cap)))
+        blocks = np.array_split(q, parts)
+        threads = min(threads, len(blocks))
         with single_threaded_blas():
             if threads == 1:
                 results = [self._search_block(b, int(k)) for b in blocks]
