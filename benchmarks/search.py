@@ -1,8 +1,9 @@
 """Exact k-NN search speed against the hardware limit (issue 13).
 
 For each memory bank: queries/s of a brute-force faiss ``IndexFlatL2``, the cluster-pruned
-``PrunedFlatIndex`` and the screened ``ScreenedFlatIndex`` (build time, re-checked pairs, agreement
-with the brute force), and, measured in the same run, the GEMM rates of this CPU in float32,
+``PrunedFlatIndex`` and the screened ``ScreenedFlatIndex`` with each screen, int8 (the default) and
+float32 (build time, re-checked pairs, agreement with the brute force and with each other), and,
+measured in the same run, the GEMM rates of this CPU in float32,
 bfloat16 and int8 (``torch._int_mm``) at the search's shape: the "fp32 limit" is the queries/s a
 full scan would reach at the float32 GEMM rate (``rate / (2 N d)``), the "scan-equivalent" rate of
 an index is the GEMM rate a full scan would need to match it.
@@ -146,23 +147,32 @@ def bench_bank(name: str, bank: np.ndarray, q: np.ndarray, threads: int, args: a
         del pr
         gc.collect()
 
-    t = time.perf_counter()
-    sc = ScreenedFlatIndex(threads=threads).build(bank)
-    res["screened_build_s"] = round(time.perf_counter() - t, 1)
-    res["screened_head_dim"] = sc._index.head_dim
-    sc.search(q[:8], 1)
-    sc.stats.clear()
-    t = time.perf_counter()
-    got = sc.search(q, 1)
-    res["screened_qps"] = round(len(q) / (time.perf_counter() - t), 1)
-    res["screened_recheck_fraction"] = round(sc.stats["rechecked"] / sc.stats["screened"], 5)
-    res["screened_max_rel_diff_vs_faiss"] = float(np.max(np.abs(got[:nb, 0] - ref) / np.maximum(ref, 1e-6)))
-    res["screened_scan_equivalent_gflops"] = round(res["screened_qps"] * flop_q / 1e9, 1)
-    res["speedup_vs_faiss_flat"] = round(res["screened_qps"] / res["faiss_flat_qps"], 2)
+    for screen in ("int8", "float32"):  # the same answers; the int8 one is the default
+        key = f"screened_{screen}"
+        t = time.perf_counter()
+        sc = ScreenedFlatIndex(threads=threads, screen=screen).build(bank)
+        res[f"{key}_build_s"] = round(time.perf_counter() - t, 1)
+        res[f"{key}_head_dim"] = sc._index.head_dim
+        sc.search(q[:8], 1)
+        sc.stats.clear()
+        t = time.perf_counter()
+        got = sc.search(q, 1)
+        res[f"{key}_qps"] = round(len(q) / (time.perf_counter() - t), 1)
+        res[f"{key}_recheck_fraction"] = round(sc.stats["rechecked"] / sc.stats["screened"], 5)
+        res[f"{key}_max_rel_diff_vs_faiss"] = float(np.max(np.abs(got[:nb, 0] - ref) / np.maximum(ref, 1e-6)))
+        res[f"{key}_scan_equivalent_gflops"] = round(res[f"{key}_qps"] * flop_q / 1e9, 1)
+        res[f"{key}_vs_fp32_limit"] = round(res[f"{key}_qps"] / res["fp32_limit_qps"], 2)
+        if screen == "int8":
+            answers = got
+        else:
+            res["screens_identical"] = bool(np.array_equal(answers, got))
+        del sc
+        gc.collect()
+    res["int8_vs_float32_screen"] = round(res["screened_int8_qps"] / res["screened_float32_qps"], 2)
+    res["speedup_vs_faiss_flat"] = round(res["screened_int8_qps"] / res["faiss_flat_qps"], 2)
     res["fraction_of_fp32_limit_faiss"] = round(res["faiss_flat_qps"] / res["fp32_limit_qps"], 2)
-    res["screened_vs_fp32_limit"] = round(res["screened_qps"] / res["fp32_limit_qps"], 2)
     if "pruned_qps" in res:
-        res["speedup_vs_pruned"] = round(res["screened_qps"] / res["pruned_qps"], 2)
+        res["speedup_vs_pruned"] = round(res["screened_int8_qps"] / res["pruned_qps"], 2)
     return res
 
 
@@ -205,8 +215,8 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
         del bank
         gc.collect()
-    cols = ["bank", "rows", "dim", "faiss_flat_qps", "pruned_qps", "screened_qps", "fp32_limit_qps",
-            "screened_vs_fp32_limit", "screened_recheck_fraction"]
+    cols = ["bank", "rows", "dim", "faiss_flat_qps", "pruned_qps", "screened_int8_qps", "screened_float32_qps",
+            "screens_identical", "fp32_limit_qps", "screened_int8_vs_fp32_limit", "screened_int8_recheck_fraction"]
     print("\n| " + " | ".join(cols) + " | GEMM GFLOP/s fp32 / bf16 / int8 |")
     print("|" + "---|" * (len(cols) + 1))
     for r in results:
