@@ -415,3 +415,18 @@ def test_int8_and_float32_screens_agree_and_far_queries_fall_back(clustered):
     assert bool((got["int8"]._index.encode(torch.from_numpy(q[-2:])).kappa < 1).all())
     with pytest.raises(ValueError, match="screen"):
         ScreenedFlatIndex(screen="int4")
+
+
+def test_pruned_stats_are_the_same_on_one_or_two_threads(clustered):
+    """The counters of the pruned search are per block, summed under a lock: splitting the work
+    over threads neither loses nor adds counts (each query's work does not depend on the split)."""
+    from patchknn.index import PrunedFlatIndex
+
+    bank, q = clustered
+    q = np.repeat(q, 20, axis=0)
+    counts = []
+    for threads in (1, 2):
+        index = PrunedFlatIndex(nlist=40, threads=threads).build(bank)
+        index.search(q, 2)
+        counts.append(dict(index.stats))
+    assert counts[0] == counts[1] and counts[0]["queries"] == len(q) and counts[0]["pairs"] > 0

@@ -3,6 +3,7 @@ k-means; no torch, so :mod:`patchknn.runtime` runs the very same search as the t
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import faiss
@@ -71,6 +72,7 @@ class PrunedFlatIndex(MemoryBankIndex):
         self.seed = int(seed)
         self.threads = threads
         self.stats = {"queries": 0, "pairs": 0, "rechecked": 0}
+        self._stats_lock = threading.Lock()
 
     @staticmethod
     def auto_nlist(n: int) -> int:
@@ -147,13 +149,14 @@ class PrunedFlatIndex(MemoryBankIndex):
         ub = np.full((m, k), np.inf)  # k smallest upper bounds (v + E) of distinct rows, sorted
         done = np.zeros(dc.shape, dtype=bool)
         found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (query, member row, v - E)
+        pairs = [0]  # distances computed by this block
         # pass 1: the nearest cluster, then the next nearest until k members have been seen
         order = np.argsort(dc, axis=1, kind="stable") if k > 1 else dc.argmin(axis=1)[:, None]
         todo = np.arange(m)
         step = 0
         while len(todo):
             lists = order[todo, step]
-            self._scan(q, ub, found, todo, lists, k)
+            self._scan(q, ub, found, todo, lists, k, pairs)
             done[todo, lists] = True
             step += 1
             todo = todo[np.isinf(ub[todo, k - 1])] if step < order.shape[1] else todo[:0]
@@ -162,7 +165,7 @@ class PrunedFlatIndex(MemoryBankIndex):
         need = (dc - ix["radius"][None, :]) <= bound[:, None]
         need &= ~done
         lists, qidx = np.nonzero(need.T)
-        self._scan(q, ub, found, qidx, lists, k)
+        self._scan(q, ub, found, qidx, lists, k, pairs)
         # the float64 re-check of every row that may be among the k nearest
         qi = np.concatenate([f[0] for f in found])
         rows = np.concatenate([f[1] for f in found])
@@ -176,8 +179,10 @@ class PrunedFlatIndex(MemoryBankIndex):
         for a in range(0, len(qi), step):
             diff = bank[rows[a : a + step]].astype(np.float64) - q64[qi[a : a + step]]
             exact[a : a + step] = np.einsum("nd,nd->n", diff, diff)
-        self.stats["queries"] += m
-        self.stats["rechecked"] += len(qi)
+        with self._stats_lock:  # blocks run in worker threads
+            self.stats["queries"] += m
+            self.stats["rechecked"] += len(qi)
+            self.stats["pairs"] += pairs[0]
         return smallest_per_query(m, qi, exact, k)
 
     def _scan(
@@ -188,6 +193,7 @@ class PrunedFlatIndex(MemoryBankIndex):
         qidx: np.ndarray,
         lists: np.ndarray,
         k: int,
+        pairs: list[int],
     ) -> None:
         """Compare query ``qidx[i]`` with the members of cluster ``lists[i]``: update the upper
         bounds ``ub`` and add the rows that may be among the k nearest to ``found``."""
@@ -213,7 +219,7 @@ class PrunedFlatIndex(MemoryBankIndex):
             # v = ||b'||^2 - 2 q'.b' in float32; v + ||q'||^2 is within E of the squared distance
             v = qa @ aug[lo:hi].T
             err = factor * (np.sqrt(qcn) * (1 + 1e-6) + radius[j]) ** 2
-            self.stats["pairs"] += cnt * (hi - lo)
+            pairs[0] += cnt * (hi - lo)
             if k == 1:
                 ub[qs, 0] = np.minimum(ub[qs, 0], v.min(axis=1) + qcn + err)
             else:
