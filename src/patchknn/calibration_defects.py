@@ -6,9 +6,9 @@ calibration image, in one thread per CPU thread (decoding and the whole-image nu
 release the GIL); :func:`defect_rows` runs a fold's defects through the backbone and the PCA, in one
 batch as the calibration scores them. :class:`DefectRows` does both in a background thread while
 :meth:`PatchKNN.fit <patchknn.model.PatchKNN.fit>` builds the memory bank: the defects are made
-while the PCA is fitted (on one thread), their rows computed once the PCA is known, while the bank
-is projected and the index is built (the greedy coreset and the calibration's own loop run alone:
-:meth:`DefectRows.wait`). :class:`DefectSources` makes them once for
+while the PCA is fitted (on one thread) and the bank projected, their rows computed once the PCA
+is known; the coreset, the index build and the calibration's own loop run alone
+(:meth:`DefectRows.wait`). :class:`DefectSources` makes them once for
 every member of an ensemble.
 
 Example:
@@ -110,8 +110,8 @@ class DefectRows:
     images, one fold per call as the calibration batches them: the same rows), computed in a
     background thread while the memory bank is built: the defects are made (:func:`defect_images`)
     while the PCA is fitted on one thread, and run through the backbone once :meth:`set_pca` gives
-    the projection, while the bank is projected and the index is built (not beside the greedy
-    coreset, see :meth:`wait`).
+    the projection, while the bank is projected (not beside the coreset or the index build, see
+    :meth:`wait`).
 
     Args:
         model: the model being fitted (its config, extractor and run options).
@@ -155,9 +155,10 @@ class DefectRows:
 
     def wait(self) -> DefectRows:
         """Wait for the thread to finish (``self``); its error, if any, is raised here. Called
-        before the fit's Python-heavy loops (the greedy coreset, the pruned fold searches): a
-        thread running beside a loop of many small operations slows it down many times over,
-        each operation waiting for the GIL."""
+        before the coreset, the index build and the pruned fold searches: a thread beside a loop
+        of many small operations (the greedy coreset) slows it down many times over, each step
+        waiting for the GIL (best preset: 215 s instead of ~30), and beside OpenMP threads (faiss's
+        k-means) it oversubscribes the cores (bottle's index build 13 instead of 5 s)."""
         self._thread.join()
         if self._error is not None:
             raise self._error
