@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests per level (default 64, at most 10000)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time cap per level (default 120)")
     p.add_argument("--warmup", type=int, default=4, help="unmeasured requests before each server's levels")
-    p.add_argument("--max-batch", default="16", help="server --max-batch values, e.g. 1,16 (own server only)")
+    p.add_argument("--max-batch", default="8", help="server --max-batch values, e.g. 1,8 (own server only)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="server --max-delay-ms (own server only)")
     p.add_argument("--timeout", type=float, default=60.0, help="server --timeout (own server only)")
     p.add_argument("--threads", type=int, default=0, help="server --threads (own server only; 0 = torch default)")

@@ -98,7 +98,7 @@ class MicroBatcher:
         name: str,
         model: Any,
         *,
-        max_batch: int = 16,
+        max_batch: int = 8,
         max_delay_s: float = 0.005,
         executor: Executor | None = None,
         expected: Callable[[], int] | None = None,

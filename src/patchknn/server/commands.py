@@ -64,9 +64,7 @@ def register(app: typer.Typer) -> None:
         max_queue: Annotated[
             int, typer.Option("--max-queue", help="Requests waiting for a slot; beyond: 503 + Retry-After.")
         ] = 64,
-        max_batch: Annotated[
-            int, typer.Option("--max-batch", help="Images per backbone call (micro-batching; predict's batch size).")
-        ] = 16,
+        max_batch: Annotated[int, typer.Option("--max-batch", help="Images per backbone call (micro-batching).")] = 8,
         max_delay_ms: Annotated[
             float, typer.Option("--max-delay-ms", help="Longest wait to fill a batch once a request is in.")
         ] = 5.0,

@@ -63,7 +63,9 @@ class ServerSettings:
         max_concurrency: requests being processed at once (reading, decoding, waiting for or in a
             batch). Should be at least ``max_batch`` so batches can fill.
         max_queue: requests waiting for a processing slot; one more is refused with 503 + Retry-After.
-        max_batch: images per backbone call (16, as ``PatchKNN.predict``'s default ``batch_size``).
+        max_batch: images per backbone call. 8, not ``predict``'s 16: with 16 clients, batches of 8
+            alternate, so one batch's images are read and decoded while the other runs (measured in
+            docs/speed.md: 16 gave 1-2 batches of 11-14 on small JPEGs and 10 % fewer images/s).
         max_delay_ms: how long the batcher waits for more requests after the first one arrives.
         decode_threads: threads decoding/resizing uploads and encoding maps.
         public_docs: serve ``/docs``, ``/redoc`` and ``/openapi.json`` without a key.
@@ -88,7 +90,7 @@ class ServerSettings:
     request_timeout_s: float = 10.0
     max_concurrency: int = 32
     max_queue: int = 64
-    max_batch: int = 16
+    max_batch: int = 8
     max_delay_ms: float = 5.0
     decode_threads: int = 2
     public_docs: bool = False
