@@ -462,25 +462,25 @@ def test_defects_are_the_same_on_any_number_of_threads_and_made_once(fitted, tra
     assert len(shared) == len(train) and shared[2] == train[2]
 
 
-def test_a_fit_that_fails_before_its_pca_stops_the_defect_thread(train, monkeypatch):
+def test_a_fit_that_fails_before_its_pca_stops_the_defect_thread(fitted, train, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("eigensolver failed")
 
     monkeypatch.setattr(PCA, "from_moments", classmethod(broken))
     with pytest.raises(RuntimeError, match="eigensolver failed"):
-        tiny_model().fit(train)
+        copy.copy(fitted).fit(train[:3])  # the fitted model's backbone, not a new one
     for t in _defect_threads():
         t.join(timeout=30)
     assert not _defect_threads()
 
 
-def test_an_error_making_the_defects_is_raised_by_fit(train, monkeypatch):
+def test_an_error_making_the_defects_is_raised_by_fit(fitted, train, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("no defect today")
 
     monkeypatch.setattr(made_defects, "add_defect", broken)
     with pytest.raises(ValueError, match="no defect today"):
-        tiny_model().fit(train)
+        copy.copy(fitted).fit(train[:3])  # the fitted model's backbone, not a new one
     assert not _defect_threads()
 
 
