@@ -338,3 +338,14 @@ def test_evaluate_preset_auto_passes_max_fit_images(synthetic_root, monkeypatch)
     assert r.exit_code == 0, r.output
     assert isinstance(got["config"], evaluation.AutoPreset)
     assert got["config"].max_fit_images == 5 and got["config"].budget_minutes == 0.5
+
+
+def test_evaluate_rejects_flags_that_would_be_ignored(synthetic_root, tmp_path):
+    """--model with method flags, or --max-fit-images without --preset auto: a usage error (a
+    ConfigError, which the CLI prints in one line with exit code 2) instead of ignoring them."""
+    from patchknn.errors import ConfigError
+
+    for extra, message in ((["--model", str(tmp_path), "--preset", "fast"], "--model evaluates a saved model"),
+                           (["--max-fit-images", "5"], "--max-fit-images applies to --preset auto")):
+        r = runner.invoke(app, ["evaluate", "--data-root", str(synthetic_root), "-c", "synthetic", *extra, "-q"])
+        assert isinstance(r.exception, ConfigError) and message in str(r.exception), r.output

@@ -407,8 +407,9 @@ def test_int8_and_float32_screens_agree_and_far_queries_fall_back(clustered):
 
     bank, q = clustered
     q = np.concatenate([q, 1e4 * q[:2]])
-    got = {s: ScreenedFlatIndex(head_dim=8, threads=1, chunk_rows=512, screen=s).build(bank) for s in ("int8", "float32")}
-    one, two = (got[s].search(q, 3) for s in ("int8", "float32"))
+    screens = ("int8", "float32")
+    got = {s: ScreenedFlatIndex(head_dim=8, threads=1, chunk_rows=512, screen=s).build(bank) for s in screens}
+    one, two = (got[s].search(q, 3) for s in screens)
     np.testing.assert_array_equal(one, two)
     np.testing.assert_allclose(one, brute64(bank, q, 3), rtol=2e-7, atol=1e-6)
     assert got["int8"].stats["int8_kept"] > 0 and got["int8"].stats["rechecked"] < got["int8"].stats["screened"]

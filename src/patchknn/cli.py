@@ -17,6 +17,7 @@ from typer.exceptions import TyperException
 
 from patchknn.errors import PatchKNNError
 from patchknn.options import (
+    AUTO,
     METHOD_FLAGS,
     MaxFitImagesOpt,
     MethodChoice,
@@ -156,16 +157,19 @@ def evaluate(
     (--preset auto: `patchknn tune` chooses each category's configuration from train/good alone;
     --model: score a saved model, no fit)."""
     from patchknn.data import list_categories
+    from patchknn.errors import ConfigError
     from patchknn.evaluation import evaluate as run_evaluation
     from patchknn.evaluation import evaluate_model, evaluation_config, markdown_table
 
+    if model_path is not None and (method.overrides or method.preset != MethodChoice().preset or max_fit_images):
+        raise ConfigError("--model evaluates a saved model as it was fitted: method flags do not apply")
+    if max_fit_images is not None and method.preset != AUTO:
+        raise ConfigError("--max-fit-images applies to --preset auto (the candidates `patchknn tune` fits)")
     if all_categories:
         names = list_categories(data_root)
     elif category:
         names = list(category)
     else:
-        from patchknn.errors import ConfigError
-
         raise ConfigError("give --category NAME (repeatable) or --all")
     collector = None
     if report is not None:

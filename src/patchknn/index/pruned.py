@@ -126,9 +126,10 @@ class PrunedFlatIndex(MemoryBankIndex):
         if m == 0:
             return np.zeros((0, k), dtype=np.float32)
         threads = self.threads or default_threads()
-        # the block's (queries x clusters) float64 bounds stay within 128 MB
+        # a block's (queries x clusters) float64 bounds within 128 MB (a few such arrays per block),
+        # and as many blocks per thread
         cap = max(1024, min(BLOCK_QUERIES, (1 << 24) // len(self._index["centres"])))
-        parts = min(m, max(threads, -(-m // cap)))
+        parts = min(m, threads * -(-m // (cap * threads)))
         blocks = np.array_split(q, parts)
         threads = min(threads, len(blocks))
         with single_threaded_blas():

@@ -23,9 +23,9 @@ integer. The rows' ``||b'||^2`` enter the same product: ``G = round(||b'||^2 / �
 few extra int8 columns (digits of ``-G``, each in ``[-127, 0]``) matched by the query's integer
 ``κ = γ / (2 α)`` (``α`` is chosen so that ``κ`` is an integer in ``[1, 127]``), so one product gives
 ``R' = Q.B - κ G`` and a row is kept if ``R' >= T`` for the query's integer threshold ``T`` (one
-comparison per pair, no other pass over the product). ``T`` uses per-chunk maxima of ``||B||`` and
-``||Δb||`` (the rows are sorted by ``||B||``, so chunks are homogeneous) and the rounding of ``G``
-(``|||b'||^2 - γ G| <= γ / 2``); the kept pairs are then tested with their own ``η`` and exact
+comparison per pair, no other pass over the product). ``T`` uses per-chunk maxima of ``||B||``,
+``||Δb||`` and ``||b'||^2`` (the rows are sorted by about ``||B||``, so chunks are homogeneous) and
+the rounding of ``G`` (``|||b'||^2 - γ G| <= γ / 2``); the kept pairs are then tested with their own ``η`` and exact
 ``||b'||^2``, then with the float32 bound of :class:`BoundedFlatIndex` (``E``), and the survivors
 are re-checked in float64. Every test only drops pairs whose lower bound exceeds the query's
 current ``k``-th exact distance ``u``; the slack terms (float64 rounding of the scales and norms,
@@ -38,6 +38,7 @@ anomaly) is screened in float32 as before; the answers do not depend on which sc
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -46,6 +47,8 @@ import torch
 
 from patchknn.index.bounds import CHUNK_ROWS, BoundedFlatIndex
 
+#: Most int8 columns that hold the rows' squared norms (``γ`` is chosen coarse enough).
+MAX_DIGITS = 16
 #: Relative slack on ``||q||^2 + ||b||^2`` for the float64 roundings of the scales and norms and
 #: the float32 rounding of the stored tail norms (each well below 1e-6).
 _SLACK = 1e-6
@@ -68,6 +71,7 @@ class Encoded(NamedTuple):
     err32: torch.Tensor
 
 
+@functools.cache
 def int8_matmul_available() -> bool:
     """Whether this torch has the CPU int8 matrix product (``torch._int_mm``)."""
     try:
@@ -94,12 +98,13 @@ class QuantizedBounds(BoundedFlatIndex):
         n, p1 = self.aug.shape
         step = max(1, (1 << 22) // p1)
         self.scales = (self.aug.abs().amax(0).double() / 127).clamp_min(1e-30)  # s_j
-        self.sq64 = self.aug_sq64  # ||b'||^2 of the stored (float32) b'
-        # γ: a bank row as a query would get κ ≈ 100 (a fine α); G = ||b'||^2 / γ in digits of 127
+        # γ: a bank row as a query would get κ ≈ 100 (a fine α); G = ||b'||^2 / γ in digits of 127,
+        # at most MAX_DIGITS of them (a heavy-tailed bank gets a coarser γ, not a wider product)
         sample = self.aug[:: max(1, n // 65536)].double() * self.scales
-        self.gamma = float(max(1.6 * float(sample.abs().amax(1).median()), 1e-30))
+        self.gamma = float(max(1.6 * float(sample.abs().amax(1).median()),
+                               float(self.aug_sq64.max()) / (127 * MAX_DIGITS), 1e-30))
         del sample
-        self.g_int = torch.round(self.sq64 / self.gamma)
+        self.g_int = torch.round(self.aug_sq64 / self.gamma)
         self.digits = digits = max(1, math.ceil(float(self.g_int.max()) / 127))
         self.bnorm = torch.empty(n, dtype=torch.float64)  # ||B||
         self.resid = torch.empty(n, dtype=torch.float64)  # ||Δb||
@@ -119,9 +124,11 @@ class QuantizedBounds(BoundedFlatIndex):
         self.bounds = list(zip(bounds[:-1], bounds[1:]))
         self.chunk_bnorm = [float(self.bnorm[a:b].max()) for a, b in self.bounds]
         self.chunk_resid = [float(self.resid[a:b].max()) for a, b in self.bounds]
+        self.chunk_sq = [float(self.aug_sq64[a:b].max()) for a, b in self.bounds]
 
     def _row_order(self, pilot: torch.Tensor, rest: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
-        """Each part sorted by ``||b'||`` with the columns scaled by their spread (about ``||B||``:
+        """Each part sorted by ``||b'||`` with the columns scaled by their spread (about ``||B||``, from
+        the sampled variances:
         chunks of similar ``||B||`` have tight chunk bounds; the order only matters for speed)."""
         p, n = self.head_dim, len(pilot) + len(rest)
         inv = 1.0 / variances.clamp_min(1e-30)
@@ -159,7 +166,7 @@ class QuantizedBounds(BoundedFlatIndex):
         above ``u`` has ``R' >= T`` (``η`` from the chunk's largest ``||B||`` and ``||Δb||``, ``-κ/2``
         for the rounding of ``G``, rounded down, minus 1)."""
         eta = enc.dw * self.chunk_bnorm[chunk] + enc.qnorm * self.chunk_resid[chunk]
-        slack = _SLACK * (enc.qsq + u.clamp(max=1e300)) + 1e-30
+        slack = _SLACK * (enc.qsq + self.chunk_sq[chunk]) + 1e-30  # >= every row's pair slack
         thr = torch.floor((enc.qsq - 2 * eta - u - slack) / (2 * enc.alpha) - enc.kappa / 2) - 1
         return thr.clamp(min=-(2**31) + 1, max=2**31 - 1).to(torch.int32)
 
@@ -168,8 +175,23 @@ class QuantizedBounds(BoundedFlatIndex):
         from their int8 product ``prod`` (``R'``): ``Q.B`` exact, the pair's own ``η``."""
         dot = prod.double() + enc.kappa[qi] * self.g_int[ri]
         eta = enc.dw[qi] * self.bnorm[ri] + enc.qnorm[qi] * self.resid[ri]
-        low = enc.qsq[qi] + self.sq64[ri] - 2 * enc.alpha[qi] * dot - 2 * eta
-        return low - (_SLACK * (enc.qsq[qi] + self.sq64[ri]) + 1e-30)
+        low = enc.qsq[qi] + self.aug_sq64[ri] - 2 * enc.alpha[qi] * dot - 2 * eta
+        return low - (_SLACK * (enc.qsq[qi] + self.aug_sq64[ri]) + 1e-30)
+
+    def _float32_kept(
+        self, enc: Encoded, qi: torch.Tensor, ri: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs whose float32 lower bound (minus twice the float32 screen's ``E``, a margin:
+        this stage adds in float64, with fewer roundings than the screen's product) is <= ``u``;
+        computed in pieces of bounded memory."""
+        keep = torch.empty(qi.numel(), dtype=torch.bool)
+        step = max(1, (1 << 22) // self.aug.shape[1])
+        for a in range(0, qi.numel(), step):
+            q_, r_ = qi[a : a + step], ri[a : a + step]
+            dot = (self.aug.index_select(0, r_) * enc.qa32.index_select(0, q_)).sum(1).double()
+            low = self.aug_sq.index_select(0, r_).double() - 2 * dot + enc.qa_sq[q_] - enc.err32[q_]
+            keep[a : a + step] = low <= u[q_]
+        return qi[keep], ri[keep]
 
     @torch.inference_mode()
     def search_block(self, q: torch.Tensor, k: int, stats: dict[str, int] | None = None) -> torch.Tensor:
@@ -203,11 +225,7 @@ class QuantizedBounds(BoundedFlatIndex):
             qi, ri = flat // (b - a), flat % (b - a) + a
             keep = self.pair_lower_bound(enc, qi, ri, prod.view(-1)[flat]) <= u[qi]
             qi, ri = qi[keep], ri[keep]
-            # the float32 bound of those pairs (E as the float32 screen's, doubled)
-            dot32 = (self.aug.index_select(0, ri) * enc.qa32.index_select(0, qi)).sum(1).double()
-            low = self.aug_sq.index_select(0, ri).double() - 2 * dot32 + enc.qa_sq[qi] - enc.err32[qi]
-            keep = low <= u[qi]
-            qi, ri = qi[keep], ri[keep]
+            qi, ri = self._float32_kept(enc, qi, ri, u)
             counts["pair_kept"] += qi.numel()
             if qi.numel():
                 best = self._merge(best, qi, self._exact(enc.q64, qi, ri), k)

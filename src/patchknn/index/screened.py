@@ -7,6 +7,7 @@ torch has it). The answers are the float64 scan's either way.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from patchknn.index.base import MemoryBankIndex, default_threads
 from patchknn.index.bounds import BLOCK_QUERIES, CHUNK_ROWS, BoundedFlatIndex, auto_head_dim
-from patchknn.index.quantized import QuantizedBounds, int8_matmul_available
+from patchknn.index.quantized import MAX_DIGITS, QuantizedBounds, int8_matmul_available
 
 #: The screens: ``"int8"`` (:class:`QuantizedBounds`) and ``"float32"`` (:class:`BoundedFlatIndex`).
 SCREENS = ("int8", "float32")
@@ -47,10 +48,12 @@ class ScreenedFlatIndex(MemoryBankIndex):
             raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
         self.screen = screen
         self.stats: dict[str, int] = {}
+        self._stats_lock = threading.Lock()
 
     def _make(self, bank: np.ndarray) -> Any:
-        state = QuantizedBounds if self.screen == "int8" else BoundedFlatIndex
-        return state(bank, self.head_dim, self.chunk_rows)
+        # int8: exact int32 sums need 127^2 x (columns) < 2^31 (any bank below ~133,000 dims)
+        int8 = self.screen == "int8" and 127 * 127 * (bank.shape[1] + 1 + MAX_DIGITS) < 2**31
+        return (QuantizedBounds if int8 else BoundedFlatIndex)(bank, self.head_dim, self.chunk_rows)
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 1) -> np.ndarray:
         q = self._query_tensor(queries, k)
@@ -73,9 +76,10 @@ class ScreenedFlatIndex(MemoryBankIndex):
                 results = list(self._thread_pool(threads).map(run, range(len(blocks))))
         finally:
             torch.set_num_threads(intra)  # MKL's thread count is process-wide: restore it here
-        for st in stats:
-            for key, val in st.items():
-                self.stats[key] = self.stats.get(key, 0) + val
+        with self._stats_lock:  # search() may be called from several threads at once
+            for st in stats:
+                for key, val in st.items():
+                    self.stats[key] = self.stats.get(key, 0) + val
         return torch.cat(results).sqrt_().float().numpy()
 
 
