@@ -128,6 +128,14 @@ class BoundedFlatIndex:
         within each part; any order gives the same answers). ``variances``: of the columns."""
         return torch.cat([pilot, rest])
 
+    def query_screen(self, q64: torch.Tensor) -> torch.Tensor:
+        """``q' = (q_h, ||q_t||)`` in float64 of float64 queries ``(m, d)`` (``(m, p + 1)``)."""
+        p = self.head_dim
+        qa = torch.empty((q64.shape[0], p + 1), dtype=torch.float64)
+        qa[:, :p] = q64.index_select(1, self.columns[:p])
+        qa[:, p] = q64.index_select(1, self.columns[p:]).square().sum(1).sqrt()
+        return qa
+
     # ------------------------------------------------------------------------------ bounds
     def _error_bound(self, qnorm: torch.Tensor) -> torch.Tensor:
         """Per query: a bound on ``|LB_computed - LB|`` for every bank row (float64, ``(m,)``).
@@ -149,13 +157,10 @@ class BoundedFlatIndex:
     def search_block(self, q: torch.Tensor, k: int, stats: dict[str, int] | None = None) -> torch.Tensor:
         """Exact squared distances ``(m, k)`` (float64, sorted) of one block of float32 queries."""
         m = q.shape[0]
-        n, p = self.aug.shape[0], self.head_dim
+        n = self.aug.shape[0]
         q64 = q.double()
         qsq64 = (q64 * q64).sum(1)
-        qa = torch.empty((m, p + 1), dtype=torch.float32)
-        qa[:, :p] = q.index_select(1, self.columns[:p])
-        tail = q64.index_select(1, self.columns[p:])
-        qa[:, p] = (tail * tail).sum(1).sqrt() if tail.shape[1] else 0.0
+        qa = self.query_screen(q64).float()  # the head is exact in float32; the tail norm rounded
         qa_sq = (qa.double() ** 2).sum(1)  # ||q'||^2 in float64
         err = self._error_bound(qsq64.sqrt())
         best = torch.full((m, k), math.inf, dtype=torch.float64)

@@ -143,11 +143,9 @@ class QuantizedBounds(BoundedFlatIndex):
 
     def encode(self, q: torch.Tensor) -> Encoded:
         """The int8 codes and bound terms of a block of float32 queries ``(m, d)``."""
-        m, p = q.shape[0], self.head_dim
+        m = q.shape[0]
         q64 = q.double()
-        qa = torch.empty((m, p + 1), dtype=torch.float64)
-        qa[:, :p] = q64.index_select(1, self.columns[:p])
-        qa[:, p] = q64.index_select(1, self.columns[p:]).square().sum(1).sqrt()
+        qa = self.query_screen(q64)
         w = qa * self.scales
         kappa = torch.floor(self.gamma * 127 / (2 * w.abs().amax(1).clamp_min(1e-300))).clamp(max=127)
         alpha = self.gamma / (2 * kappa.clamp(min=1))
