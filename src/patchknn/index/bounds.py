@@ -75,12 +75,14 @@ class BoundedFlatIndex:
     """
 
     head_fraction = 0.45
+    #: Queries per block (:class:`~patchknn.index.ScreenedFlatIndex` splits a search into blocks).
+    block_queries = BLOCK_QUERIES
 
     def __init__(
         self,
         bank: np.ndarray,
         head_dim: int | None = None,
-        chunk_rows: int = CHUNK_ROWS,
+        chunk_rows: int | None = CHUNK_ROWS,
         pilot_rows: int = 16384,
         chunk_argmin: bool = True,
     ) -> None:
@@ -94,7 +96,7 @@ class BoundedFlatIndex:
         self.columns = torch.argsort(var, descending=True, stable=True)  # most variance first
         p = int(head_dim) if head_dim is not None else auto_head_dim(var[self.columns].numpy(), self.head_fraction)
         self.head_dim = p = max(1, min(p, d))
-        self.chunk_rows = max(64, int(chunk_rows))
+        self.chunk_rows = max(64, int(chunk_rows if chunk_rows is not None else CHUNK_ROWS))
         # the rows in screening order: a stride sample (the pilot) first, then the rest
         self.chunk_argmin = chunk_argmin
         pilot = min(n, max(1024, pilot_rows))
@@ -184,7 +186,7 @@ class BoundedFlatIndex:
             thr64 = best[:, k - 1] + err - qa_sq
             thr = thr64.float()
             thr = torch.where(thr.double() < thr64, torch.nextafter(thr, torch.tensor(math.inf)), thr)
-            flat = torch.from_numpy(np.flatnonzero((s <= thr[:, None]).numpy()))  # numpy's is faster
+            flat = torch.from_numpy(np.flatnonzero(s.numpy() <= thr.numpy()[:, None]))  # numpy's is faster
             if flat.numel():
                 qi, ri = flat // (stop - start), flat % (stop - start)
                 best = self._merge(best, qi, self._exact(q64, qi, ri + start), k)

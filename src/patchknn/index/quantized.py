@@ -45,13 +45,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from patchknn.index.bounds import CHUNK_ROWS, BoundedFlatIndex
+from patchknn.index.bounds import BoundedFlatIndex
 
 #: Most int8 columns that hold the rows' squared norms (``γ`` is chosen coarse enough).
 MAX_DIGITS = 16
 #: Relative slack on ``||q||^2 + ||b||^2`` for the float64 roundings of the scales and norms and
 #: the float32 rounding of the stored tail norms (each well below 1e-6).
 _SLACK = 1e-6
+#: Bank rows per chunk of the int8 screen (see :attr:`QuantizedBounds.block_queries`).
+INT8_CHUNK_ROWS = 2048
 
 
 class Encoded(NamedTuple):
@@ -91,10 +93,16 @@ class QuantizedBounds(BoundedFlatIndex):
     """
 
     head_fraction = 0.55
+    # smaller chunks, larger blocks than the float32 screen's: the (queries x rows) int32 product stays
+    # in the L2 cache for the threshold pass, and each chunk's codes serve more queries (magnetic_tile
+    # bank, 512 queries, 1 thread, CPU ms per query: chunk 8192 / block 128: 2.93-3.16, 4096 / 256:
+    # 2.68, 2048 / 256: 2.50-2.63, 2048 / 512: 2.91, 1024 / 256: 2.79)
+    block_queries = 256
 
-    def __init__(self, bank: np.ndarray, head_dim: int | None = None, chunk_rows: int = CHUNK_ROWS,
+    def __init__(self, bank: np.ndarray, head_dim: int | None = None, chunk_rows: int | None = INT8_CHUNK_ROWS,
                  pilot_rows: int = 16384) -> None:
-        super().__init__(bank, head_dim, chunk_rows, pilot_rows, chunk_argmin=False)
+        super().__init__(bank, head_dim, INT8_CHUNK_ROWS if chunk_rows is None else chunk_rows, pilot_rows,
+                         chunk_argmin=False)
         n, p1 = self.aug.shape
         step = max(1, (1 << 22) // p1)
         self.scales = (self.aug.abs().amax(0).double() / 127).clamp_min(1e-30)  # s_j
@@ -216,7 +224,7 @@ class QuantizedBounds(BoundedFlatIndex):
                 prod.scatter_(1, at, torch.iinfo(torch.int32).min)
             u = best[:, k - 1]
             thr = self.chunk_threshold(enc, ci, u)
-            flat = torch.from_numpy(np.flatnonzero((prod >= thr[:, None]).numpy()))
+            flat = torch.from_numpy(np.flatnonzero(prod.numpy() >= thr.numpy()[:, None]))  # numpy's is 3x faster
             if not flat.numel():
                 continue
             counts["int8_kept"] += flat.numel()
@@ -235,4 +243,4 @@ class QuantizedBounds(BoundedFlatIndex):
         return best
 
 
-__all__ = ["Encoded", "QuantizedBounds", "int8_matmul_available"]
+__all__ = ["INT8_CHUNK_ROWS", "Encoded", "QuantizedBounds", "int8_matmul_available"]

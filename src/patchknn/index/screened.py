@@ -35,13 +35,13 @@ class ScreenedFlatIndex(MemoryBankIndex):
     kind = "flat"
 
     def __init__(
-        self, head_dim: int | None = None, threads: int | None = None, chunk_rows: int = CHUNK_ROWS,
+        self, head_dim: int | None = None, threads: int | None = None, chunk_rows: int | None = None,
         screen: str | None = None,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.threads = threads
-        self.chunk_rows = int(chunk_rows)
+        self.chunk_rows = None if chunk_rows is None else int(chunk_rows)  # None: the screen's own
         if screen is None:
             screen = "int8" if int8_matmul_available() else "float32"
         if screen not in SCREENS:
@@ -60,7 +60,7 @@ class ScreenedFlatIndex(MemoryBankIndex):
         m = q.shape[0]
         if m == 0:
             return np.zeros((0, k), dtype=np.float32)
-        blocks = list(torch.split(q, BLOCK_QUERIES))
+        blocks = list(torch.split(q, self._index.block_queries))
         threads = min(self.threads or default_threads(), len(blocks))
         stats: list[dict[str, int]] = [{} for _ in blocks]
 
