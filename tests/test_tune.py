@@ -60,6 +60,36 @@ def test_defects_are_deterministic_given_the_seed(normal_images):
     assert [d.source for d in a] == [0, 0, 0, 1, 1, 1]
 
 
+def test_blob_computed_in_its_box_equals_the_whole_image_formula():
+    """``_blob`` computes only the pixels within its reach (speed); every pixel must be what the
+    whole-image formula gives, at any aspect, rim and centre (inside, on or beyond an edge)."""
+    from patchknn.defects import _blob
+
+    def whole(rng, shape, cy, cx, area):
+        h, w = shape
+        r = np.sqrt(area / np.pi)
+        aspect = rng.uniform(0.5, 2.0)
+        ry, rx = r * np.sqrt(aspect), r / np.sqrt(aspect)
+        theta0 = rng.uniform(0, np.pi)
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        dy, dx = y - cy, x - cx
+        u = dx * np.cos(theta0) + dy * np.sin(theta0)
+        v = -dx * np.sin(theta0) + dy * np.cos(theta0)
+        angle = np.arctan2(v / ry, u / rx)
+        rim = np.ones_like(angle)
+        for k in (2, 3, 5):
+            rim += rng.uniform(0.0, 0.12) * np.cos(k * angle + rng.uniform(0, 2 * np.pi))
+        return (u / rx) ** 2 + (v / ry) ** 2 <= rim**2
+
+    draw = np.random.default_rng(0)
+    for i in range(300):
+        shape = (int(draw.integers(16, 90)), int(draw.integers(16, 90)))
+        cy, cx = (float(draw.uniform(-10, s + 10)) for s in shape)
+        area = float(draw.uniform(1, 0.3 * shape[0] * shape[1]))
+        got = _blob(np.random.default_rng((1, i)), shape, cy, cx, area)
+        np.testing.assert_array_equal(got, whole(np.random.default_rng((1, i)), shape, cy, cx, area))
+
+
 def test_grayscale_stays_grayscale_and_alpha_is_kept(normal_images):
     gray = normal_images["gray"]
     as_rgb = np.repeat(gray[..., None], 3, axis=2)
