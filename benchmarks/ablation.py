@@ -23,7 +23,8 @@ Usage::
     python benchmarks/ablation.py --category bottle --variants paper,agg3,smooth --out runs/ablation.jsonl
     python benchmarks/ablation.py --synthetic --variants paper,agg3 --out runs/ablation.jsonl
     python benchmarks/ablation.py --category bottle,magnetic_tile --train-stride 6 --variants paper,border2 \\
-        --out runs/both.jsonl                                        # both real categories, MTD's every 6th train image
+        --out runs/both.jsonl            # both real categories, each with every 6th train image (the stride applies
+                                         # to every category: run bottle without it for its full 209 training images)
     python benchmarks/ablation.py --table runs/bottle.jsonl runs/synthetic.jsonl   # docs/accuracy.md's table
     python benchmarks/ablation.py --list                             # the variants and their flags
 """
@@ -64,6 +65,9 @@ ENS4 = {"ensemble": ("layer_norm=true", "backbone=efficientnet-lite2", "backbone
 V1 = {"smoothing_sigma": SMOOTH, "coreset_ratio": CORESET}  # the two options that helped or cost nothing
 EFF = {"backbone": "efficientnet-lite2"}
 R320 = {"image_size": 320, "grid_size": 40}
+R384 = {"image_size": 384, "grid_size": 48}  # 8 px cells, as 320 / 40
+R448 = {"image_size": 448, "grid_size": 56}
+LN_MAIN = {"layer_norm": True, "ensemble": ()}  # `best` with the normalised view alone
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
     "paper": ("paper", {}, {}),
@@ -108,6 +112,25 @@ VARIANTS: dict[str, Variant] = {
     "v1+effnet+ln_views+res320": ("paper", {**V1, **EFF, **R320, **LNENS}, {}),
     # the preset itself, whatever it is now (`ensemble` members included)
     "best": ("best", {}, {}),
+    # towards issue 17's pixel targets: one change at a time on top of `best` (docs/accuracy.md)
+    "best-ln_main": ("best", LN_MAIN, {}),  # layer_norm as the only view (no raw member)
+    "best+smooth0": ("best", {"smoothing_sigma": 0.0}, {}),
+    "best+smooth1": ("best", {"smoothing_sigma": 1.0}, {}),
+    "best-ln_main+smooth1": ("best", {**LN_MAIN, "smoothing_sigma": 1.0}, {}),
+    "best+stages23": ("best", {"layers": ("stage2", "stage3")}, {}),  # earlier layers: finer detail
+    "best+stages34": ("best", {"layers": ("stage3", "stage4")}, {}),
+    "best+stages34+smooth1": ("best", {"layers": ("stage3", "stage4"), "smoothing_sigma": 1.0}, {}),
+    "best+stages345": ("best", {"layers": ("stage3", "stage4", "stage5")}, {}),  # stride 8-32
+    "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}, {}),
+    "best-raw": ("best", {"ensemble": ()}, {}),  # the raw view alone (no layer_norm member)
+    "best+raw23": ("best", {"ensemble": ("layer_norm=true", "layers=stage2/stage3")}, {}),  # + early raw layers
+    "best+ln23": ("best", {"ensemble": ("layer_norm=true", "layer_norm=true+layers=stage2/stage3")}, {}),
+    "best+topk3": ("best", {"image_score": "topk_mean", "image_score_topk": 3}, {}),
+    "best+res384": ("best", R384, {}),
+    "best+res448": ("best", R448, {}),
+    "best-ln_main+res384": ("best", {**LN_MAIN, **R384}, {}),
+    "best-ln_main+res448": ("best", {**LN_MAIN, **R448}, {}),
+    "best+resnet": ("best", {"ensemble": ("layer_norm=true", "backbone=resnet50-keras")}, {}),
 }
 
 
@@ -171,10 +194,13 @@ def install_cache(cache_dir: Path, stats: dict[str, float]) -> Callable[..., Any
 
     def cached_build(name: str, layers: Sequence[str] | None = None, weights: Any = None) -> nn.Module:
         real = real_build(name, None, weights)  # every default layer, so one cache serves all subsets
-        wanted = layers or real.layers
-        return CachedBackbone(
-            real, wanted, cache_dir / f"{name}", stats, lambda: real_build(name, wanted, weights)
-        )
+        wanted = tuple(layers or real.layers)
+        folder = cache_dir / f"{name}"
+        beyond = tuple(n for n in wanted if n not in real.layers)  # e.g. EfficientNet's stage5
+        if beyond:  # defaults + those, in a cache of their own
+            real = real_build(name, tuple(real.layers) + beyond, weights)
+            folder = cache_dir / f"{name}+{'+'.join(beyond)}"
+        return CachedBackbone(real, wanted, folder, stats, lambda: real_build(name, wanted, weights))
 
     model_mod.build_backbone = cached_build
     return real_build
