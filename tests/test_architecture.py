@@ -46,6 +46,9 @@ THIRD_PARTY_PRIVATE = {
     ("torch.ops.mkldnn", "_is_mkldnn_bf16_supported"),
     # torch's int8 x int8 -> int32 matrix product (the exact int8 screen; no public name yet)
     ("torch", "_int_mm"),
+    # a tensor's version counter (bumped by in-place changes; no public accessor): when a network's
+    # folded copy is stale (patchknn.backbones.folding)
+    ("tensor", "_version"),
 }
 
 

