@@ -119,6 +119,7 @@ VARIANTS: dict[str, Variant] = {
     "best-ln_main+smooth1": ("best", {**LN_MAIN, "smoothing_sigma": 1.0}, {}),
     "best+stages23": ("best", {"layers": ("stage2", "stage3")}, {}),  # earlier layers: finer detail
     "best+stages34": ("best", {"layers": ("stage3", "stage4")}, {}),
+    "best+stages2345": ("best", {"layers": ("stage2", "stage3", "stage4", "stage5")}, {}),
     "best+stages34+smooth1": ("best", {"layers": ("stage3", "stage4"), "smoothing_sigma": 1.0}, {}),
     "best+stages345": ("best", {"layers": ("stage3", "stage4", "stage5")}, {}),  # stride 8-32
     "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}, {}),
