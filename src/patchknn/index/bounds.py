@@ -71,18 +71,20 @@ class BoundedFlatIndex:
     Args:
         bank: ``(N, d)`` float32 (kept by reference, not copied).
         head_dim: ``p``; ``None`` = :func:`auto_head_dim`.
-        chunk_rows: rows per screened chunk.
+        chunk_rows: rows per screened chunk (``None``: :attr:`default_chunk_rows`).
     """
 
     head_fraction = 0.45
     #: Queries per block (:class:`~patchknn.index.ScreenedFlatIndex` splits a search into blocks).
     block_queries = BLOCK_QUERIES
+    #: Bank rows per screened chunk when ``chunk_rows`` is not given.
+    default_chunk_rows = CHUNK_ROWS
 
     def __init__(
         self,
         bank: np.ndarray,
         head_dim: int | None = None,
-        chunk_rows: int | None = CHUNK_ROWS,
+        chunk_rows: int | None = None,
         pilot_rows: int = 16384,
         chunk_argmin: bool = True,
     ) -> None:
@@ -96,7 +98,7 @@ class BoundedFlatIndex:
         self.columns = torch.argsort(var, descending=True, stable=True)  # most variance first
         p = int(head_dim) if head_dim is not None else auto_head_dim(var[self.columns].numpy(), self.head_fraction)
         self.head_dim = p = max(1, min(p, d))
-        self.chunk_rows = max(64, int(chunk_rows if chunk_rows is not None else CHUNK_ROWS))
+        self.chunk_rows = max(64, int(chunk_rows if chunk_rows is not None else self.default_chunk_rows))
         # the rows in screening order: a stride sample (the pilot) first, then the rest
         self.chunk_argmin = chunk_argmin
         pilot = min(n, max(1024, pilot_rows))

@@ -98,11 +98,11 @@ class QuantizedBounds(BoundedFlatIndex):
     # bank, 512 queries, 1 thread, CPU ms per query: chunk 8192 / block 128: 2.93-3.16, 4096 / 256:
     # 2.68, 2048 / 256: 2.50-2.63, 2048 / 512: 2.91, 1024 / 256: 2.79)
     block_queries = 256
+    default_chunk_rows = INT8_CHUNK_ROWS
 
-    def __init__(self, bank: np.ndarray, head_dim: int | None = None, chunk_rows: int | None = INT8_CHUNK_ROWS,
+    def __init__(self, bank: np.ndarray, head_dim: int | None = None, chunk_rows: int | None = None,
                  pilot_rows: int = 16384) -> None:
-        super().__init__(bank, head_dim, INT8_CHUNK_ROWS if chunk_rows is None else chunk_rows, pilot_rows,
-                         chunk_argmin=False)
+        super().__init__(bank, head_dim, chunk_rows, pilot_rows, chunk_argmin=False)
         n, p1 = self.aug.shape
         step = max(1, (1 << 22) // p1)
         self.scales = (self.aug.abs().amax(0).double() / 127).clamp_min(1e-30)  # s_j
