@@ -132,6 +132,10 @@ def test_candidates_are_grouped_by_backbone_pass_and_ordered_cheap_first():
     names = [c.name for c in cands]
     assert names[:3] == ["paper", "best", "fast"] or names[0] == "paper"
     assert len(names) == len(set(names)) and "auto" not in names
+    # around `best`: layers with and without stage5 (magnetic_tile's lever), the normalised view alone
+    eff = [c.config for c in cands if c.config.backbone == "efficientnet-lite2"]
+    assert any("stage5" in c.resolved_layers for c in eff) and any("stage5" not in c.resolved_layers for c in eff)
+    assert any(c.layer_norm and not c.ensemble for c in eff)
     groups = plan_groups(cands)
     assert "paper" in [c.name for c in groups[0].candidates]
     assert [g.cost for g in groups[1:]] == sorted(g.cost for g in groups[1:])

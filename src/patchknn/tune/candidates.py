@@ -10,7 +10,11 @@ Grid (each line one candidate; ``fixed`` options given by the user apply to all 
   option exists);
 * ``paper`` + a ``layer_norm=true`` ensemble member (the two views of one backbone);
 * around ``best`` (EfficientNet-Lite2 at 320 px / grid 40): its single members without the
-  ensemble (raw and per-layer normalised), smoothing 1 cell, and the ensemble without smoothing.
+  ensemble (raw and per-layer normalised), smoothing
+  1 cell, the ensemble without smoothing, and the layers with and without the deeper stage5 (stride
+  32, magnetic_tile's lever, docs/accuracy.md): the single raw view on stages 3-5, the normalised
+  view alone on stages 2-4 (bottle's best measured) and the ensemble on stages 2-4 and on stages
+  2-5 (a repeat of an earlier candidate, such as ``best`` itself, is left out).
 
 A candidate's *fit key* is its configuration without the options that act only after the search
 (smoothing, image score, threshold): candidates with the same fit key share one fitted model.
@@ -107,6 +111,14 @@ def default_candidates(fixed: dict[str, Any] | None = None) -> list[Candidate]:
             ("best-single+smooth1", {**single, "smoothing_sigma": 1.0}),
             ("best+smooth0", {**best, "smoothing_sigma": 0.0}),
         ]
+        if best.get("backbone") == "efficientnet-lite2":  # with and without stage5 (stride 32)
+            s24, s25 = ("stage2", "stage3", "stage4"), ("stage2", "stage3", "stage4", "stage5")
+            specs += [
+                ("best-single+stages3-5", {**single, "layers": ("stage3", "stage4", "stage5")}),
+                ("best-single+layer_norm+stages2-4", {**single, "layer_norm": True, "layers": s24}),
+                ("best+stages2-4", {**best, "layers": s24}),
+                ("best+stages2-5", {**best, "layers": s25}),
+            ]  # one equal to an earlier candidate (e.g. `best` itself) is a repeat, left out
     out: list[Candidate] = []
     seen: set[str] = set()
     for name, values in specs:
