@@ -69,6 +69,9 @@ R384 = {"image_size": 384, "grid_size": 48}  # 8 px cells, as 320 / 40
 R448 = {"image_size": 448, "grid_size": 56}
 LN_MAIN = {"layer_norm": True, "ensemble": ()}  # `best` with the normalised view alone
 S2345 = ("stage2", "stage3", "stage4", "stage5")
+# `best` had the network's default stages 2-4 until stage5 joined it (2026-11-30): the variants measured on top
+# of that version pin them, so that their documented rows stay reproducible
+B24 = {"layers": ("stage2", "stage3", "stage4")}
 LN234 = "layer_norm=true+layers=stage2/stage3/stage4"  # an ensemble member: layer_norm on stages 2-4
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
@@ -83,8 +86,8 @@ VARIANTS: dict[str, Variant] = {
     "border2": ("paper", {"border_cells": 2}, {}),
     "border2+topk": ("paper", {"border_cells": 2, "image_score": "topk_mean", "image_score_topk": 3}, {}),
     "v1+border2": ("paper", {**V1, "border_cells": 2}, {}),
-    "best-border0": ("best", {"border_cells": 0}, {}),  # `best` before border_cells joined it
-    "best+border3": ("best", {"border_cells": 3}, {}),
+    "best-border0": ("best", {**B24, "border_cells": 0}, {}),  # `best` before border_cells joined it
+    "best+border3": ("best", {**B24, "border_cells": 3}, {}),
     # v1 = paper + smoothing + coreset, and one more option (or a combination) at a time on top of it
     "v1": ("paper", V1, {}),
     "v1-coreset": ("paper", {**V1, "coreset_ratio": 1.0}, {}),
@@ -114,14 +117,15 @@ VARIANTS: dict[str, Variant] = {
     "v1+effnet+ln_views+res320": ("paper", {**V1, **EFF, **R320, **LNENS}, {}),
     # the preset itself, whatever it is now (`ensemble` members included)
     "best": ("best", {}, {}),
+    "best@stages2-4": ("best", B24, {}),  # `best` before stage5 joined it
     # towards issue 17's pixel targets: one change at a time on top of `best` (docs/accuracy.md)
-    "best-ln_main": ("best", LN_MAIN, {}),  # layer_norm as the only view (no raw member)
-    "best+smooth0": ("best", {"smoothing_sigma": 0.0}, {}),
-    "best+smooth1": ("best", {"smoothing_sigma": 1.0}, {}),
-    "best-ln_main+smooth1": ("best", {**LN_MAIN, "smoothing_sigma": 1.0}, {}),
+    "best-ln_main": ("best", {**B24, **LN_MAIN}, {}),  # layer_norm as the only view (no raw member)
+    "best+smooth0": ("best", {**B24, "smoothing_sigma": 0.0}, {}),
+    "best+smooth1": ("best", {**B24, "smoothing_sigma": 1.0}, {}),
+    "best-ln_main+smooth1": ("best", {**B24, **LN_MAIN, "smoothing_sigma": 1.0}, {}),
     "best+stages23": ("best", {"layers": ("stage2", "stage3")}, {}),  # earlier layers: finer detail
     "best+stages34": ("best", {"layers": ("stage3", "stage4")}, {}),
-    "best+stages2345": ("best", {"layers": ("stage2", "stage3", "stage4", "stage5")}, {}),
+    "best+stages2345": ("best", {"layers": S2345}, {}),  # = `best` since stage5 joined it
     "best+stages34+smooth1": ("best", {"layers": ("stage3", "stage4"), "smoothing_sigma": 1.0}, {}),
     "best+stages345": ("best", {"layers": ("stage3", "stage4", "stage5")}, {}),  # stride 8-32
     # the two directions together: stage5 in the raw view (magnetic_tile), layer_norm on stages 2-4 (bottle)
@@ -132,15 +136,15 @@ VARIANTS: dict[str, Variant] = {
     "best-ln_main+stages2345": ("best", {**LN_MAIN, "layers": S2345}, {}),
     "best-ln_main+stages2345+smooth1": ("best", {**LN_MAIN, "layers": S2345, "smoothing_sigma": 1.0}, {}),
     "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}, {}),
-    "best-raw": ("best", {"ensemble": ()}, {}),  # the raw view alone (no layer_norm member)
-    "best+raw23": ("best", {"ensemble": ("layer_norm=true", "layers=stage2/stage3")}, {}),  # + early raw layers
-    "best+ln23": ("best", {"ensemble": ("layer_norm=true", "layer_norm=true+layers=stage2/stage3")}, {}),
-    "best+topk3": ("best", {"image_score": "topk_mean", "image_score_topk": 3}, {}),
-    "best+res384": ("best", R384, {}),
-    "best+res448": ("best", R448, {}),
-    "best-ln_main+res384": ("best", {**LN_MAIN, **R384}, {}),
-    "best-ln_main+res448": ("best", {**LN_MAIN, **R448}, {}),
-    "best+resnet": ("best", {"ensemble": ("layer_norm=true", "backbone=resnet50-keras")}, {}),
+    "best-raw": ("best", {**B24, "ensemble": ()}, {}),  # the raw view alone (no layer_norm member)
+    "best+raw23": ("best", {**B24, "ensemble": ("layer_norm=true", "layers=stage2/stage3")}, {}),  # + early raw layers
+    "best+ln23": ("best", {**B24, "ensemble": ("layer_norm=true", "layer_norm=true+layers=stage2/stage3")}, {}),
+    "best+topk3": ("best", {**B24, "image_score": "topk_mean", "image_score_topk": 3}, {}),
+    "best+res384": ("best", {**B24, **R384}, {}),
+    "best+res448": ("best", {**B24, **R448}, {}),
+    "best-ln_main+res384": ("best", {**B24, **LN_MAIN, **R384}, {}),
+    "best-ln_main+res448": ("best", {**B24, **LN_MAIN, **R448}, {}),
+    "best+resnet": ("best", {**B24, "ensemble": ("layer_norm=true", "backbone=resnet50-keras")}, {}),
 }
 
 

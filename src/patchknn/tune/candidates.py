@@ -10,11 +10,11 @@ Grid (each line one candidate; ``fixed`` options given by the user apply to all 
   option exists);
 * ``paper`` + a ``layer_norm=true`` ensemble member (the two views of one backbone);
 * around ``best`` (EfficientNet-Lite2 at 320 px / grid 40): its single members without the
-  ensemble (raw and per-layer normalised), smoothing
-  1 cell, the ensemble without smoothing, and the layers with and without the deeper stage5 (stride
-  32, magnetic_tile's lever, docs/accuracy.md): the single raw view on stages 3-5, the normalised
-  view alone on stages 2-4 (bottle's best measured) and the ensemble on stages 2-4 and on stages
-  2-5 (a repeat of an earlier candidate, such as ``best`` itself, is left out).
+  ensemble (raw and per-layer normalised), smoothing 1 cell, the ensemble without smoothing, and
+  the layers with and without the deeper stage5 (stride 32, magnetic_tile's lever,
+  docs/accuracy.md): the single raw view on stages 3-5, the normalised view alone on stages 2-4
+  (bottle's best measured) and the ensemble on stages 2-4 and on stages 2-5 (a repeat of an
+  earlier candidate, such as ``best`` itself, is left out).
 
 A candidate's *fit key* is its configuration without the options that act only after the search
 (smoothing, image score, threshold): candidates with the same fit key share one fitted model.
