@@ -230,9 +230,7 @@ class PatchKNNConfig:
         base = dataclasses.replace(self, ensemble=())
         members, seen = [base], {_config_key(base)}
         for spec in self.ensemble:
-            opts = parse_member(spec)
-            if opts.get("backbone", base.backbone) != base.backbone and "layers" not in opts:
-                opts["layers"] = None  # another network: its own default layers
+            opts = network_options(parse_member(spec), base.backbone)
             try:
                 member = dataclasses.replace(base, **opts)
             except ConfigError as e:
@@ -348,12 +346,25 @@ def preset(name: str, **overrides: Any) -> PatchKNNConfig:
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **overrides}
     own = PRESETS[name]
-    other_net = overrides.get("backbone", own.get("backbone")) != own.get("backbone")
-    if "layers" in own and "layers" not in overrides and other_net:
-        values.pop("layers")
+    values = {**own, **network_options(overrides, own.get("backbone"))}
     return PatchKNNConfig.from_dict(values)
+
+
+def network_options(opts: dict[str, Any], backbone: str | None) -> dict[str, Any]:
+    """``opts`` applied over a configuration on ``backbone``: if they name another backbone but no
+    ``layers``, that network gets its own default layers (``layers=None``), since layer names belong
+    to one network. Used by presets, ensemble members and their configurations alike.
+
+    Example:
+        >>> network_options({"backbone": "resnet50"}, "efficientnet-lite2")
+        {'backbone': 'resnet50', 'layers': None}
+        >>> network_options({"layer_norm": True}, "efficientnet-lite2")
+        {'layer_norm': True}
+    """
+    if opts.get("backbone", backbone) != backbone and "layers" not in opts:
+        return {**opts, "layers": None}
+    return opts
 
 
 #: Options whose "off"/default value is ``None``, written ``none`` (or ``null``) in text.

@@ -48,7 +48,7 @@ from patchknn import scoring
 from patchknn.backbones.base import WeightsArg
 from patchknn.bank import fitted_images, training_store
 from patchknn.calibration_defects import DefectSources
-from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec
+from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec, network_options
 from patchknn.data import as_sources
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
 from patchknn.kinds import register_model_kind
@@ -78,9 +78,7 @@ def member_configs(config: PatchKNNConfig, members: Sequence[MemberSpec]) -> lis
         bad = sorted(set(opts) & set(ENSEMBLE_SHARED))
         if bad:
             raise ConfigError(f"ensemble members share {list(ENSEMBLE_SHARED)}; a member may not set {bad}")
-        if opts.get("backbone", base.backbone) != base.backbone and "layers" not in opts:
-            opts["layers"] = None  # another network: its own default layers
-        out.append(base.replace(**opts))
+        out.append(base.replace(**network_options(opts, base.backbone)))
     if len(out) < 2:
         raise ConfigError(f"an ensemble needs at least two distinct members, got {list(members)}")
     try:  # the main configuration with the others as `ensemble` strings checks they all differ
