@@ -102,10 +102,22 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
-def bottle_evaluation(mvtec_root, caffe_weights, tmp_path_factory):
-    """One `patchknn evaluate --report` of the paper's method on the real bottle category, shared
-    by every test that needs it. Returns ``results`` (the dict), ``results_path``, ``report_dir``,
-    ``html`` (the page) and ``output`` (the command's output)."""
+def paper_bottle_model(mvtec_root, caffe_weights, tmp_path_factory):
+    """The paper's method fitted on the whole real bottle training set with `patchknn fit`'s
+    defaults and saved, once per session: ``(model, saved folder)``. Shared by ``bottle_evaluation``
+    and ``tests/test_paths.py`` (a fit of bottle costs about a minute of CI)."""
+    from patchknn import PatchKNN
+
+    model = PatchKNN.from_preset("paper", weights=str(caffe_weights), progress=False)
+    model.fit(mvtec_root / "bottle" / "train" / "good")
+    return model, model.save(tmp_path_factory.mktemp("paper-bottle") / "model")
+
+
+@pytest.fixture(scope="session")
+def bottle_evaluation(mvtec_root, paper_bottle_model, tmp_path_factory):
+    """One `patchknn evaluate --model --report` of the paper's method (``paper_bottle_model``) on the
+    real bottle category, shared by every test that needs it. Returns ``results`` (the dict),
+    ``results_path``, ``report_dir``, ``html`` (the page) and ``output`` (the command's output)."""
     import json
     from types import SimpleNamespace
 
@@ -117,8 +129,8 @@ def bottle_evaluation(mvtec_root, caffe_weights, tmp_path_factory):
     results_path, report_dir = base / "results.json", base / "report"
     result = CliRunner().invoke(
         app,
-        ["evaluate", "--data-root", str(mvtec_root), "--category", "bottle",
-         "--weights", str(caffe_weights), "--output", str(results_path), "--report", str(report_dir), "--quiet"],
+        ["evaluate", "--data-root", str(mvtec_root), "--category", "bottle", "--model", str(paper_bottle_model[1]),
+         "--output", str(results_path), "--report", str(report_dir), "--quiet"],
     )
     assert result.exit_code == 0, result.output
     return SimpleNamespace(
