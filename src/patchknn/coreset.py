@@ -153,7 +153,7 @@ def _lazy_greedy(
     count = 1
     t = min(n, max(candidates, 1))
     while count < m:
-        k = min(n, 4 * (t + 1))
+        k = min(n, 4 * (t + 1))  # a first guess of how many rows to bring up to date; doubled while short
         while True:  # bring the rows with the largest bounds up to date until the top t + 1 are exact
             top_d, top = torch.topk(min_d, k, sorted=False)
             bound = float(top_d.min())  # no row outside `top` has a larger (upper) bound
