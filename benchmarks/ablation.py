@@ -134,6 +134,8 @@ VARIANTS: dict[str, Variant] = {
     "best+s345+ln234": ("best", {"layers": ("stage3", "stage4", "stage5"), "ensemble": (LN234,)}, {}),
     "best+s2345+ln234+smooth1": ("best", {"layers": S2345, "ensemble": (LN234,), "smoothing_sigma": 1.0}, {}),
     "best-ln_main+stages2345": ("best", {**LN_MAIN, "layers": S2345}, {}),
+    "best+agg3": ("best", {"aggregation": 3}, {}),  # PatchCore's 3x3 neighbourhood average, on stages 2-5
+    "best+coreset25": ("best", {"coreset_ratio": 0.25}, {}),
     "best-ln_main+stages2345+smooth1": ("best", {**LN_MAIN, "layers": S2345, "smoothing_sigma": 1.0}, {}),
     "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}, {}),
     "best-raw": ("best", {**B24, "ensemble": ()}, {}),  # the raw view alone (no layer_norm member)
