@@ -57,34 +57,22 @@ def member_bank(category: str, name: str) -> tuple[np.ndarray, float, int, int]:
 
 def previous_selection(z: torch.Tensor, m: int, first: int, candidates: int = 8192) -> tuple[np.ndarray, int]:
     """The selection before 2026-11-30: at each refresh every centre chosen since the last one is
-    applied to every row. Returns the selection and the row-centre distances computed."""
+    applied to every row (the choice among the candidates is the same). Returns the selection and
+    the row-centre distances computed."""
     n = z.shape[0]
     norms = (z * z).sum(1)
     min_d = torch.full((n,), math.inf, dtype=torch.float32)
-    selected, pending, count, work = np.empty(m, dtype=np.int64), [first], 1, 0
-    selected[0] = first
+    order = torch.empty(m, dtype=torch.int64)
+    order[0] = first
+    done, count, work = 0, 1, 0  # centres applied to every row: order[:done]
     t = min(n, candidates)
     while count < m:
-        coreset._apply_centres(z, norms, min_d, pending)
-        work += n * len(pending)
-        pending = []
+        coreset._apply_centres(z, norms, min_d, order[done:count].tolist())
+        work += n * (count - done)
+        done = count
         top_d, top = torch.topk(min_d, t + 1)
-        cand_d, cand, tau = top_d[:t].clone(), top[:t], float(top_d[t])
-        zc, nc, cand_list = z[cand], norms[cand], cand.tolist()
-        dist = torch.empty_like(cand_d)
-        while count < m:
-            jl = int(torch.argmax(cand_d))
-            if not float(cand_d[jl]) >= tau:
-                break
-            j = cand_list[jl]
-            selected[count], count = j, count + 1
-            pending.append(j)
-            min_d[j] = -math.inf
-            torch.addmv(nc, zc, z[j], alpha=-2.0, out=dist)
-            dist.add_(norms[j])
-            torch.minimum(cand_d, dist, out=cand_d)
-            cand_d[jl] = -math.inf
-    return selected, work
+        count = coreset._select_among(z, norms, min_d, order, count, top[:t], top_d[:t].clone(), float(top_d[t]))
+    return order.numpy(), work
 
 
 def main() -> None:

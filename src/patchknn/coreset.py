@@ -168,22 +168,31 @@ def _lazy_greedy(
             cand, cand_d, tau = top[pos[:t]], vals[:t].clone(), float(vals[t])
         else:
             cand_d, cand, tau = min_d.clone(), torch.arange(n), -math.inf
-        zc, nc = z[cand], norms[cand]
-        cand_list = cand.tolist()
-        dist = torch.empty_like(cand_d)
-        while count < m:
-            jl = int(torch.argmax(cand_d))
-            if not float(cand_d[jl]) >= tau:
-                break  # a row outside the candidates may be farther: choose them again
-            j = cand_list[jl]
-            order[count] = j
-            count += 1
-            min_d[j] = -math.inf
-            torch.addmv(nc, zc, z[j], alpha=-2.0, out=dist)
-            dist.add_(norms[j])
-            torch.minimum(cand_d, dist, out=cand_d)
-            cand_d[jl] = -math.inf
+        count = _select_among(z, norms, min_d, order, count, cand, cand_d, tau)
     return order.numpy()
+
+
+def _select_among(z: torch.Tensor, norms: torch.Tensor, min_d: torch.Tensor, order: torch.Tensor, count: int,
+                  cand: torch.Tensor, cand_d: torch.Tensor, tau: float) -> int:
+    """Select from the candidate rows ``cand`` (exact distances ``cand_d``, updated in place) into
+    ``order[count:]`` while the farthest of them is at least ``tau`` (no other row can be farther)
+    and ``order`` is not full; returns the new count. Selected rows get ``min_d = -inf``."""
+    zc, nc = z[cand], norms[cand]
+    cand_list = cand.tolist()
+    dist = torch.empty_like(cand_d)
+    while count < order.shape[0]:
+        jl = int(torch.argmax(cand_d))
+        if not float(cand_d[jl]) >= tau:
+            break  # a row outside the candidates may be farther: choose them again
+        j = cand_list[jl]
+        order[count] = j
+        count += 1
+        min_d[j] = -math.inf
+        torch.addmv(nc, zc, z[j], alpha=-2.0, out=dist)
+        dist.add_(norms[j])
+        torch.minimum(cand_d, dist, out=cand_d)
+        cand_d[jl] = -math.inf
+    return count
 
 
 def _catch_up(z: torch.Tensor, norms: torch.Tensor, min_d: torch.Tensor, seen: torch.Tensor, order: torch.Tensor,
