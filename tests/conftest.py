@@ -102,20 +102,31 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
-def paper_bottle_model(mvtec_root, caffe_weights, tmp_path_factory):
-    """The paper's method fitted on the whole real bottle training set with `patchknn fit`'s
-    defaults and saved, once per session: ``(model, saved folder)``. Shared by ``bottle_evaluation``
-    and ``tests/test_paths.py`` (a fit of bottle costs about a minute of CI)."""
+def bottle_models(mvtec_root, caffe_weights, tmp_path_factory):
+    """``get(preset)``: that preset fitted on the whole real bottle training set and saved, made once
+    per session when first asked for: ``(model, saved folder)``. Shared by ``bottle_evaluation``,
+    ``tests/test_paths.py`` and ``tests/test_export.py`` (a fit of bottle costs one to three minutes
+    of CI)."""
     from patchknn import PatchKNN
+    from patchknn.config import preset
 
-    model = PatchKNN.from_preset("paper", weights=str(caffe_weights), progress=False)
-    model.fit(mvtec_root / "bottle" / "train" / "good")
-    return model, model.save(tmp_path_factory.mktemp("paper-bottle") / "model")
+    made: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in made:
+            config = preset(name)
+            weights = str(caffe_weights) if config.backbone.startswith("resnet50-") else None
+            model = PatchKNN.from_config(config, weights=weights, progress=False)
+            model.fit(mvtec_root / "bottle" / "train" / "good")
+            made[name] = (model, model.save(tmp_path_factory.mktemp(f"{name}-bottle") / "model"))
+        return made[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def bottle_evaluation(mvtec_root, paper_bottle_model, tmp_path_factory):
-    """One `patchknn evaluate --model --report` of the paper's method (``paper_bottle_model``) on the
+def bottle_evaluation(mvtec_root, bottle_models, tmp_path_factory):
+    """One `patchknn evaluate --model --report` of the paper's method (``bottle_models("paper")``) on the
     real bottle category, shared by every test that needs it. Returns ``results`` (the dict),
     ``results_path``, ``report_dir``, ``html`` (the page) and ``output`` (the command's output)."""
     import json
@@ -129,7 +140,7 @@ def bottle_evaluation(mvtec_root, paper_bottle_model, tmp_path_factory):
     results_path, report_dir = base / "results.json", base / "report"
     result = CliRunner().invoke(
         app,
-        ["evaluate", "--data-root", str(mvtec_root), "--category", "bottle", "--model", str(paper_bottle_model[1]),
+        ["evaluate", "--data-root", str(mvtec_root), "--category", "bottle", "--model", str(bottle_models("paper")[1]),
          "--output", str(results_path), "--report", str(report_dir), "--quiet"],
     )
     assert result.exit_code == 0, result.output

@@ -65,7 +65,7 @@ def test_results_document_and_table(synthetic_root):
 def test_bottle_reproduces_paper(bottle_evaluation):
     """The paper's method on the real bottle category: pixel AUPRC >= 0.77 (paper: 0.773).
 
-    ``bottle_evaluation`` (conftest) fits the default preset once (``paper_bottle_model``, shared with
+    ``bottle_evaluation`` (conftest) fits the default preset once (``bottle_models``, shared with
     test_paths) and runs ``patchknn evaluate --data-root ROOT --category bottle --model DIR --output
     results.json --report DIR`` on it: the default, Keras' ResNet-50 (0.7912, 201 components,
     measured; the Caffe stem gives 0.7884 with 167, docs/paper-network.md).

@@ -274,9 +274,10 @@ def test_paper_preset_on_magnetic_tile(mtd_root, caffe_weights, tmp_path):
 
 @pytest.mark.mvtec
 @pytest.mark.slow
-def test_best_preset_on_bottle(mvtec_root, tmp_path):
-    train, test = _bottle(mvtec_root, n_train=20, test_step=4)
-    model = PatchKNN.from_preset("best", progress=False).fit(train)
+def test_best_preset_on_bottle(mvtec_root, bottle_models, tmp_path):
+    """The session's `best` model of the whole bottle training set (conftest; also test_paths')."""
+    _, test = _bottle(mvtec_root, test_step=4)
+    model = bottle_models("best")[0]
     out = export_model(model, tmp_path / "exp")
     expected = model.predict(test)
     assert {p.verdict for p in expected} == {"OK", "NG"}

@@ -82,8 +82,8 @@ def case(request, caffe_weights, tmp_path_factory):
     if category == "magnetic_tile":
         train = train[::MTD_TRAIN_STEP]
     base = tmp_path_factory.mktemp(f"{name}-{category}")
-    if (name, category) == ("paper", "bottle"):  # the session's fit, also evaluated by test_evaluation
-        model, model_dir = request.getfixturevalue("paper_bottle_model")
+    if category == "bottle":  # the session's fits (conftest), also used by test_evaluation and test_export
+        model, model_dir = request.getfixturevalue("bottle_models")(name)
     else:
         config = preset(name)
         weights = caffe_weights if config.backbone.startswith("resnet50-") else None
