@@ -101,24 +101,31 @@ def pytest_runtest_makereport(item, call):
     )
 
 
+def fit_preset(name: str, train, weights_file: Path, folder: Path) -> tuple:
+    """A preset fitted on ``train`` (the paper's weights file for a ResNet-50 backbone, the packaged
+    weights otherwise) and saved in ``folder / "model"``: ``(model, saved folder)``."""
+    from patchknn import PatchKNN
+    from patchknn.config import preset
+
+    config = preset(name)
+    weights = str(weights_file) if config.backbone.startswith("resnet50-") else None
+    model = PatchKNN.from_config(config, weights=weights, progress=False)
+    model.fit(train)
+    return model, model.save(folder / "model")
+
+
 @pytest.fixture(scope="session")
 def bottle_models(mvtec_root, caffe_weights, tmp_path_factory):
     """``get(preset)``: that preset fitted on the whole real bottle training set and saved, made once
     per session when first asked for: ``(model, saved folder)``. Shared by ``bottle_evaluation``,
     ``tests/test_paths.py`` and ``tests/test_export.py`` (a fit of bottle costs one to three minutes
     of CI)."""
-    from patchknn import PatchKNN
-    from patchknn.config import preset
-
     made: dict[str, tuple] = {}
 
     def get(name: str) -> tuple:
         if name not in made:
-            config = preset(name)
-            weights = str(caffe_weights) if config.backbone.startswith("resnet50-") else None
-            model = PatchKNN.from_config(config, weights=weights, progress=False)
-            model.fit(mvtec_root / "bottle" / "train" / "good")
-            made[name] = (model, model.save(tmp_path_factory.mktemp(f"{name}-bottle") / "model"))
+            train = mvtec_root / "bottle" / "train" / "good"
+            made[name] = fit_preset(name, train, caffe_weights, tmp_path_factory.mktemp(f"{name}-bottle"))
         return made[name]
 
     return get

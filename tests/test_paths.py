@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from patchknn import PatchKNN
-from patchknn.config import preset
 from patchknn.data import MVTecCategory
 
 pytest.importorskip("ray")
@@ -28,6 +27,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from _live import LiveServer  # noqa: E402
+from conftest import fit_preset  # noqa: E402
 
 PRESETS = ("paper", "fast", "best")
 CATEGORIES = ("bottle", "magnetic_tile")
@@ -85,11 +85,7 @@ def case(request, caffe_weights, tmp_path_factory):
     if category == "bottle":  # the session's fits (conftest), also used by test_evaluation and test_export
         model, model_dir = request.getfixturevalue("bottle_models")(name)
     else:
-        config = preset(name)
-        weights = caffe_weights if config.backbone.startswith("resnet50-") else None
-        model = PatchKNN.from_config(config, weights=weights, progress=False)
-        model.fit(train)
-        model_dir = model.save(base / "model")
+        model, model_dir = fit_preset(name, train, caffe_weights, base)
     images = base / "images"
     images.mkdir()
     paths = []
