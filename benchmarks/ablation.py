@@ -136,8 +136,10 @@ VARIANTS: dict[str, Variant] = {
     "best-ln_main+stages2345": ("best", {**LN_MAIN, "layers": S2345}, {}),
     "best+agg3": ("best", {"aggregation": 3}, {}),  # PatchCore's 3x3 neighbourhood average, on stages 2-5
     "best+coreset25": ("best", {"coreset_ratio": 0.25}, {}),
-    # the normalised member averages each 3x3 neighbourhood (PatchCore's aggregation), the raw one does not
+    # the normalised member averages each 3x3 neighbourhood (PatchCore's aggregation), the raw one does not:
+    # = `best` since that member joined it; `best@ln-cells` is `best` before (the normalised view on single cells)
     "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",)}, {}),
+    "best@ln-cells": ("best", {"ensemble": ("layer_norm=true",)}, {}),
     "best-ln_main+stages2345+smooth1": ("best", {**LN_MAIN, "layers": S2345, "smoothing_sigma": 1.0}, {}),
     "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}, {}),
     "best-raw": ("best", {**B24, "ensemble": ()}, {}),  # the raw view alone (no layer_norm member)
