@@ -73,6 +73,9 @@ S2345 = ("stage2", "stage3", "stage4", "stage5")
 # of that version pin them, so that their documented rows stay reproducible
 B24 = {"layers": ("stage2", "stage3", "stage4")}
 LN234 = "layer_norm=true+layers=stage2/stage3/stage4"  # an ensemble member: layer_norm on stages 2-4
+# the plain mean of the members (`best` weighs its three views per product since 2026-12-01: variants with
+# their own members keep the mean they were measured with)
+EQ = {"ensemble_weights": "equal"}
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
     "paper": ("paper", {}, {}),
@@ -130,27 +133,32 @@ VARIANTS: dict[str, Variant] = {
     "best+stages345": ("best", {"layers": ("stage3", "stage4", "stage5")}, {}),  # stride 8-32
     # the two directions together: stage5 in the raw view (magnetic_tile), layer_norm on stages 2-4 (bottle)
     "best+stages2345+smooth1": ("best", {"layers": S2345, "smoothing_sigma": 1.0}, {}),
-    "best+s2345+ln234": ("best", {"layers": S2345, "ensemble": (LN234,)}, {}),
-    "best+s345+ln234": ("best", {"layers": ("stage3", "stage4", "stage5"), "ensemble": (LN234,)}, {}),
-    "best+s2345+ln234+smooth1": ("best", {"layers": S2345, "ensemble": (LN234,), "smoothing_sigma": 1.0}, {}),
+    "best+s2345+ln234": ("best", {"layers": S2345, "ensemble": (LN234,), **EQ}, {}),
+    "best+s345+ln234": ("best", {"layers": ("stage3", "stage4", "stage5"), "ensemble": (LN234,), **EQ}, {}),
+    "best+s2345+ln234+smooth1": ("best", {"layers": S2345, "ensemble": (LN234,), **EQ, "smoothing_sigma": 1.0}, {}),
     "best-ln_main+stages2345": ("best", {**LN_MAIN, "layers": S2345}, {}),
     "best+agg3": ("best", {"aggregation": 3}, {}),  # PatchCore's 3x3 neighbourhood average, on stages 2-5
     "best+coreset25": ("best", {"coreset_ratio": 0.25}, {}),
     # the normalised member averages each 3x3 neighbourhood (PatchCore's aggregation), the raw one does not:
     # = `best` since that member joined it; `best@ln-cells` is `best` before (the normalised view on single cells)
-    "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",)}, {}),
-    "best@ln-cells": ("best", {"ensemble": ("layer_norm=true",)}, {}),
+    "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",), **EQ}, {}),
+    "best@ln-cells": ("best", {"ensemble": ("layer_norm=true",), **EQ}, {}),
+    # three views weighed per product at fit (ensemble_weights="auto") = `best` since 2026-12-01; `best@2views`
+    # is `best` before (raw cells + normalised 3x3 averages, their mean); `best+equal`: the three views' mean
+    "best@2views": ("best", {"ensemble": ("layer_norm=true+aggregation=3",), **EQ}, {}),
+    "best+equal": ("best", EQ, {}),
     "best-ln_main+stages2345+smooth1": ("best", {**LN_MAIN, "layers": S2345, "smoothing_sigma": 1.0}, {}),
     "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}, {}),
-    "best-raw": ("best", {**B24, "ensemble": ()}, {}),  # the raw view alone (no layer_norm member)
-    "best+raw23": ("best", {**B24, "ensemble": ("layer_norm=true", "layers=stage2/stage3")}, {}),  # + early raw layers
-    "best+ln23": ("best", {**B24, "ensemble": ("layer_norm=true", "layer_norm=true+layers=stage2/stage3")}, {}),
+    "best-raw": ("best", {**B24, "ensemble": (), **EQ}, {}),  # the raw view alone (no layer_norm member)
+    # + early raw layers
+    "best+raw23": ("best", {**B24, "ensemble": ("layer_norm=true", "layers=stage2/stage3"), **EQ}, {}),
+    "best+ln23": ("best", {**B24, "ensemble": ("layer_norm=true", "layer_norm=true+layers=stage2/stage3"), **EQ}, {}),
     "best+topk3": ("best", {**B24, "image_score": "topk_mean", "image_score_topk": 3}, {}),
     "best+res384": ("best", {**B24, **R384}, {}),
     "best+res448": ("best", {**B24, **R448}, {}),
     "best-ln_main+res384": ("best", {**B24, **LN_MAIN, **R384}, {}),
     "best-ln_main+res448": ("best", {**B24, **LN_MAIN, **R448}, {}),
-    "best+resnet": ("best", {**B24, "ensemble": ("layer_norm=true", "backbone=resnet50-keras")}, {}),
+    "best+resnet": ("best", {**B24, "ensemble": ("layer_norm=true", "backbone=resnet50-keras"), **EQ}, {}),
 }
 
 

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("patchknn.backbones", "patchknn.data", "patchknn.metrics", "patchknn.synthetic", "patchknn.defects",
      "patchknn.reduction", "patchknn.index", "patchknn.coreset"),
     ("patchknn.config", "patchknn.features", "patchknn.execution"),
-    ("patchknn.scoring", "patchknn.serialization", "patchknn.visualize"),
+    ("patchknn.scoring", "patchknn.member_weights", "patchknn.serialization", "patchknn.visualize"),
     ("patchknn.persistence", "patchknn.heldout", "patchknn.calibration_defects", "patchknn.threshold"),
     ("patchknn.bank", "patchknn.kinds", "patchknn.model", "patchknn.runtime"),
     ("patchknn.ensemble", "patchknn.versions"),

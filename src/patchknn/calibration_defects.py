@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from patchknn.data import iter_batches, load_image
+from patchknn.data import iter_batches, load_image, resize_mask
 from patchknn.defects import DEFECT_KINDS, add_defect
 from patchknn.heldout import fold_groups
 
@@ -49,12 +49,18 @@ def defect_images(model: PatchKNN, sources: Sequence[Any], images: Sequence[int]
 
     per, seed = DEFECTS_PER_IMAGE, model.config.seed
 
+    keep = sources if isinstance(sources, DefectSources) else None
+    size = (model.config.image_size, model.config.image_size)
+
     def make(img: int) -> list[np.ndarray]:
         normal = load_image(sources[img], max_pixels=model.max_pixels)
         kinds = [DEFECT_KINDS[n % len(DEFECT_KINDS)] for n in range(img * per, (img + 1) * per)]
-        return [add_defect(normal, kind, seed=seed, index=img * per + j).image for j, kind in enumerate(kinds)]
+        made = [add_defect(normal, kind, seed=seed, index=img * per + j) for j, kind in enumerate(kinds)]
+        if keep is not None:  # their masks at the input size, for ensemble_weights="auto"
+            keep.masks[seed, img] = [resize_mask(d.mask, size) for d in made]
+        return [d.image for d in made]
 
-    cache = sources.made if isinstance(sources, DefectSources) else {}
+    cache = keep.made if keep is not None else {}
     todo = [img for img in images if (seed, img) not in cache]
     threads = max(1, min(len(todo), torch.get_num_threads()))
     if threads == 1:
@@ -73,6 +79,15 @@ class DefectSources(Sequence[Any]):
     def __init__(self, sources: Sequence[Any]) -> None:
         self.sources = list(sources)
         self.made: dict[tuple[int, int], list[np.ndarray]] = {}  # (seed, image) -> its defects
+        # (seed, image) -> their masks at the model's input size (bool), in the same order
+        self.masks: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def masks_of(self, seed: int, images: Sequence[int]) -> np.ndarray | None:
+        """The masks of the defects of ``images`` (image by image, as the held-out defect grids
+        are ordered), ``None`` if some were not made."""
+        if not images or any((seed, img) not in self.masks for img in images):
+            return None
+        return np.stack([m for img in images for m in self.masks[seed, img]])
 
     def __len__(self) -> int:
         return len(self.sources)

@@ -7,8 +7,9 @@ tens, EfficientNet-Lite2's a few units, L2-normalised layers below one), so aver
 let one member dominate. At fit time each member scores a few of its own training images
 *leave-one-image-out* (the image's own patches are taken out of the memory bank for it); the mean
 and standard deviation of those normal patch scores become the member's z-score normalisation. The
-ensemble's grid is the mean of the members' z-scored grids; upsampling, smoothing and the image score
-then follow the shared configuration exactly as for a single model. The same held-out ensemble
+ensemble's grid is the mean of the members' z-scored grids (weighted with ``ensemble_weights="auto"``:
+:mod:`patchknn.member_weights`, which also owns the combination); upsampling, smoothing and the image
+score then follow the shared configuration exactly as for a single model. The same held-out ensemble
 scores calibrate the ensemble's decision threshold (``threshold_method``, as for one model).
 
 Members share the input (image size and grid): each image is decoded once per batch, and members
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchknn import scoring
+from patchknn import member_weights, scoring
 from patchknn.backbones.base import WeightsArg
 from patchknn.bank import fitted_images, training_store
 from patchknn.calibration_defects import DefectSources
@@ -108,6 +109,9 @@ class EnsemblePatchKNN(PatchKNN):
         members: the member :class:`PatchKNN` models, in order.
         norm_: ``(n_members, 2)`` mean and standard deviation of each member's leave-one-image-out
             normal patch scores.
+        member_weights_: ``(n_members,)`` the members' weights in the combined grid (all 1 with
+            ``ensemble_weights="equal"``; chosen at fit with ``"auto"``, see
+            :mod:`patchknn.member_weights`); a member weighted 0 is not scored.
         threshold_: decision threshold on the ensemble's image score (``None`` = no decision).
     """
 
@@ -128,22 +132,23 @@ class EnsemblePatchKNN(PatchKNN):
         if isinstance(weights, list | tuple):
             if len(weights) != len(configs):
                 raise ConfigError(f"weights: {len(weights)} given for {len(configs)} members")
-            member_weights = list(weights)
+            net_weights = list(weights)
         elif weights is None or str(weights).startswith("random"):
-            member_weights = [weights] * len(configs)
+            net_weights = [weights] * len(configs)
         else:
             # a weights file belongs to one network: the members on the first member's backbone use it,
             # the others their own default weights (e.g. the packaged EfficientNet-Lite2 file)
-            member_weights = [weights if c.backbone == configs[0].backbone else None for c in configs]
+            net_weights = [weights if c.backbone == configs[0].backbone else None for c in configs]
         full = configs[0].replace(ensemble=tuple(member_spec(configs[0], c) for c in configs[1:]))
-        super().__init__(**full.as_kwargs(), weights=member_weights[0], **runtime)
+        super().__init__(**full.as_kwargs(), weights=net_weights[0], **runtime)
         self.runtime = dict(runtime)
         # members need no threshold of their own: the ensemble calibrates one on its own scores
         self.members = [
             PatchKNN.from_config(c.replace(threshold_method="none"), weights=w, **runtime)
-            for c, w in zip(configs, member_weights)
+            for c, w in zip(configs, net_weights)
         ]
         self.norm_: np.ndarray | None = None
+        self.member_weights_: np.ndarray | None = None
 
     @classmethod
     def from_config(cls, config: PatchKNNConfig, **runtime: Any) -> EnsemblePatchKNN:
@@ -166,7 +171,7 @@ class EnsemblePatchKNN(PatchKNN):
 
     @property
     def is_fitted(self) -> bool:
-        return self.norm_ is not None and all(m.is_fitted for m in self.members)
+        return self.norm_ is not None and self.member_weights_ is not None and all(m.is_fitted for m in self.members)
 
     # ------------------------------------------------------------------------------- fitting
     def fit(self, images: Sequence[Any] | str | Path) -> EnsemblePatchKNN:
@@ -176,10 +181,12 @@ class EnsemblePatchKNN(PatchKNN):
         if len(sources) < 2:
             raise ConfigError("an ensemble needs at least two normal images to calibrate its members")
         stores, _, kept = self._member_stores(sources, "fit")
-        defects = DefectSources(kept) if self.config.threshold_method == "defects" else None  # made once
+        cfg = self.config
+        wanted = cfg.threshold_method == "defects" or cfg.ensemble_weights == "auto"
+        defects = DefectSources(kept) if wanted else None  # made once, for every member
         for member, store in zip(self.members, stores):
             member.fit_store(store, t0, keep_held_out=True, sources=defects)
-        return self._calibrate(t0)
+        return self._calibrate(t0, defects)
 
     def partial_fit(self, images: Sequence[Any] | str | Path) -> EnsemblePatchKNN:
         """Add normal ``images`` to every member exactly (:meth:`PatchKNN.partial_fit`: each member
@@ -227,18 +234,21 @@ class EnsemblePatchKNN(PatchKNN):
             member.skipped_ = list(self.skipped_)
         return stores, *fitted_images(sources, errors)
 
-    def _calibrate(self, t0: float) -> EnsemblePatchKNN:
-        """The members' normalisation and the ensemble's threshold from the members' held-out
-        grids of the same images, by the folds (and coreset replacements) of the single model's
-        calibration (:func:`patchknn.threshold.held_out_grids`)."""
+    def _calibrate(self, t0: float, defects: DefectSources | None = None) -> EnsemblePatchKNN:
+        """The members' normalisation and weights and the ensemble's threshold from the members'
+        held-out grids of the same images, by the folds (and coreset replacements) of the single
+        model's calibration (:func:`patchknn.threshold.held_out_grids`). ``defects``: the synthetic
+        defects made on them (their masks choose ``ensemble_weights="auto"``; without them, as in
+        :meth:`partial_fit`, the weights stay as they were)."""
         held = [m.__dict__.pop("held_out_") for m in self.members]
         cal = held[0].images
         if not cal:
             raise ConfigError("an ensemble needs calibration_images >= 1 to normalise its members")
         self.norm_ = np.array([(h.grids.mean(), max(h.grids.std(), 1e-12)) for h in held], dtype=np.float64)
+        weighting = self._choose_weights(held, cal, defects)
 
-        def combined(grids: list[np.ndarray]) -> np.ndarray:  # the members' z-scored grids, averaged
-            return np.mean([(g - mu) / sd for g, (mu, sd) in zip(grids, self.norm_)], axis=0).astype(np.float32)
+        def combined(grids: list[np.ndarray]) -> np.ndarray:  # the members' z-scored grids, weighed
+            return member_weights.combine(grids, self.norm_, self.member_weights_)  # type: ignore[arg-type]
 
         z = combined([h.grids for h in held])
         scores = np.array([scoring.image_score(g, self.config) for g in z])
@@ -256,9 +266,11 @@ class EnsemblePatchKNN(PatchKNN):
             "threshold": self.threshold_,
             "n_images": len(cal),
             "image_scores": [round(float(v), 6) for v in scores],
-            "units": "mean of the members' z-scores",
+            "units": "mean of the members' z-scores" if weighting["method"] == "equal" else
+                     "weighted mean of the members' z-scores",
             "image": summarize(scores, IMAGE_QUANTILES),
             "patch": summarize(z.ravel(), PATCH_QUANTILES),
+            "member_weights": weighting,
         } | defects_info
         infos = [m.fit_info_ for m in self.members]
         self.fit_info_ = {
@@ -273,6 +285,25 @@ class EnsemblePatchKNN(PatchKNN):
         }
         return self
 
+    def _choose_weights(self, held: list[Any], cal: list[int], defects: DefectSources | None) -> dict[str, Any]:
+        """Set :attr:`member_weights_` by ``config.ensemble_weights``; returns its record for
+        ``fit_info_["calibration"]["member_weights"]`` (method, weights, the candidates' table)."""
+        n = len(self.members)
+        previous = self.member_weights_
+        if self.config.ensemble_weights != "auto":
+            self.member_weights_ = member_weights.equal_weights(n)
+            return {"method": "equal", "weights": self.member_weights_.tolist()}
+        masks = None if defects is None else defects.masks_of(self.config.seed, cal)
+        if masks is None or not len(held[0].defect_grids):  # partial_fit: no new defects, keep the weights
+            self.member_weights_ = member_weights.equal_weights(n) if previous is None else previous
+            old = (getattr(self, "fit_info_", None) or {}).get("calibration", {}).get("member_weights", {})
+            return {"method": "auto", "weights": self.member_weights_.tolist(),
+                    "candidates": old.get("candidates", []), "kept": True}
+        self.member_weights_, table = member_weights.choose_weights(
+            [h.grids for h in held], [h.defect_grids for h in held], masks, self.norm_, self.config,
+        )
+        return {"method": "auto", "weights": self.member_weights_.tolist(), "candidates": table}
+
     # ---------------------------------------------------------------------------- predicting
     @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -282,18 +313,15 @@ class EnsemblePatchKNN(PatchKNN):
         as for one model."""
         self._check_fitted()
         self._share_backbones()
-        total: np.ndarray | None = None
-        weight_sum: np.ndarray | None = None
-        try:
-            for member, (mu, sd) in zip(self.members, self.norm_):  # type: ignore[arg-type]
-                grids, weights = member.score_batch(images)
-                z = (grids.astype(np.float64) - mu) / sd
-                total = z if total is None else total + z
-                weight_sum = weights if weight_sum is None else weight_sum + weights
+        w = self.member_weights_
+        try:  # a member weighted 0 is not scored
+            out = [member.score_batch(images) if wi else (None, None) for member, wi in zip(self.members, w)]
         finally:
             _SharedBackbone.forget_all(self.members)
-        n = len(self.members)
-        return (total / n).astype(np.float32), weight_sum / n  # type: ignore[operator]
+        return (
+            member_weights.combine([g for g, _ in out], self.norm_, w),  # type: ignore[arg-type]
+            member_weights.combine_weights([iw for _, iw in out], w),  # type: ignore[arg-type]
+        )
 
     # ------------------------------------------------------------------------------- storage
     def save(self, path: str | Path, *, training: bool = True) -> Path:
@@ -320,7 +348,11 @@ class EnsemblePatchKNN(PatchKNN):
             "threshold": self.threshold_,
             "fit_info": self.fit_info_,
         }
-        out = save_model(root, meta, {"ensemble": {"norm": np.asarray(self.norm_, dtype=np.float64)}})
+        tensors = {
+            "norm": np.asarray(self.norm_, dtype=np.float64),
+            "weights": np.asarray(self.member_weights_, dtype=np.float64),
+        }
+        out = save_model(root, meta, {"ensemble": tensors})
         for old in root.glob("member-*"):  # the previous save's members, now unreferenced
             if old.is_dir() and old.name not in folders:
                 shutil.rmtree(old, ignore_errors=True)
@@ -339,6 +371,8 @@ class EnsemblePatchKNN(PatchKNN):
             backbones = [str(b) for b in doc["backbones"]]
             folders = [str(f) for f in doc["members"]]
             norm = np.asarray(groups["ensemble"]["norm"], dtype=np.float64)
+            # files saved before ensemble_weights: equal weights
+            weights = np.asarray(groups["ensemble"].get("weights", np.ones(len(norm))), dtype=np.float64)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"{root}: the ensemble description is missing or damaged ({e})") from e
         except ConfigError as e:
@@ -346,6 +380,7 @@ class EnsemblePatchKNN(PatchKNN):
         expected = config.ensemble_members() if config.ensemble else []
         if not (len(folders) == len(backbones) == len(expected)) or norm.shape != (len(folders), 2):
             raise ModelFileError(f"{root}: members, configuration and normalisation disagree")
+        member_weights.check_weights(weights, len(folders), f"{root}: ")
         if any(Path(f).name != f for f in folders):
             raise ModelFileError(f"{root}: member folder names must be plain names")
         try:
@@ -362,6 +397,7 @@ class EnsemblePatchKNN(PatchKNN):
         ens = cls(None, config, **{"weights": "random", **runtime})
         ens.members = members
         ens.norm_ = norm
+        ens.member_weights_ = weights
         thr = doc.get("threshold")
         ens.threshold_ = None if thr is None else float(thr)
         ens.fit_info_ = dict(doc.get("fit_info") or {})

@@ -117,6 +117,7 @@ class PatchKNN:
         precision: str = "float32",
         seed: int = 0,
         ensemble: Sequence[str] = (),
+        ensemble_weights: str = "equal",
         *,
         weights: WeightsArg = None,
         device: str = "cpu",
@@ -126,8 +127,7 @@ class PatchKNN:
         on_error: OnError = "stop",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        # the config owns the options (validation, defaults, saving): every method parameter of
-        # this signature is one of its fields (tests/test_model.py checks they never drift apart)
+        # the config owns the options (validation, defaults, saving): every parameter above is one of its fields
         given = locals()
         self.config = PatchKNNConfig(**{name: given[name] for name in CONFIG_FIELDS})
         if self.config.ensemble and not self._is_ensemble:

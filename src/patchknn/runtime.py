@@ -32,6 +32,7 @@ import numpy as np
 from patchknn import scoring
 from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, load_resized, source_name
 from patchknn.errors import ConfigError, ModelFileError, PatchKNNError
+from patchknn.member_weights import check_weights, combine, combine_weights
 from patchknn.scoring import OutputSize, Prediction
 from patchknn.serialization import load_model, read_meta, sha256_file
 
@@ -233,6 +234,10 @@ class ExportedModel:
                 for i, desc in enumerate(members)
             ]
             self.norm_ = np.asarray(groups["ensemble"]["norm"], np.float64) if "ensemble" in groups else None
+            self.member_weights_: np.ndarray | None = None
+            if self.norm_ is not None:  # exports made before ensemble_weights: equal weights
+                weights = groups["ensemble"].get("weights", np.ones(len(self.norm_)))
+                self.member_weights_ = check_weights(weights, len(self.members), f"{root}: ")
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"{root}: the export's description is missing or damaged ({e})") from e
         except OSError as e:
@@ -255,14 +260,10 @@ class ExportedModel:
         batch = BatchOutputs(np.asarray(images, dtype=np.uint8))  # this call's graph runs, shared by its members
         if self.norm_ is None:
             return self.members[0].score_batch(batch)
-        total, weight_sum = None, None
-        for member, (mu, sd) in zip(self.members, self.norm_):
-            grids, weights = member.score_batch(batch)
-            z = (grids.astype(np.float64) - mu) / sd
-            total = z if total is None else total + z
-            weight_sum = weights if weight_sum is None else weight_sum + weights
-        n = len(self.members)
-        return (total / n).astype(np.float32), weight_sum / n  # type: ignore[operator]
+        w = self.member_weights_
+        assert w is not None
+        out = [member.score_batch(batch) if wi else (None, None) for member, wi in zip(self.members, w)]
+        return combine([g for g, _ in out], self.norm_, w), combine_weights([iw for _, iw in out], w)
 
     def score_grid(self, images: np.ndarray) -> np.ndarray:
         """``(B, grid, grid)`` patch scores (see :meth:`score_batch`)."""

@@ -36,6 +36,7 @@ REPRODUCED_OPTIONS = frozenset({
     "smoothing_sigma", "image_score", "image_score_topk", "index", "index_nlist", "index_nprobe", "hnsw_m",
     "hnsw_ef_search", "coreset_ratio", "coreset_dim", "threshold_method", "threshold_quantile",
     "threshold_sigma", "calibration_images", "tta", "precision", "seed", "ensemble", "border_cells",
+    "ensemble_weights",
 })
 
 
@@ -146,11 +147,13 @@ def check_reproduced(config: Any) -> None:
             )
 
 
-def _members(model: PatchKNN) -> tuple[list[PatchKNN], np.ndarray | None]:
-    members = getattr(model, "members", None)  # an EnsemblePatchKNN: its members and their normalisation
+def _members(model: PatchKNN) -> tuple[list[PatchKNN], dict[str, np.ndarray] | None]:
+    """The models to export and, for an ensemble, its normalisation and member weights."""
+    members = getattr(model, "members", None)  # an EnsemblePatchKNN: its members, normalisation and weights
     norm = getattr(model, "norm_", None)
     if members and norm is not None:
-        return list(members), np.asarray(norm, dtype=np.float64)
+        weights = np.asarray(model.member_weights_, dtype=np.float64)  # type: ignore[attr-defined]
+        return list(members), {"norm": np.asarray(norm, dtype=np.float64), "weights": weights}
     return [model], None
 
 
@@ -232,7 +235,7 @@ def export_model(
     if root.exists() and not root.is_dir():
         raise ModelFileError(f"{root}: exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
-    members, norm = _members(model)
+    members, ensemble = _members(model)
     for m in [model, *members]:
         check_reproduced(m.config)
     size = int(model.config.image_size)
@@ -260,13 +263,13 @@ def export_model(
                     "index": index,
                     "backbone_precision": members[i].config.precision,
                 }
-    if norm is not None:
-        groups["ensemble"] = {"norm": norm}
+    if ensemble is not None:
+        groups["ensemble"] = ensemble
 
     meta = {
         "kind": EXPORTED_KIND,
         "export_format": format,
-        "model_kind": "ensemble" if norm is not None else "single",
+        "model_kind": "ensemble" if ensemble is not None else "single",
         "config": model.config.to_dict(),
         "input": {"name": "images", "dtype": "uint8", "layout": "NCHW RGB", "size": size},
         "output": {"name": "rows (rows_<i> for member i of a shared graph)", "dtype": "float32",

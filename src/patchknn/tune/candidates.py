@@ -104,7 +104,7 @@ def default_candidates(fixed: dict[str, Any] | None = None) -> list[Candidate]:
     if "border_cells" in _OPTIONS:  # the grid's outer ring takes its inner neighbour's value
         specs.append(("paper+border1", {**paper, "border_cells": 1}))
     if best:
-        single = {k: v for k, v in best.items() if k != "ensemble"}
+        single = {k: v for k, v in best.items() if k not in ("ensemble", "ensemble_weights")}
         specs += [
             ("best-single", single),
             ("best-single+layer_norm", {**single, "layer_norm": True}),

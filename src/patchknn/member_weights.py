@@ -1,0 +1,155 @@
+"""How an ensemble combines its members' grids, and how ``ensemble_weights="auto"`` weighs them.
+
+:func:`combine` is the one place where members' grids become the ensemble's grid, for the fit's
+calibration, :meth:`EnsemblePatchKNN.score_batch <patchknn.ensemble.EnsemblePatchKNN.score_batch>`
+and the exported runtime alike: each member's grid is z-scored on its held-out normal patches
+(``norm``: mean, standard deviation), then the weighted mean is taken,
+
+    z = sum_i w_i (g_i - mu_i) / sd_i / sum_i w_i.
+
+A member with weight 0 is not scored at all. Equal weights (all 1, ``ensemble_weights="equal"``,
+the default) give the plain mean, bit for bit as before weights existed.
+
+``ensemble_weights="auto"`` chooses the weights at fit time from normal images only
+(:func:`choose_weights`): the fit's calibration already scores 32 held-out normal images and two
+synthetic defects on each (cut-paste of the product's own patches, scratches, colour and texture
+changes, missing parts; each with the mask of exactly the pixels it changed) with every member.
+Each candidate weight vector (:func:`candidate_weights`: entries 0, 1 or 2 up to scale) combines
+those grids, and the one with the highest pixel AUPRC on the synthetic masks is kept (ties: the
+earlier candidate, equal weights first). Why: which view of the features finds a product's
+defects differs between products (bottle's large breaks and contaminations gain from the
+normalised views; magnetic_tile's small dark blowholes need the raw one), and the held-out
+synthetic defects rank the weights as the real test sets do on both (docs/accuracy.md).
+
+Example:
+    >>> candidate_weights(2)
+    [(1, 1), (0, 1), (1, 0), (1, 2), (2, 1)]
+    >>> g = [np.zeros((1, 2, 2), np.float32), np.ones((1, 2, 2), np.float32)]
+    >>> float(combine(g, np.array([[0.0, 1.0], [0.0, 1.0]]), np.array([1.0, 3.0]))[0, 0, 0])
+    0.75
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from patchknn.config import PatchKNNConfig
+
+__all__ = [
+    "WEIGHT_STEPS", "candidate_weights", "check_weights", "choose_weights", "combine",
+    "combine_weights", "equal_weights",
+]
+
+#: the weights ``"auto"`` tries for each member (every combination, up to scale; at most
+#: :data:`~patchknn.config.MAX_AUTO_MEMBERS` members)
+WEIGHT_STEPS = (0, 1, 2)
+
+
+def equal_weights(n: int) -> np.ndarray:
+    """The default weights of ``n`` members: all 1 (the plain mean)."""
+    return np.ones(n, dtype=np.float64)
+
+
+def check_weights(weights: np.ndarray, n: int, where: str = "") -> np.ndarray:
+    """``weights`` if they can weigh ``n`` members (``(n,)``, finite, >= 0, not all 0), else a
+    :class:`~patchknn.errors.ModelFileError` (a damaged file must not score silently otherwise)."""
+    from patchknn.errors import ModelFileError
+
+    w = np.asarray(weights)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+        raise ModelFileError(
+            f"{where}the ensemble's member weights must be {n} finite values >= 0, not all 0; got {w.tolist()}"
+        )
+    return w.astype(np.float64)
+
+
+def candidate_weights(n: int) -> list[tuple[int, ...]]:
+    """The weight vectors ``"auto"`` compares for ``n`` members: entries from :data:`WEIGHT_STEPS`,
+    not all 0, each reduced to its smallest integer multiple (so each direction appears once),
+    equal weights first, then in lexicographic order."""
+    out = [(1,) * n]
+    for w in itertools.product(WEIGHT_STEPS, repeat=n):
+        if not any(w):
+            continue
+        g = math.gcd(*w)
+        w = tuple(x // g for x in w)
+        if w not in out:
+            out.append(w)
+    return out
+
+
+def combine(
+    grids: Sequence[np.ndarray | None], norm: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """The ensemble's grids: the ``weights``-weighted mean of the members' z-scored ``grids``
+    (float32; ``grids[i]`` may be ``None`` where ``weights[i] == 0``; ``None`` weights = equal)."""
+    weights = equal_weights(len(norm)) if weights is None else np.asarray(weights, dtype=np.float64)
+    total: np.ndarray | None = None
+    for grid, (mu, sd), w in zip(grids, norm, weights):
+        if w == 0:
+            continue
+        assert grid is not None, "a member with a non-zero weight needs its grids"
+        z = (grid.astype(np.float64) - mu) / sd
+        if w != 1:
+            z = z * w
+        total = z if total is None else total + z
+    if total is None:
+        raise ValueError("at least one member needs a non-zero weight")
+    return (total / weights.sum()).astype(np.float32)
+
+
+def combine_weights(image_weights: Sequence[np.ndarray | None], weights: np.ndarray) -> np.ndarray:
+    """The ensemble's image weights (PatchCore's reweighting): the members' weighted mean."""
+    total = sum(w * iw for w, iw in zip(weights, image_weights) if w != 0)
+    return np.asarray(total / weights.sum())
+
+
+def choose_weights(
+    normal: Sequence[np.ndarray],
+    defects: Sequence[np.ndarray],
+    masks: np.ndarray,
+    norm: np.ndarray,
+    config: PatchKNNConfig,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The weights of ``"auto"``: the candidate (:func:`candidate_weights`) whose combined maps
+    have the highest pixel AUPRC on the held-out synthetic defects.
+
+    Args:
+        normal: each member's held-out grids of the normal calibration images ``(n, g, g)``.
+        defects: each member's held-out grids of their synthetic defects ``(m, g, g)``.
+        masks: the defects' masks at the model's input size ``(m, S, S)`` bool.
+        norm: the members' z-score normalisation ``(members, 2)``.
+        config: the ensemble's configuration (maps as :func:`patchknn.scoring.grid_to_map`).
+
+    Returns:
+        The chosen weights (float64, one per member) and the table: one row per candidate with its
+        ``weights``, ``pixel_auprc`` and ``image_auroc`` on the held-out set.
+    """
+    from patchknn import metrics, scoring
+
+    size = (config.image_size, config.image_size)
+    n_normal = len(normal[0])
+    all_masks = np.concatenate([np.zeros((n_normal, *size), dtype=bool), np.asarray(masks, dtype=bool)])
+    labels = np.r_[np.zeros(n_normal), np.ones(len(masks))]
+    rows: list[dict[str, Any]] = []
+    best, best_w = -math.inf, equal_weights(len(norm))
+    for cand in candidate_weights(len(norm)):
+        w = np.asarray(cand, dtype=np.float64)
+        grids = np.concatenate([combine(normal, norm, w), combine(defects, norm, w)])
+        maps = np.stack([scoring.grid_to_map(g, size, config) for g in grids])
+        scores = np.array([scoring.image_score(g, config, amap=m) for g, m in zip(grids, maps)])
+        px = float(metrics.pixel_auprc(maps, all_masks))
+        rows.append({
+            "weights": list(cand),
+            "pixel_auprc": round(px, 6),
+            "image_auroc": round(float(metrics.image_auroc(scores, labels)), 6),
+        })
+        if px > best:
+            best, best_w = px, w
+    return best_w, rows
