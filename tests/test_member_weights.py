@@ -180,3 +180,15 @@ def test_a_model_file_without_weights_loads_with_equal_weights(auto_ensemble, tm
     assert loaded.member_weights_.tolist() == [1.0, 1.0]
     doc = json.loads((root / "patchknn.json").read_text())
     assert doc["kind"] == "ensemble"
+
+
+def test_partial_fit_keeps_the_chosen_weights():
+    """partial_fit makes no new synthetic defects: the weights chosen at fit stay (and say so)."""
+    cfg = preset("paper", **{**SMALL, "calibration_images": 4, "ensemble": ("layer_norm=true",),
+                             "ensemble_weights": "auto"})
+    ens = PatchKNN.from_config(cfg, **RUNTIME).fit(_images(6))
+    ens.member_weights_ = np.array([2.0, 1.0])  # as if fit had chosen them
+    ens.partial_fit(_images(2, seed=9))
+    assert ens.member_weights_.tolist() == [2.0, 1.0]
+    record = ens.fit_info_["calibration"]["member_weights"]
+    assert record["kept"] is True and record["weights"] == [2.0, 1.0] and len(record["candidates"]) == 5
