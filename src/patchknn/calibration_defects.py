@@ -56,7 +56,7 @@ def defect_images(model: PatchKNN, sources: Sequence[Any], images: Sequence[int]
         normal = load_image(sources[img], max_pixels=model.max_pixels)
         kinds = [DEFECT_KINDS[n % len(DEFECT_KINDS)] for n in range(img * per, (img + 1) * per)]
         made = [add_defect(normal, kind, seed=seed, index=img * per + j) for j, kind in enumerate(kinds)]
-        if keep is not None:  # their masks at the input size, for ensemble_weights="auto"
+        if keep is not None and keep.keep_masks:  # their masks at the input size, for ensemble_weights="auto"
             keep.masks[seed, img] = [resize_mask(d.mask, size) for d in made]
         return [d.image for d in made]
 
@@ -76,10 +76,11 @@ class DefectSources(Sequence[Any]):
     (:func:`defect_images`) are made once for every model that calibrates on them: an ensemble's
     members, which score the same defects with their own features."""
 
-    def __init__(self, sources: Sequence[Any]) -> None:
+    def __init__(self, sources: Sequence[Any], masks: bool = False) -> None:
         self.sources = list(sources)
         self.made: dict[tuple[int, int], list[np.ndarray]] = {}  # (seed, image) -> its defects
-        # (seed, image) -> their masks at the model's input size (bool), in the same order
+        # masks=True: (seed, image) -> their masks at the model's input size (bool), in the same order
+        self.keep_masks = masks
         self.masks: dict[tuple[int, int], list[np.ndarray]] = {}
 
     def masks_of(self, seed: int, images: Sequence[int]) -> np.ndarray | None:

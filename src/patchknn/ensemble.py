@@ -182,8 +182,8 @@ class EnsemblePatchKNN(PatchKNN):
             raise ConfigError("an ensemble needs at least two normal images to calibrate its members")
         stores, _, kept = self._member_stores(sources, "fit")
         cfg = self.config
-        wanted = cfg.threshold_method == "defects" or cfg.ensemble_weights == "auto"
-        defects = DefectSources(kept) if wanted else None  # made once, for every member
+        auto = cfg.ensemble_weights == "auto"  # their masks choose the weights
+        defects = DefectSources(kept, masks=auto) if cfg.threshold_method == "defects" or auto else None  # made once
         for member, store in zip(self.members, stores):
             member.fit_store(store, t0, keep_held_out=True, sources=defects)
         return self._calibrate(t0, defects)
@@ -313,15 +313,12 @@ class EnsemblePatchKNN(PatchKNN):
         as for one model."""
         self._check_fitted()
         self._share_backbones()
-        w = self.member_weights_
         try:  # a member weighted 0 is not scored
-            out = [member.score_batch(images) if wi else (None, None) for member, wi in zip(self.members, w)]
+            return member_weights.score_members(
+                lambda m: m.score_batch(images), self.members, self.norm_, self.member_weights_,  # type: ignore[arg-type]
+            )
         finally:
             _SharedBackbone.forget_all(self.members)
-        return (
-            member_weights.combine([g for g, _ in out], self.norm_, w),  # type: ignore[arg-type]
-            member_weights.combine_weights([iw for _, iw in out], w),  # type: ignore[arg-type]
-        )
 
     # ------------------------------------------------------------------------------- storage
     def save(self, path: str | Path, *, training: bool = True) -> Path:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WEIGHT_STEPS", "candidate_weights", "check_weights", "choose_weights", "combine",
-    "combine_weights", "equal_weights",
+    "combine_weights", "equal_weights", "score_members",
 ]
 
 #: the weights ``"auto"`` tries for each member (every combination, up to scale; at most
@@ -108,6 +108,16 @@ def combine_weights(image_weights: Sequence[np.ndarray | None], weights: np.ndar
     """The ensemble's image weights (PatchCore's reweighting): the members' weighted mean."""
     total = sum(w * iw for w, iw in zip(weights, image_weights) if w != 0)
     return np.asarray(total / weights.sum())
+
+
+def score_members(
+    score: Callable[[Any], tuple[np.ndarray, np.ndarray]], members: Sequence[Any], norm: np.ndarray,
+    weights: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An ensemble's ``(grids, image weights)`` of one batch: ``score(member)`` of every member
+    with a non-zero weight (the others are not scored), combined (:func:`combine`)."""
+    out = [score(m) if w else (None, None) for m, w in zip(members, weights)]
+    return combine([g for g, _ in out], norm, weights), combine_weights([iw for _, iw in out], weights)
 
 
 def choose_weights(

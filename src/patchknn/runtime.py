@@ -32,7 +32,7 @@ import numpy as np
 from patchknn import scoring
 from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, load_resized, source_name
 from patchknn.errors import ConfigError, ModelFileError, PatchKNNError
-from patchknn.member_weights import check_weights, combine, combine_weights
+from patchknn.member_weights import check_weights, score_members
 from patchknn.scoring import OutputSize, Prediction
 from patchknn.serialization import load_model, read_meta, sha256_file
 
@@ -260,10 +260,8 @@ class ExportedModel:
         batch = BatchOutputs(np.asarray(images, dtype=np.uint8))  # this call's graph runs, shared by its members
         if self.norm_ is None:
             return self.members[0].score_batch(batch)
-        w = self.member_weights_
-        assert w is not None
-        out = [member.score_batch(batch) if wi else (None, None) for member, wi in zip(self.members, w)]
-        return combine([g for g, _ in out], self.norm_, w), combine_weights([iw for _, iw in out], w)
+        assert self.member_weights_ is not None
+        return score_members(lambda m: m.score_batch(batch), self.members, self.norm_, self.member_weights_)
 
     def score_grid(self, images: np.ndarray) -> np.ndarray:
         """``(B, grid, grid)`` patch scores (see :meth:`score_batch`)."""
