@@ -141,6 +141,8 @@ def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, Any
         "images_per_second": round(len(samples) / predict_seconds, 3),
         "calibration_images": cal.get("n_images"),
         "calibration_seconds": cal.get("seconds"),
+        # an ensemble's member weights (ensemble_weights="auto": chosen at fit), None for one model
+        "member_weights": cal.get("member_weights", {}).get("weights"),
         "fit_seconds": round(fit_seconds, 1),
         "predict_seconds": round(predict_seconds, 1),
         "held_out_scores": held.scores,
