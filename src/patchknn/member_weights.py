@@ -18,8 +18,11 @@ Each candidate weight vector (:func:`candidate_weights`: entries 0, 1 or 2 up to
 those grids, and the one with the highest pixel AUPRC on the synthetic masks is kept (ties: the
 earlier candidate, equal weights first). Why: which view of the features finds a product's
 defects differs between products (bottle's large breaks and contaminations gain from the
-normalised views; magnetic_tile's small dark blowholes need the raw one), and the held-out
-synthetic defects rank the weights as the real test sets do on both (docs/accuracy.md).
+normalised views; magnetic_tile's small dark blowholes need the raw one). How far to trust it: the
+held-out synthetic defects rank the weights as the real test sets do on bottle, weakly on
+magnetic_tile, and in reverse on the synthetic category, whose small holes and spots the
+calibration's kinds do not resemble (docs/accuracy.md, "Views weighed per product"): an option to
+check on the product, not a preset's default.
 
 Example:
     >>> candidate_weights(2)
