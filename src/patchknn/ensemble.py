@@ -368,8 +368,6 @@ class EnsemblePatchKNN(PatchKNN):
             backbones = [str(b) for b in doc["backbones"]]
             folders = [str(f) for f in doc["members"]]
             norm = np.asarray(groups["ensemble"]["norm"], dtype=np.float64)
-            # files saved before ensemble_weights: equal weights
-            weights = np.asarray(groups["ensemble"].get("weights", np.ones(len(norm))), dtype=np.float64)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"{root}: the ensemble description is missing or damaged ({e})") from e
         except ConfigError as e:
@@ -377,7 +375,7 @@ class EnsemblePatchKNN(PatchKNN):
         expected = config.ensemble_members() if config.ensemble else []
         if not (len(folders) == len(backbones) == len(expected)) or norm.shape != (len(folders), 2):
             raise ModelFileError(f"{root}: members, configuration and normalisation disagree")
-        member_weights.check_weights(weights, len(folders), f"{root}: ")
+        weights = member_weights.saved_weights(groups["ensemble"], len(folders), f"{root}: ")
         if any(Path(f).name != f for f in folders):
             raise ModelFileError(f"{root}: member folder names must be plain names")
         try:

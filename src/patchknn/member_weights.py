@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WEIGHT_STEPS", "candidate_weights", "check_weights", "choose_weights", "combine",
-    "combine_weights", "equal_weights", "score_members",
+    "combine_weights", "equal_weights", "saved_weights", "score_members",
 ]
 
 #: the weights ``"auto"`` tries for each member (every combination, up to scale; at most
@@ -70,6 +70,12 @@ def check_weights(weights: np.ndarray, n: int, where: str = "") -> np.ndarray:
             f"{where}the ensemble's member weights must be {n} finite values >= 0, not all 0; got {w.tolist()}"
         )
     return w.astype(np.float64)
+
+
+def saved_weights(group: Mapping[str, Any], n: int, where: str = "") -> np.ndarray:
+    """The weights of ``n`` members stored in a model file's or export's ``ensemble`` tensor group
+    (:func:`check_weights`); files written before weights existed have none: equal weights."""
+    return check_weights(np.asarray(group.get("weights", equal_weights(n))), n, where)
 
 
 def candidate_weights(n: int) -> list[tuple[int, ...]]:

@@ -32,7 +32,7 @@ import numpy as np
 from patchknn import scoring
 from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, load_resized, source_name
 from patchknn.errors import ConfigError, ModelFileError, PatchKNNError
-from patchknn.member_weights import check_weights, score_members
+from patchknn.member_weights import saved_weights, score_members
 from patchknn.scoring import OutputSize, Prediction
 from patchknn.serialization import load_model, read_meta, sha256_file
 
@@ -235,9 +235,8 @@ class ExportedModel:
             ]
             self.norm_ = np.asarray(groups["ensemble"]["norm"], np.float64) if "ensemble" in groups else None
             self.member_weights_: np.ndarray | None = None
-            if self.norm_ is not None:  # exports made before ensemble_weights: equal weights
-                weights = groups["ensemble"].get("weights", np.ones(len(self.norm_)))
-                self.member_weights_ = check_weights(weights, len(self.members), f"{root}: ")
+            if self.norm_ is not None:
+                self.member_weights_ = saved_weights(groups["ensemble"], len(self.members), f"{root}: ")
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFileError(f"{root}: the export's description is missing or damaged ({e})") from e
         except OSError as e:
