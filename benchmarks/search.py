@@ -59,6 +59,19 @@ def gemm_rates(d: int, threads: int, m: int = 784, n: int = 8192) -> dict[str, f
         out["int8"] = 2 * m * n * d8 * reps / (time.perf_counter() - t) / 1e9
     except RuntimeError:  # pragma: no cover - builds without the int8 kernel
         out["int8"] = float("nan")
+    try:  # oneDNN's int8 linear layer (the screen's kernel where it is faster: AMX), same shape
+        from patchknn.index.quantized import _onednn_product
+
+        packed = torch.ops.onednn.qlinear_prepack(b8.t().contiguous(), [m, d8])
+        ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+        _onednn_product(a8, packed, ones, zeros)
+        reps, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            _onednn_product(a8, packed, ones, zeros)
+            reps += 1
+        out["int8_onednn"] = 2 * m * n * d8 * reps / (time.perf_counter() - t) / 1e9
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without it
+        out["int8_onednn"] = float("nan")
     return out
 
 
@@ -110,7 +123,7 @@ def save_features(out: Path, data_root: Path, category: str, weights: str | None
 
 
 def bench_bank(name: str, bank: np.ndarray, q: np.ndarray, threads: int, args: argparse.Namespace) -> dict:
-    from patchknn.index import PrunedFlatIndex
+    from patchknn.index import PrunedFlatIndex, quantized
     from patchknn.index.screened import ScreenedFlatIndex
 
     n, d = bank.shape
@@ -147,10 +160,16 @@ def bench_bank(name: str, bank: np.ndarray, q: np.ndarray, threads: int, args: a
         del pr
         gc.collect()
 
-    for screen in ("int8", "float32"):  # the same answers; the int8 one is the default
+    # the same answers; the int8 one is the default, on the faster of its two kernels (int8_backend),
+    # and, where that is oneDNN's, also on torch._int_mm for comparison ("int8_int_mm")
+    screens = ["int8", "float32"] + (["int8_int_mm"] if quantized.int8_backend() == "onednn" else [])
+    chosen = quantized.int8_backend
+    for screen in screens:
         key = f"screened_{screen}"
+        quantized.int8_backend = (lambda: "int_mm") if screen == "int8_int_mm" else chosen
         t = time.perf_counter()
-        sc = ScreenedFlatIndex(threads=threads, screen=screen).build(bank)
+        sc = ScreenedFlatIndex(threads=threads, screen=screen[:4] if screen != "float32" else screen).build(bank)
+        quantized.int8_backend = chosen
         res[f"{key}_build_s"] = round(time.perf_counter() - t, 1)
         res[f"{key}_head_dim"] = sc._index.head_dim
         sc.search(q[:8], 1)
@@ -164,11 +183,14 @@ def bench_bank(name: str, bank: np.ndarray, q: np.ndarray, threads: int, args: a
         res[f"{key}_vs_fp32_limit"] = round(res[f"{key}_qps"] / res["fp32_limit_qps"], 2)
         if screen == "int8":
             answers = got
+            res["int8_kernel"] = sc._index.backend
         else:
-            res["screens_identical"] = bool(np.array_equal(answers, got))
+            res["screens_identical"] = bool(res.get("screens_identical", True) and np.array_equal(answers, got))
         del sc
         gc.collect()
     res["int8_vs_float32_screen"] = round(res["screened_int8_qps"] / res["screened_float32_qps"], 2)
+    if "screened_int8_int_mm_qps" in res:
+        res["onednn_vs_int_mm_kernel"] = round(res["screened_int8_qps"] / res["screened_int8_int_mm_qps"], 2)
     res["speedup_vs_faiss_flat"] = round(res["screened_int8_qps"] / res["faiss_flat_qps"], 2)
     res["fraction_of_fp32_limit_faiss"] = round(res["faiss_flat_qps"] / res["fp32_limit_qps"], 2)
     if "pruned_qps" in res:
@@ -216,12 +238,14 @@ def main() -> None:
         del bank
         gc.collect()
     cols = ["bank", "rows", "dim", "faiss_flat_qps", "pruned_qps", "screened_int8_qps", "screened_float32_qps",
-            "screens_identical", "fp32_limit_qps", "screened_int8_vs_fp32_limit", "screened_int8_recheck_fraction"]
-    print("\n| " + " | ".join(cols) + " | GEMM GFLOP/s fp32 / bf16 / int8 |")
+            "screens_identical", "fp32_limit_qps", "screened_int8_vs_fp32_limit", "screened_int8_recheck_fraction",
+            "int8_kernel", "screened_int8_int_mm_qps"]
+    print("\n| " + " | ".join(cols) + " | GEMM GFLOP/s fp32 / bf16 / int8 / int8 oneDNN |")
     print("|" + "---|" * (len(cols) + 1))
     for r in results:
         g = r["gemm_gflops"]
-        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {g['fp32']} / {g['bf16']} / {g['int8']} |")
+        gemm = f"{g['fp32']} / {g['bf16']} / {g['int8']} / {g['int8_onednn']}"
+        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + f" | {gemm} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -46,6 +46,8 @@ THIRD_PARTY_PRIVATE = {
     ("torch.ops.mkldnn", "_is_mkldnn_bf16_supported"),
     # torch's int8 x int8 -> int32 matrix product (the exact int8 screen; no public name yet)
     ("torch", "_int_mm"),
+    # whether the CPU has AMX tiles (the int8 screen then runs on oneDNN's AMX kernel; no public name)
+    ("torch.cpu", "_is_amx_tile_supported"),
     # a tensor's version counter (bumped by in-place changes; no public accessor): when a network's
     # folded copy is stale (patchknn.backbones.folding)
     ("tensor", "_version"),

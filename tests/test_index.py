@@ -385,7 +385,8 @@ def test_int8_screen_bounds_never_exceed_the_distance():
     state = QuantizedBounds(bank, head_dim=64, chunk_rows=512, pilot_rows=1024)
     enc = state.encode(torch.from_numpy(q))
     assert bool((enc.kappa >= 1).all())
-    prod = torch._int_mm(enc.codes, state.codes.t())  # R' of every pair (rows in screening order)
+    # R' of every pair (rows in screening order), chunk by chunk as the screen computes it
+    prod = torch.cat([state.product(enc.codes, ci).to(torch.int32) for ci in range(len(state.bounds))], 1)
     qi = torch.arange(len(q)).repeat_interleave(n)
     ri = torch.arange(n).repeat(len(q))
     low = state.pair_lower_bound(enc, qi, ri, prod.reshape(-1))
@@ -431,3 +432,56 @@ def test_pruned_stats_are_the_same_on_one_or_two_threads(clustered):
         index.search(q, 2)
         counts.append(dict(index.stats))
     assert counts[0] == counts[1] and counts[0]["queries"] == len(q) and counts[0]["pairs"] > 0
+
+
+def test_int8_products_of_both_kernels_are_the_same_integers(clustered, monkeypatch):
+    """The int8 screen's product runs on ``torch._int_mm`` or, where it is faster (AMX), oneDNN's int8
+    linear layer with a float32 output: both give the same exact integers for every chunk, and the
+    index the same answers bit for bit. Codes too wide for float32 to hold their sums keep _int_mm."""
+    from patchknn.index import quantized
+    from patchknn.index.screened import ScreenedFlatIndex
+
+    bank, q = clustered
+    if not quantized.int8_matmul_available():
+        pytest.skip("this torch has no CPU int8 matrix product")
+    answers, states = {}, {}
+    for backend in ("int_mm", "onednn"):
+        monkeypatch.setattr(quantized, "int8_backend", lambda b=backend: b)
+        try:
+            index = ScreenedFlatIndex(head_dim=8, threads=1, chunk_rows=512, screen="int8").build(bank)
+        except (AttributeError, RuntimeError) as exc:  # a torch without oneDNN's int8 linear layer
+            pytest.skip(f"oneDNN int8 linear not available: {exc}")
+        states[backend] = index._index
+        assert index._index.backend == backend
+        answers[backend] = index.search(q, 3)
+    np.testing.assert_array_equal(answers["int_mm"], answers["onednn"])
+    enc = states["int_mm"].encode(torch.from_numpy(q))
+    for ci in range(len(states["int_mm"].bounds)):
+        one = states["int_mm"].product(enc.codes, ci)
+        two = states["onednn"].product(enc.codes, ci)
+        assert one.dtype == torch.int32 and two.dtype == torch.float32
+        assert torch.equal(two.to(torch.int32), one) and bool((two == one.to(torch.float32)).all())
+    assert quantized.ONEDNN_MAX_COLUMNS * 255 * 127 < 2**24
+
+
+def test_onednn_int8_product_is_exact_up_to_its_column_limit():
+    """oneDNN's int8 linear layer gives ``torch._int_mm``'s integers at the widest code it is used for
+    (:data:`~patchknn.index.quantized.ONEDNN_MAX_COLUMNS`), with the codes at their extremes."""
+    from patchknn.index import quantized
+
+    if not quantized.int8_matmul_available():
+        pytest.skip("this torch has no CPU int8 matrix product")
+    cols = quantized.ONEDNN_MAX_COLUMNS
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (48, cols), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (96, cols), dtype=torch.int8, generator=gen)
+    q[0], q[1], w[0], w[1] = 127, -127, 127, -127
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w, list(q.shape))
+    except (AttributeError, RuntimeError) as exc:
+        pytest.skip(f"oneDNN int8 linear not available: {exc}")
+    got = quantized._onednn_product(q, packed, torch.ones(len(w)), torch.zeros(len(w), dtype=torch.int64))
+    ref = torch._int_mm(q, w.t())
+    assert got.dtype == torch.float32
+    assert torch.equal(got.to(torch.int32), ref)
+    assert int(ref.abs().max()) == 127 * 127 * cols

@@ -83,6 +83,49 @@ def int8_matmul_available() -> bool:
         return False
 
 
+#: Widest code (columns) whose sums oneDNN's float32 output holds exactly: it accumulates the queries
+#: shifted to ``uint8`` (``Q + 128 <= 255``) and may convert that sum to float32 before taking off the
+#: shift's share, so ``cols x 255 x 127 < 2^24`` (measured: 38 of 16,384 sums off by 1 at 1,039 columns).
+ONEDNN_MAX_COLUMNS = (1 << 24) // (255 * 127)
+
+
+def _onednn_product(
+    qcodes: torch.Tensor, packed: torch.Tensor, ones: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """``qcodes @ codes.T`` by oneDNN's int8 linear layer (AMX or VNNI): the queries as ``uint8`` with
+    zero point 128 (so ``Q`` itself is multiplied), unit scales, float32 output, which holds the
+    integer sums exactly for at most :data:`ONEDNN_MAX_COLUMNS` columns."""
+    shifted = (qcodes.to(torch.int16) + 128).to(torch.uint8)
+    return torch.ops.onednn.qlinear_pointwise(
+        shifted, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+@functools.cache
+def int8_backend() -> str:
+    """``"onednn"`` on a CPU with AMX (``torch.cpu._is_amx_tile_supported``), where oneDNN's int8 linear
+    layer (``torch.ops.onednn.qlinear_pointwise``) runs on the AMX tiles and gives the exact products
+    of a probe: 1.4-1.7x ``torch._int_mm`` on one thread at the screen's shape (docs/search.md);
+    ``"int_mm"`` elsewhere. Either gives the same integers, so the choice never changes an answer,
+    only the time; it depends on the CPU alone, not on a timing."""
+    if not int8_matmul_available():
+        return "int_mm"
+    try:
+        if not torch.cpu._is_amx_tile_supported():
+            return "int_mm"
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randint(-127, 128, (64, ONEDNN_MAX_COLUMNS), dtype=torch.int8, generator=gen)
+        q[0], q[1] = -127, 127  # the extremes of the codes: the largest sums, an off-by-one zero point
+        w = torch.randint(-127, 128, (256, ONEDNN_MAX_COLUMNS), dtype=torch.int8, generator=gen)
+        w[0], w[1] = 127, -127
+        packed = torch.ops.onednn.qlinear_prepack(w, list(q.shape))
+        got = _onednn_product(q, packed, torch.ones(len(w)), torch.zeros(len(w), dtype=torch.int64))
+        exact = torch.equal(got.to(torch.int32), torch._int_mm(q, w.t())) and got.dtype == torch.float32
+    except (AttributeError, RuntimeError, TypeError):
+        return "int_mm"
+    return "onednn" if exact else "int_mm"
+
+
 class QuantizedBounds(BoundedFlatIndex):
     """Exact search state of one bank with the int8 screen (see the module docstring).
 
@@ -116,7 +159,7 @@ class QuantizedBounds(BoundedFlatIndex):
         self.digits = digits = max(1, math.ceil(float(self.g_int.max()) / 127))
         self.bnorm = torch.empty(n, dtype=torch.float64)  # ||B||
         self.resid = torch.empty(n, dtype=torch.float64)  # ||Δb||
-        self.codes = torch.empty((n, p1 + digits), dtype=torch.int8)  # (B, digits of -G)
+        self.codes: torch.Tensor | None = torch.empty((n, p1 + digits), dtype=torch.int8)  # (B, digits of -G)
         for a in range(0, n, step):
             b64 = self.aug[a : a + step].double()
             code = torch.round(b64 / self.scales)
@@ -133,6 +176,25 @@ class QuantizedBounds(BoundedFlatIndex):
         self.chunk_bnorm = [float(self.bnorm[a:b].max()) for a, b in self.bounds]
         self.chunk_resid = [float(self.resid[a:b].max()) for a, b in self.bounds]
         self.chunk_sq = [float(self.aug_sq64[a:b].max()) for a, b in self.bounds]
+        self.backend = int8_backend() if self.codes.shape[1] <= ONEDNN_MAX_COLUMNS else "int_mm"
+        self._packed: list[torch.Tensor] = []
+        if self.backend == "onednn":  # the chunks in oneDNN's own layout, once
+            shape = [self.block_queries, self.codes.shape[1]]
+            pack = torch.ops.onednn.qlinear_prepack
+            self._packed = [pack(self.codes[a:b].contiguous(), shape) for a, b in self.bounds]
+            self._unit = torch.ones(max(b - a for a, b in self.bounds))
+            self._zero = torch.zeros(len(self._unit), dtype=torch.int64)
+            self.codes = None  # held in the packed chunks now (magnetic_tile's bank: 0.24 GB)
+
+    def product(self, qcodes: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``R' = Q.B - κ G`` of a block of query codes with the rows of chunk ``chunk``: exact
+        integers (int32 from ``torch._int_mm``, or float32 from oneDNN, which holds them exactly)."""
+        a, b = self.bounds[chunk]
+        if self.backend == "onednn":
+            n = b - a
+            return _onednn_product(qcodes, self._packed[chunk], self._unit[:n], self._zero[:n])
+        assert self.codes is not None
+        return torch._int_mm(qcodes, self.codes[a:b].t())
 
     def _row_order(self, pilot: torch.Tensor, rest: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
         """Each part sorted by ``||b'||`` with the columns scaled by their spread (about ``||B||``, from
@@ -214,17 +276,20 @@ class QuantizedBounds(BoundedFlatIndex):
         best = torch.full((m, k), math.inf, dtype=torch.float64)
         counts = {"screened": m * self.aug.shape[0], "int8_kept": 0, "pair_kept": 0, "rechecked": 0}
         for ci, (a, b) in enumerate(self.bounds):
-            prod = torch._int_mm(enc.codes, self.codes[a:b].t())  # R' = Q.B - κ G (exact int32)
+            prod = self.product(enc.codes, ci)  # R' = Q.B - κ G (exact integers)
             if ci == 0:  # the pilot: re-check its k + 3 best rows first, so u is tight early
                 kk = min(k + 3, b - a)
                 at = prod.topk(kk, dim=1).indices
                 qi = torch.arange(m).repeat_interleave(kk)
                 best = self._merge(best, qi, self._exact(enc.q64, qi, at.reshape(-1) + a), k)
                 counts["rechecked"] += qi.numel()
-                prod.scatter_(1, at, torch.iinfo(torch.int32).min)
+                prod.scatter_(1, at, -(2**31))  # exact in int32 and in float32
             u = best[:, k - 1]
             thr = self.chunk_threshold(enc, ci, u)
-            flat = torch.from_numpy(np.flatnonzero(prod.numpy() >= thr.numpy()[:, None]))  # numpy's is 3x faster
+            limit = thr.numpy()
+            if prod.dtype == torch.float32:  # |R'| < 2^24, so the clipped threshold compares the same, exactly
+                limit = np.clip(limit, -(1 << 24), 1 << 24).astype(np.float32)
+            flat = torch.from_numpy(np.flatnonzero(prod.numpy() >= limit[:, None]))  # numpy's is 3x faster
             if not flat.numel():
                 continue
             counts["int8_kept"] += flat.numel()
@@ -243,4 +308,11 @@ class QuantizedBounds(BoundedFlatIndex):
         return best
 
 
-__all__ = ["INT8_CHUNK_ROWS", "Encoded", "QuantizedBounds", "int8_matmul_available"]
+__all__ = [
+    "INT8_CHUNK_ROWS",
+    "ONEDNN_MAX_COLUMNS",
+    "Encoded",
+    "QuantizedBounds",
+    "int8_backend",
+    "int8_matmul_available",
+]
