@@ -159,6 +159,8 @@ VARIANTS: dict[str, Variant] = {
     "best-ln_main+res384": ("best", {**B24, **LN_MAIN, **R384}, {}),
     "best-ln_main+res448": ("best", {**B24, **LN_MAIN, **R448}, {}),
     "best+resnet": ("best", {**B24, "ensemble": ("layer_norm=true", "backbone=resnet50-keras"), **EQ}, {}),
+    # `best` now (stages 2-5, the normalised 3x3 member) with the paper's network as a third member
+    "best+resnet3": ("best", {"ensemble": ("layer_norm=true+aggregation=3", "backbone=resnet50-keras"), **EQ}, {}),
 }
 
 
