@@ -168,7 +168,7 @@ def bench_bank(name: str, bank: np.ndarray, q: np.ndarray, threads: int, args: a
         key = f"screened_{screen}"
         quantized.int8_backend = (lambda: "int_mm") if screen == "int8_int_mm" else chosen
         t = time.perf_counter()
-        sc = ScreenedFlatIndex(threads=threads, screen=screen[:4] if screen != "float32" else screen).build(bank)
+        sc = ScreenedFlatIndex(threads=threads, screen="float32" if screen == "float32" else "int8").build(bank)
         quantized.int8_backend = chosen
         res[f"{key}_build_s"] = round(time.perf_counter() - t, 1)
         res[f"{key}_head_dim"] = sc._index.head_dim

@@ -105,7 +105,7 @@ def _onednn_product(
 def int8_backend() -> str:
     """``"onednn"`` on a CPU with AMX (``torch.cpu._is_amx_tile_supported``), where oneDNN's int8 linear
     layer (``torch.ops.onednn.qlinear_pointwise``) runs on the AMX tiles and gives the exact products
-    of a probe: 1.4-1.7x ``torch._int_mm`` on one thread at the screen's shape (docs/search.md);
+    of a probe: 1.3-1.7x ``torch._int_mm`` on one thread at the screen's shape (docs/search.md);
     ``"int_mm"`` elsewhere. Either gives the same integers, so the choice never changes an answer,
     only the time; it depends on the CPU alone, not on a timing."""
     if not int8_matmul_available():
