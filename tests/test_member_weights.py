@@ -11,6 +11,7 @@ from conftest import TINY
 
 from patchknn import PatchKNN, member_weights
 from patchknn.config import preset
+from patchknn.defects import DEFECT_KINDS
 from patchknn.ensemble import EnsemblePatchKNN
 from patchknn.errors import ConfigError, ModelFileError
 from patchknn.export import export_model
@@ -87,6 +88,41 @@ def test_choose_weights_keeps_the_member_that_outlines_the_defects():
     assert w.tolist() == [0.0, 1.0]
 
 
+def test_choose_weights_does_not_trade_a_kind_of_defect_for_the_pooled_figure():
+    """Member 0 outlines the large defects and misses the small ones; member 1 finds the small ones
+    but marks the large ones below normal. The pooled figure (its pixels mostly the large defects')
+    prefers (2, 1), which loses the small kind by more than KIND_MARGIN against equal weights: with
+    the defects' kinds, "auto" keeps equal weights, and the table says why."""
+    rng = np.random.default_rng(0)
+    cfg = preset("paper", **SMALL)  # image 64, grid 8
+    n, g, s = 8, cfg.grid_size, cfg.image_size
+    masks, kinds = np.zeros((n, s, s), dtype=bool), []
+    a_def, b_def = rng.normal(size=(n, g, g)) * 0.1, rng.normal(size=(n, g, g)) * 0.5
+    for i in range(n):
+        size = 4 if i % 2 == 0 else 1
+        kinds.append("large" if size == 4 else "small")
+        r, c = rng.integers(1, g - size - 1, size=2)
+        masks[i, r * 8 : (r + size) * 8, c * 8 : (c + size) * 8] = True
+        if size == 4:
+            a_def[i, r : r + size, c : c + size] += 5.0
+            b_def[i, r : r + size, c : c + size] -= 3.0
+        else:
+            b_def[i, r : r + size, c : c + size] += 3.0
+    normal = [rng.normal(size=(n, g, g)) * 0.1, rng.normal(size=(n, g, g)) * 0.5]
+    norm = np.array([[0.0, 1.0], [0.0, 1.0]])
+    pooled, _ = member_weights.choose_weights(normal, [a_def, b_def], masks, norm, cfg)
+    assert pooled.tolist() == [2.0, 1.0]
+    w, table = member_weights.choose_weights(normal, [a_def, b_def], masks, norm, cfg, kinds=kinds)
+    assert w.tolist() == [1.0, 1.0]
+    rows = {tuple(row["weights"]): row for row in table}
+    equal, two_one = rows[1, 1], rows[2, 1]
+    assert two_one["pixel_auprc"] > equal["pixel_auprc"] and not two_one["eligible"] and equal["eligible"]
+    assert two_one["kinds_auprc"]["small"] < equal["kinds_auprc"]["small"] - member_weights.KIND_MARGIN
+    assert set(equal["kinds_auprc"]) == {"large", "small"}
+    with pytest.raises(ValueError, match="kinds"):
+        member_weights.choose_weights(normal, [a_def, b_def], masks, norm, cfg, kinds=kinds[:-1])
+
+
 def test_config_checks_ensemble_weights():
     assert preset("paper").ensemble_weights == "equal"
     with pytest.raises(ConfigError, match="ensemble_weights must be one of"):
@@ -114,8 +150,10 @@ def test_auto_weights_are_chosen_at_fit_and_recorded(auto_ensemble):
     assert record["method"] == "auto" and record["weights"] == ens.member_weights_.tolist()
     table = record["candidates"]
     assert [row["weights"] for row in table] == [list(c) for c in member_weights.candidate_weights(2)]
-    best = max(row["pixel_auprc"] for row in table)
-    chosen = next(row for row in table if row["pixel_auprc"] == best)  # the first of the best
+    assert table[0]["eligible"] and all(set(row["kinds_auprc"]) <= set(DEFECT_KINDS) for row in table)
+    eligible = [row for row in table if row["eligible"]]
+    best = max(row["pixel_auprc"] for row in eligible)
+    chosen = next(row for row in eligible if row["pixel_auprc"] == best)  # the first of the best eligible
     assert np.array_equal(np.array(chosen["weights"], float), ens.member_weights_)
     # the threshold is calibrated on the weighted grids: the same rule on the chosen weights' scores
     assert ens.threshold_ is not None and np.isfinite(ens.threshold_)

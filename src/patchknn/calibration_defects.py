@@ -36,6 +36,18 @@ if TYPE_CHECKING:
 DEFECTS_PER_IMAGE = 2
 
 
+def defect_kinds(image: int) -> list[str]:
+    """The kinds of the :data:`DEFECTS_PER_IMAGE` defects made on fitted image ``image``: defect
+    ``n = image * per + j`` has kind ``DEFECT_KINDS[n % 5]``.
+
+    Example:
+        >>> defect_kinds(0), defect_kinds(3)
+        (['cutpaste', 'scratch'], ['scratch', 'colour'])
+    """
+    per = DEFECTS_PER_IMAGE
+    return [DEFECT_KINDS[n % len(DEFECT_KINDS)] for n in range(image * per, (image + 1) * per)]
+
+
 def defect_images(model: PatchKNN, sources: Sequence[Any], images: Sequence[int]) -> dict[int, list[np.ndarray]]:
     """The :data:`DEFECTS_PER_IMAGE` synthetic defects made on each of the fitted ``images``
     (indices into ``sources``, the fitted images in bank order), by image. Defect
@@ -54,8 +66,7 @@ def defect_images(model: PatchKNN, sources: Sequence[Any], images: Sequence[int]
 
     def make(img: int) -> list[np.ndarray]:
         normal = load_image(sources[img], max_pixels=model.max_pixels)
-        kinds = [DEFECT_KINDS[n % len(DEFECT_KINDS)] for n in range(img * per, (img + 1) * per)]
-        made = [add_defect(normal, kind, seed=seed, index=img * per + j) for j, kind in enumerate(kinds)]
+        made = [add_defect(normal, kind, seed=seed, index=img * per + j) for j, kind in enumerate(defect_kinds(img))]
         if keep is not None and keep.keep_masks:  # their masks at the input size, for ensemble_weights="auto"
             keep.masks[seed, img] = [resize_mask(d.mask, size) for d in made]
         return [d.image for d in made]
@@ -89,6 +100,11 @@ class DefectSources(Sequence[Any]):
         if not images or any((seed, img) not in self.masks for img in images):
             return None
         return np.stack([m for img in images for m in self.masks[seed, img]])
+
+    @staticmethod
+    def kinds_of(images: Sequence[int]) -> list[str]:
+        """The kinds of the defects of ``images``, in the order of :meth:`masks_of`."""
+        return [kind for img in images for kind in defect_kinds(img)]
 
     def __len__(self) -> int:
         return len(self.sources)

@@ -301,6 +301,7 @@ class EnsemblePatchKNN(PatchKNN):
                     "candidates": old.get("candidates", []), "kept": True}
         self.member_weights_, table = member_weights.choose_weights(
             [h.grids for h in held], [h.defect_grids for h in held], masks, self.norm_, self.config,
+            kinds=DefectSources.kinds_of(cal),
         )
         return {"method": "auto", "weights": self.member_weights_.tolist(), "candidates": table}
 

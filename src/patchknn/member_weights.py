@@ -15,14 +15,15 @@ the default) give the plain mean, bit for bit as before weights existed.
 synthetic defects on each (cut-paste of the product's own patches, scratches, colour and texture
 changes, missing parts; each with the mask of exactly the pixels it changed) with every member.
 Each candidate weight vector (:func:`candidate_weights`: entries 0, 1 or 2 up to scale) combines
-those grids, and the one with the highest pixel AUPRC on the synthetic masks is kept (ties: the
-earlier candidate, equal weights first). Why: which view of the features finds a product's
-defects differs between products (bottle's large breaks and contaminations gain from the
+those grids; among the candidates that lose no kind of defect by more than :data:`KIND_MARGIN`
+against equal weights, the one with the highest pixel AUPRC on all the synthetic masks is kept
+(ties: the earlier candidate, equal weights first). Why: which view of the features finds a
+product's defects differs between products (bottle's large breaks and contaminations gain from the
 normalised views; magnetic_tile's small dark blowholes need the raw one). How far to trust it: the
 held-out synthetic defects rank the weights as the real test sets do on bottle, weakly on
 magnetic_tile, and in reverse on the synthetic category, whose small holes and spots the
-calibration's kinds do not resemble (docs/accuracy.md, "Views weighed per product"): an option to
-check on the product, not a preset's default.
+calibration's kinds do not resemble; the per-kind guard halves that loss (docs/accuracy.md,
+"Views weighed per product"): an option to check on the product, not a preset's default.
 
 Example:
     >>> candidate_weights(2)
@@ -45,13 +46,16 @@ if TYPE_CHECKING:
     from patchknn.config import PatchKNNConfig
 
 __all__ = [
-    "WEIGHT_STEPS", "candidate_weights", "check_weights", "choose_weights", "combine",
+    "KIND_MARGIN", "WEIGHT_STEPS", "candidate_weights", "check_weights", "choose_weights", "combine",
     "combine_weights", "equal_weights", "saved_weights", "score_members",
 ]
 
 #: the weights ``"auto"`` tries for each member (every combination, up to scale; at most
 #: :data:`~patchknn.config.MAX_AUTO_MEMBERS` members)
 WEIGHT_STEPS = (0, 1, 2)
+#: ``"auto"`` keeps only candidates that lose no kind of held-out defect by more than this (pixel
+#: AUPRC) against equal weights (:func:`choose_weights`)
+KIND_MARGIN = 0.01
 
 
 def equal_weights(n: int) -> np.ndarray:
@@ -135,9 +139,17 @@ def choose_weights(
     masks: np.ndarray,
     norm: np.ndarray,
     config: PatchKNNConfig,
+    kinds: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """The weights of ``"auto"``: the candidate (:func:`candidate_weights`) whose combined maps
-    have the highest pixel AUPRC on the held-out synthetic defects.
+    """The weights of ``"auto"``: among the candidates (:func:`candidate_weights`) that lose no kind
+    of held-out defect by more than :data:`KIND_MARGIN` against equal weights, the one whose combined
+    maps have the highest pixel AUPRC on all the held-out synthetic defects.
+
+    The pooled figure follows the kinds with the most defect pixels (cut-paste, texture, missing
+    parts); the guard keeps a choice from buying them with a kind that needs another view (small
+    colour spots find the raw view's distances, as magnetic_tile's blowholes do): each kind's pixel
+    AUPRC is taken on its own defects with all the normal images. Without ``kinds`` every candidate
+    is eligible.
 
     Args:
         normal: each member's held-out grids of the normal calibration images ``(n, g, g)``.
@@ -145,10 +157,12 @@ def choose_weights(
         masks: the defects' masks at the model's input size ``(m, S, S)`` bool.
         norm: the members' z-score normalisation ``(members, 2)``.
         config: the ensemble's configuration (maps as :func:`patchknn.scoring.grid_to_map`).
+        kinds: each defect's kind (``m`` names, :data:`patchknn.defects.DEFECT_KINDS`).
 
     Returns:
         The chosen weights (float64, one per member) and the table: one row per candidate with its
-        ``weights``, ``pixel_auprc`` and ``image_auroc`` on the held-out set.
+        ``weights``, ``pixel_auprc`` and ``image_auroc`` on the held-out set, and with ``kinds`` its
+        ``kinds_auprc`` (by kind) and ``eligible``.
     """
     from patchknn import metrics, scoring
 
@@ -156,7 +170,11 @@ def choose_weights(
     n_normal = len(normal[0])
     all_masks = np.concatenate([np.zeros((n_normal, *size), dtype=bool), np.asarray(masks, dtype=bool)])
     labels = np.r_[np.zeros(n_normal), np.ones(len(masks))]
+    kind_of = None if kinds is None else np.asarray(list(kinds))
+    if kind_of is not None and len(kind_of) != len(masks):
+        raise ValueError(f"{len(kind_of)} defect kinds for {len(masks)} defects")
     rows: list[dict[str, Any]] = []
+    reference: dict[str, float] = {}  # equal weights' figure per kind (the first candidate)
     best, best_w = -math.inf, equal_weights(len(norm))
     for cand in candidate_weights(len(norm)):
         w = np.asarray(cand, dtype=np.float64)
@@ -164,11 +182,22 @@ def choose_weights(
         maps = np.stack([scoring.grid_to_map(g, size, config) for g in grids])
         scores = np.array([scoring.image_score(g, config, amap=m) for g, m in zip(grids, maps)])
         px = float(metrics.pixel_auprc(maps, all_masks))
-        rows.append({
+        row: dict[str, Any] = {
             "weights": list(cand),
             "pixel_auprc": round(px, 6),
             "image_auroc": round(float(metrics.image_auroc(scores, labels)), 6),
-        })
-        if px > best:
+        }
+        eligible = True
+        if kind_of is not None:
+            by_kind = {}
+            for kind in sorted(set(kind_of.tolist())):
+                sel = np.r_[np.ones(n_normal, dtype=bool), kind_of == kind]
+                by_kind[kind] = float(metrics.pixel_auprc(maps[sel], all_masks[sel]))
+            reference = reference or by_kind
+            eligible = all(by_kind[k] >= reference[k] - KIND_MARGIN for k in by_kind)
+            row["kinds_auprc"] = {k: round(v, 6) for k, v in by_kind.items()}
+            row["eligible"] = eligible
+        rows.append(row)
+        if eligible and px > best:
             best, best_w = px, w
     return best_w, rows
