@@ -146,6 +146,23 @@ def test_candidates_are_grouped_by_backbone_pass_and_ordered_cheap_first():
     same_net = next(g for g in groups if "paper+layer_norm" in [c.name for c in g.candidates])
     assert "paper+layers2-3" in [c.name for c in same_net.candidates] and len(same_net.members) >= 2
     assert all(len(g.candidates) == 1 for g in groups if g.ensemble)
+    # best's three views weighed per product at their own fit, fitted as that ensemble
+    auto = next(c for c in cands if c.name == "best+3views+auto")
+    assert auto.config.ensemble_weights == "auto" and len(auto.config.ensemble) == 2
+    assert any(g.ensemble and g.candidates == [auto] for g in groups)
+
+
+def test_an_auto_weighted_ensemble_is_scored_with_the_weights_its_own_fit_chose(synthetic_root):
+    train = synthetic_root / "synthetic" / "train" / "good"
+    auto = _tiny("ens+auto", ensemble=("layer_norm=true",), ensemble_weights="auto")
+    result = tune(train, candidates=[_tiny("a"), auto], budget_minutes=10, weights="random", progress=False,
+                  max_heldout=2, defects_per_image=2)
+    row = next(r for r in result.rows if r.name == "ens+auto")
+    assert row.status == "scored" and row.objective is not None
+    weights = [float(w) for w in row.note.removeprefix("scored; member weights ").split(",")]
+    assert len(weights) == 2 and all(w in (0.0, 1.0, 2.0) for w in weights) and sum(weights) > 0
+    assert row.config["ensemble_weights"] == "auto"
+    assert "not scored" not in result.reason
 
 
 def test_search_stops_at_the_budget_and_returns_the_best_so_far(synthetic_root):

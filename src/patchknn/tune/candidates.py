@@ -14,7 +14,11 @@ Grid (each line one candidate; ``fixed`` options given by the user apply to all 
   the layers with and without the deeper stage5 (stride 32, magnetic_tile's lever,
   docs/accuracy.md): the single raw view on stages 3-5, the normalised view alone on stages 2-4
   (bottle's best measured) and the ensemble on stages 2-4 and on stages 2-5 (a repeat of an
-  earlier candidate, such as ``best`` itself, is left out).
+  earlier candidate, such as ``best`` itself, is left out);
+* ``best`` with three views (raw, normalised, normalised 3x3) weighed per product at its own fit
+  (``ensemble_weights="auto"``, :mod:`patchknn.member_weights`): the weights are chosen inside the
+  candidate's fit from its own held-out images, so ``tune`` scores the weighed ensemble as a user
+  would get it.
 
 A candidate's *fit key* is its configuration without the options that act only after the search
 (smoothing, image score, threshold): candidates with the same fit key share one fitted model.
@@ -119,6 +123,8 @@ def default_candidates(fixed: dict[str, Any] | None = None) -> list[Candidate]:
                 ("best+stages2-4", {**best, "layers": s24}),
                 ("best+stages2-5", {**best, "layers": s25}),
             ]  # one equal to an earlier candidate (e.g. `best` itself) is a repeat, left out
+        views3 = ("layer_norm=true", "layer_norm=true+aggregation=3")
+        specs.append(("best+3views+auto", {**best, "ensemble": views3, "ensemble_weights": "auto"}))
     out: list[Candidate] = []
     seen: set[str] = set()
     for name, values in specs:

@@ -45,7 +45,8 @@ class CandidateRow:
         threshold_precision, threshold_recall: precision/recall of the calibrated verdict.
         cost: relative cost estimate (1 = the paper).
         seconds: its share of fitting and scoring time.
-        note: why it was skipped or failed.
+        note: why it was skipped or failed (a scored ensemble with ``ensemble_weights="auto"``:
+            the member weights its fit chose).
     """
 
     name: str

@@ -167,7 +167,8 @@ def tune(
     if best is not baseline:
         reason += f"; {baseline.name} had {baseline.objective:.4f}"
     if len(scored) < len(rows):
-        reason += f"; {len(rows) - len(scored)} not scored ({', '.join(sorted({r.note for r in rows if r.note}))})"
+        why = sorted({r.note for r in rows if r.note and r.status != "scored"})
+        reason += f"; {len(rows) - len(scored)} not scored ({', '.join(why)})"
     return TuneResult(
         rows=rows, choice=best.name, reason=reason, seconds=round(clock() - t0, 1), budget_minutes=budget_minutes,
         seed=seed, n_fit=len(fit), n_heldout=len(normal), n_defective=len(defects),
@@ -185,7 +186,12 @@ def _run_group(
     except (PatchKNNError, ValueError, RuntimeError, MemoryError) as e:
         # one bad group (e.g. weights missing offline) must not end the search
         return [_skipped(c, f"failed: {' '.join(str(e).split())[:200]}", status="failed") for c in group.candidates]
-    return [candidate_row(s, evalset) for s in scored]
+    rows = [candidate_row(s, evalset) for s in scored]
+    weights = getattr(models[0], "member_weights_", None)
+    if group.ensemble and group.members[0].ensemble_weights == "auto" and weights is not None:
+        for row in rows:  # the weights its own fit chose (from its own held-out images)
+            row.note = "scored; member weights " + ",".join(f"{w:g}" for w in weights)
+    return rows
 
 
 def _runtime_for(group: CandidateGroup, baseline: PatchKNNConfig, runtime: dict[str, Any]) -> dict[str, Any]:
