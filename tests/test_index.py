@@ -58,6 +58,24 @@ def test_ivf_with_all_lists_probed_is_exact(data, k):
 
 
 @pytest.mark.parametrize("k", [1, 3])
+def test_ivf_probes_the_lists_faiss_own_quantizer_would(data, k, monkeypatch):
+    """The lists come from torch's product (in blocks of queries), the scan from faiss: the same
+    lists, hence the same distances, as faiss' own ``IndexIVFFlat.search`` with its quantizer."""
+    import patchknn.index.approximate as approximate
+
+    bank, q = data
+    index = build_index(bank, "ivf", IndexParams(nlist=32, nprobe=3), seed=1)
+    _, lists = index._quantizer.search(q, 3)
+    np.testing.assert_array_equal(np.sort(index._probe(q)[0], axis=1), np.sort(lists, axis=1))
+    index._index.parallel_mode = 0
+    faiss_own, _ = index._index.search(q, k)
+    index._index.parallel_mode = 2
+    np.testing.assert_array_equal(index.search(q, k), np.sqrt(np.maximum(faiss_own, 0)))
+    monkeypatch.setattr(approximate, "_PROBE_BLOCK", 32 * 7)  # blocks of 7 queries: the same answers
+    np.testing.assert_array_equal(index.search(q, k), np.sqrt(np.maximum(faiss_own, 0)))
+
+
+@pytest.mark.parametrize("k", [1, 3])
 def test_hnsw_with_high_ef_is_exact(data, k):
     bank, q = data
     index = build_index(bank, "hnsw", {"hnsw_m": 16, "hnsw_ef_search": 600}, seed=0)

@@ -10,11 +10,22 @@ import faiss
 import numpy as np
 
 from patchknn.errors import ConfigError
-from patchknn.index.base import IndexParams, MemoryBankIndex, faiss_threads
+from patchknn.index.base import IndexParams, MemoryBankIndex, faiss_threads, sqrt_sorted
+
+#: At most this many ``(queries x lists)`` coarse distances at a time (64 MB of float32).
+_PROBE_BLOCK = 1 << 24
 
 
 class IVFIndex(MemoryBankIndex):
-    """faiss ``IndexIVFFlat``: k-means (seeded) inverted lists, ``nprobe`` of them searched."""
+    """faiss ``IndexIVFFlat``: k-means (seeded) inverted lists, ``nprobe`` of them searched.
+
+    The lists a query visits are its ``nprobe`` nearest centroids, found here with one float32
+    matrix product per block of queries (torch's, 2-3x faster than faiss' own quantizer on a wide
+    bank: 7 against 16-19 ms per 784-patch image on magnetic_tile's 818 x 709 centroids, 2
+    threads); faiss then scans those lists (``search_preassigned``, its lists scanned in parallel:
+    ``parallel_mode=2``). The lists are the quantizer's own up to ties in float32 round-off
+    (docs/speed.md); the distances returned are faiss' scan of them, as before.
+    """
 
     kind = "ivf"
 
@@ -58,9 +69,41 @@ class IVFIndex(MemoryBankIndex):
             index.train(bank)
         index.add(bank)
         index.nprobe = int(min(self.params.nprobe, nlist))
+        index.parallel_mode = 2  # queries and lists in parallel: 22 instead of 46 ms per image (preassigned)
         self._quantizer = quantizer  # keep the quantizer alive with the index
         self.nlist = nlist
+        import torch
+
+        coarse = torch.from_numpy(quantizer.reconstruct_n(0, nlist))
+        self._coarse = (coarse, (coarse * coarse).sum(1))
         return index
+
+    def search(self, queries: Any, k: int = 1) -> np.ndarray:
+        """Distances ``(M, k)`` to the ``k`` nearest rows in the ``nprobe`` lists nearest each query."""
+        q = self._query_array(queries, k)
+        if q.shape[0] == 0:
+            return np.zeros((0, k), dtype=np.float32)
+        lists, coarse = self._probe(q)
+        sq, _ = self._index.search_preassigned(q, int(k), lists, coarse)
+        return sqrt_sorted(sq)
+
+    def _probe(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's ``nprobe`` nearest centroids: ``(ids int64, squared distances float32)``."""
+        import torch
+
+        centroids, norms = self._coarse
+        nprobe = int(self._index.nprobe)
+        ids = np.empty((q.shape[0], nprobe), dtype=np.int64)
+        dist = np.empty((q.shape[0], nprobe), dtype=np.float32)
+        step = max(1, _PROBE_BLOCK // centroids.shape[0])
+        with torch.inference_mode():
+            for a in range(0, q.shape[0], step):
+                x = torch.from_numpy(q[a : a + step])
+                d2 = torch.addmm(norms, x, centroids.T, alpha=-2.0).add_((x * x).sum(1, keepdim=True))
+                near = torch.topk(d2, nprobe, dim=1, largest=False)
+                ids[a : a + step] = near.indices.numpy()
+                dist[a : a + step] = near.values.numpy()
+        return ids, dist
 
 
 class HNSWIndex(MemoryBankIndex):
