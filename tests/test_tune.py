@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from patchknn.config import preset
-from patchknn.defects import DEFECT_KINDS, MAX_AREA, MIN_AREA, add_defect, defect_set
+from patchknn.defects import DEFECT_KINDS, LARGE_AREA, MAX_AREA, MIN_AREA, TUNE_KINDS, add_defect, defect_set
 from patchknn.errors import ConfigError
 from patchknn.tune.candidates import Candidate, default_candidates, plan_groups
 from patchknn.tune.group import Scored
@@ -34,8 +34,9 @@ def normal_images(synthetic_root):
 
 
 # ------------------------------------------------------------------------------------------ defects
-@pytest.mark.parametrize("kind", DEFECT_KINDS)
+@pytest.mark.parametrize("kind", TUNE_KINDS)
 def test_defect_mask_is_exactly_the_changed_pixels_and_sized_in_range(normal_images, kind):
+    low, high = LARGE_AREA if kind == "large" else (MIN_AREA, MAX_AREA)
     for name, img in normal_images.items():
         for index in range(3):
             d = add_defect(img, kind, seed=5, index=index)
@@ -43,7 +44,7 @@ def test_defect_mask_is_exactly_the_changed_pixels_and_sized_in_range(normal_ima
             assert d.mask.shape == img.shape[:2] and d.mask.dtype == bool
             changed = (d.image != img).reshape(*img.shape[:2], -1).any(axis=2)
             np.testing.assert_array_equal(d.mask, changed)
-            assert MIN_AREA <= d.area <= MAX_AREA, (name, kind, d.area)
+            assert low <= d.area <= high, (name, kind, d.area)
             assert d.kind == kind
 
 
@@ -93,7 +94,7 @@ def test_blob_computed_in_its_box_equals_the_whole_image_formula():
 def test_grayscale_stays_grayscale_and_alpha_is_kept(normal_images):
     gray = normal_images["gray"]
     as_rgb = np.repeat(gray[..., None], 3, axis=2)
-    for kind in DEFECT_KINDS:
+    for kind in TUNE_KINDS:
         d = add_defect(as_rgb, kind, seed=1)
         assert (d.image == d.image[..., :1]).all(), kind  # the channels stay equal
         np.testing.assert_array_equal(d.image[..., 0], add_defect(gray, kind, seed=1).image)
@@ -156,7 +157,8 @@ def test_an_auto_weighted_ensemble_is_scored_with_the_weights_its_own_fit_chose(
     train = synthetic_root / "synthetic" / "train" / "good"
     auto = _tiny("ens+auto", ensemble=("layer_norm=true",), ensemble_weights="auto")
     result = tune(train, candidates=[_tiny("a"), auto], budget_minutes=10, weights="random", progress=False,
-                  max_heldout=2, defects_per_image=2)
+                  holdout=0.4, max_heldout=3, defects_per_image=2)
+    assert result.defect_kinds == list(TUNE_KINDS)  # 6 defects: every kind once, large blobs included
     row = next(r for r in result.rows if r.name == "ens+auto")
     assert row.status == "scored" and row.objective is not None
     weights = [float(w) for w in row.note.removeprefix("scored; member weights ").split(",")]

@@ -13,10 +13,14 @@ image so that the same settings suit a 224 px crop and a 900 px photograph:
   discolouration or burn;
 * ``texture``: an irregular blob whose texture changes: noise, a stripe pattern or a blur;
 * ``missing``: an irregular blob of the product replaced by the background's colour (the median of
-  the image border) or by a shifted neighbouring region: a chip or a missing part.
+  the image border) or by a shifted neighbouring region: a chip or a missing part;
+* ``large`` (in :data:`TUNE_KINDS`, not in :data:`DEFECT_KINDS`): a colour, texture or missing blob
+  of 5-25 % of the image: real defects reach that size (bottle's broken_large: median 12 % of the
+  image; magnetic_tile's uneven and fray: 24 % and 15 %), the other kinds stay under 6 %.
 
 Locations favour the product (pixels that differ from the border's colour) when there is one.
-A defect covers :data:`MIN_AREA`..:data:`MAX_AREA` of the image; an attempt outside the range (a
+A defect covers :data:`MIN_AREA`..:data:`MAX_AREA` of the image (``large``: :data:`LARGE_AREA`); an
+attempt outside the range (a
 cut-paste of a flat region changes nothing, say) is drawn again. The mask is exactly the set of
 pixels whose value changed. Everything is drawn from ``numpy.random.default_rng((seed, index))``,
 so a defect is the same for the same image, seed and index.
@@ -44,11 +48,18 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from patchknn.errors import ConfigError
 
-__all__ = ["DEFECT_KINDS", "MAX_AREA", "MIN_AREA", "SyntheticDefect", "add_defect", "defect_set"]
+__all__ = [
+    "DEFECT_KINDS", "LARGE_AREA", "MAX_AREA", "MIN_AREA", "TUNE_KINDS", "SyntheticDefect", "add_defect", "defect_set",
+]
 
+#: the kinds of the threshold's calibration (:mod:`patchknn.calibration_defects`) and the default set
 DEFECT_KINDS: tuple[str, ...] = ("cutpaste", "scratch", "colour", "texture", "missing")
+#: the kinds ``patchknn tune`` scores candidates on: the same and large blobs
+TUNE_KINDS: tuple[str, ...] = (*DEFECT_KINDS, "large")
 #: the smallest and largest share of the image a defect's mask covers
 MIN_AREA, MAX_AREA = 0.0003, 0.06
+#: the same for the ``large`` kind
+LARGE_AREA = (0.03, 0.3)
 _ATTEMPTS = 8
 
 
@@ -59,7 +70,7 @@ class SyntheticDefect:
     Attributes:
         image: the defective image, same shape and dtype as the input.
         mask: ``(H, W)`` bool, True exactly where a pixel changed.
-        kind: one of :data:`DEFECT_KINDS`.
+        kind: one of :data:`TUNE_KINDS`.
         source: the index of the normal image it was made from (in :func:`defect_set`), else 0.
     """
 
@@ -79,7 +90,7 @@ def add_defect(image: Any, kind: str | None = None, *, seed: int = 0, index: int
 
     Args:
         image: the normal image.
-        kind: one of :data:`DEFECT_KINDS`; ``None`` = drawn at random.
+        kind: one of :data:`TUNE_KINDS`; ``None`` = drawn at random from :data:`DEFECT_KINDS`.
         seed, index: the defect is drawn from ``default_rng((seed, index))``.
     """
     arr = _as_array(image)
@@ -87,17 +98,18 @@ def add_defect(image: Any, kind: str | None = None, *, seed: int = 0, index: int
     if kind is None:
         kind = str(rng.choice(DEFECT_KINDS))
     if kind not in _KINDS:
-        raise ConfigError(f"unknown defect kind {kind!r}; choose from {DEFECT_KINDS}")
+        raise ConfigError(f"unknown defect kind {kind!r}; choose from {TUNE_KINDS}")
+    low, high = LARGE_AREA if kind == "large" else (MIN_AREA, MAX_AREA)
     work, restore = _working_copy(arr)
     h, w = work.shape[:2]
     out, mask = work, np.zeros((h, w), dtype=bool)
     for attempt in range(_ATTEMPTS):
         # the last attempt is a colour change: it always changes its blob (the shift moves away
         # from the clipped end), so every image gets a defect of a size in range
-        draw = _KINDS[kind] if attempt < _ATTEMPTS - 1 else _colour
+        draw = _KINDS[kind] if attempt < _ATTEMPTS - 1 else _FALLBACK.get(kind, _colour)
         out = np.clip(np.rint(draw(rng, work)), 0, 255)
         mask = _any_channel(out != work)
-        if MIN_AREA <= mask.mean() <= MAX_AREA:
+        if low <= mask.mean() <= high:
             break
     result = restore(out.astype(np.uint8))
     return SyntheticDefect(result, _any_channel((result != arr).reshape(h, w, -1)), kind)
@@ -112,7 +124,7 @@ def defect_set(
         raise ConfigError(f"per_image must be at least 1, got {per_image}")
     bad = [k for k in kinds if k not in _KINDS]
     if bad or not kinds:
-        raise ConfigError(f"kinds must be a non-empty subset of {DEFECT_KINDS}, got {list(kinds)}")
+        raise ConfigError(f"kinds must be a non-empty subset of {TUNE_KINDS}, got {list(kinds)}")
     out = []
     for i, img in enumerate(images):
         for j in range(per_image):
@@ -275,10 +287,10 @@ def _scratch(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return out
 
 
-def _colour(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+def _colour(rng: np.random.Generator, img: np.ndarray, area: float | None = None) -> np.ndarray:
     h, w, c = img.shape
     cy, cx = _centre(rng, img, 0.1 * min(h, w))
-    region = _blob(rng, (h, w), cy, cx, _blob_area(rng, img))
+    region = _blob(rng, (h, w), cy, cx, _blob_area(rng, img) if area is None else area)
     shift = rng.uniform(35, 80) * (-1 if _local_mean(img, region) > 128 else 1)
     tint = rng.uniform(0.75, 1.25, size=c) if c == 3 else np.ones(c)
     out = img.copy()
@@ -286,10 +298,10 @@ def _colour(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return out
 
 
-def _texture(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+def _texture(rng: np.random.Generator, img: np.ndarray, area: float | None = None) -> np.ndarray:
     h, w, c = img.shape
     cy, cx = _centre(rng, img, 0.1 * min(h, w))
-    region = _blob(rng, (h, w), cy, cx, _blob_area(rng, img))
+    region = _blob(rng, (h, w), cy, cx, _blob_area(rng, img) if area is None else area)
     style = rng.choice(("noise", "stripes", "blur"))
     out = img.copy()
     if style == "noise":
@@ -310,10 +322,10 @@ def _texture(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return out
 
 
-def _missing(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+def _missing(rng: np.random.Generator, img: np.ndarray, area: float | None = None) -> np.ndarray:
     h, w, _ = img.shape
     cy, cx = _centre(rng, img, 0.1 * min(h, w))
-    area = _blob_area(rng, img)
+    area = _blob_area(rng, img) if area is None else area
     region = _blob(rng, (h, w), cy, cx, area)
     out = img.copy()
     if rng.random() < 0.5:  # the background shows through
@@ -327,6 +339,23 @@ def _missing(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return out
 
 
+def _large_area(rng: np.random.Generator, img: np.ndarray) -> float:
+    return float(np.exp(rng.uniform(np.log(0.05), np.log(0.25))) * img.shape[0] * img.shape[1])
+
+
+def _large(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """A colour, texture or missing blob of 5-25 % of the image."""
+    draw = (_colour, _texture, _missing)[int(rng.integers(3))]
+    return draw(rng, img, area=_large_area(rng, img))
+
+
+def _large_colour(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    return _colour(rng, img, area=_large_area(rng, img))
+
+
 _KINDS: dict[str, Callable[[np.random.Generator, np.ndarray], np.ndarray]] = {
     "cutpaste": _cutpaste, "scratch": _scratch, "colour": _colour, "texture": _texture, "missing": _missing,
+    "large": _large,
 }
+#: the last attempt's draw, which always changes its blob (default: :func:`_colour`)
+_FALLBACK = {"large": _large_colour}

@@ -24,6 +24,7 @@ _EXPORTS = {
     "add_defect": "patchknn.defects",
     "defect_set": "patchknn.defects",
     "DEFECT_KINDS": "patchknn.defects",
+    "TUNE_KINDS": "patchknn.defects",
 }
 
 __all__ = sorted(_EXPORTS)

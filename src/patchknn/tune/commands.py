@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         max_fit_images: MaxFitImagesOpt = None,
     ) -> None:
         """Choose a configuration from normal images only: hold some out, give them synthetic
-        defects (cut-paste, scratches, colour/texture changes, missing parts), score the presets
+        defects (cut-paste, scratches, colour/texture changes, missing parts, large blobs), score the presets
         and a bounded grid on them within --budget minutes, print the table and the choice.
         The method options given (flags or --set) are fixed in every candidate, as with
         `patchknn fit --preset auto`; --seed also seeds the held-out split and the defects."""

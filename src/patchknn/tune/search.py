@@ -3,8 +3,8 @@
 1. A seeded share of the normal images is held out (``holdout``, at most ``max_heldout``); the
    candidates are fitted on the others.
 2. Each held-out image gets ``defects_per_image`` synthetic defects (:mod:`patchknn.defects`:
-   cut-paste of the product's own patches, scratches, colour and texture changes, missing parts),
-   each with its pixel mask. The evaluation set is the held-out normal images plus these.
+   cut-paste of the product's own patches, scratches, colour and texture changes, missing parts,
+   large blobs: :data:`~patchknn.defects.TUNE_KINDS`), each with its pixel mask. The evaluation set is the held-out normal images plus these.
 3. The candidates (:func:`~patchknn.tune.candidates.default_candidates`: the presets and a bounded
    grid) are fitted group by group, cheap-first (:func:`~patchknn.tune.candidates.plan_groups`),
    and every candidate scores the evaluation set. A candidate's threshold is calibrated on its
@@ -36,7 +36,7 @@ import numpy as np
 from patchknn import metrics
 from patchknn.config import PatchKNNConfig
 from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, load_image, resize_mask
-from patchknn.defects import DEFECT_KINDS, defect_set
+from patchknn.defects import TUNE_KINDS, defect_set
 from patchknn.errors import ConfigError, PatchKNNError
 from patchknn.metrics.decision import threshold_metrics
 from patchknn.tune.candidates import Candidate, CandidateGroup, default_candidates, plan_groups
@@ -135,7 +135,7 @@ def tune(
         keep = np.sort(np.random.default_rng(seed + 1).choice(len(fit), size=max_fit_images, replace=False))
         fit = [fit[i] for i in keep]
     normal = [load_image(s, max_pixels=runtime.get("max_pixels", DEFAULT_MAX_PIXELS)) for s in held]
-    defects = defect_set(normal, defects_per_image, seed=seed)
+    defects = defect_set(normal, defects_per_image, seed=seed, kinds=TUNE_KINDS)
     evalset = EvaluationSet(
         [*normal, *(d.image for d in defects)],
         [np.zeros(img.shape[:2], dtype=bool) for img in normal] + [d.mask for d in defects],
@@ -172,7 +172,7 @@ def tune(
     return TuneResult(
         rows=rows, choice=best.name, reason=reason, seconds=round(clock() - t0, 1), budget_minutes=budget_minutes,
         seed=seed, n_fit=len(fit), n_heldout=len(normal), n_defective=len(defects),
-        defect_kinds=sorted({d.kind for d in defects}, key=DEFECT_KINDS.index),
+        defect_kinds=sorted({d.kind for d in defects}, key=TUNE_KINDS.index),
     )
 
 
