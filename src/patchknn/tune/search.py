@@ -4,7 +4,8 @@
    candidates are fitted on the others.
 2. Each held-out image gets ``defects_per_image`` synthetic defects (:mod:`patchknn.defects`:
    cut-paste of the product's own patches, scratches, colour and texture changes, missing parts,
-   large blobs: :data:`~patchknn.defects.TUNE_KINDS`), each with its pixel mask. The evaluation set is the held-out normal images plus these.
+   large blobs: :data:`~patchknn.defects.TUNE_KINDS`), each with its pixel mask. The evaluation
+   set is the held-out normal images plus these.
 3. The candidates (:func:`~patchknn.tune.candidates.default_candidates`: the presets and a bounded
    grid) are fitted group by group, cheap-first (:func:`~patchknn.tune.candidates.plan_groups`),
    and every candidate scores the evaluation set. A candidate's threshold is calibrated on its
