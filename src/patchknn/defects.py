@@ -20,10 +20,10 @@ image so that the same settings suit a 224 px crop and a 900 px photograph:
 
 Locations favour the product (pixels that differ from the border's colour) when there is one.
 A defect covers :data:`MIN_AREA`..:data:`MAX_AREA` of the image (``large``: :data:`LARGE_AREA`); an
-attempt outside the range (a
-cut-paste of a flat region changes nothing, say) is drawn again. The mask is exactly the set of
-pixels whose value changed. Everything is drawn from ``numpy.random.default_rng((seed, index))``,
-so a defect is the same for the same image, seed and index.
+attempt outside the range (a cut-paste of a flat region changes nothing, say) is drawn again. The
+mask is exactly the set of pixels whose value changed. Everything is drawn from
+``numpy.random.default_rng((seed, index))``, so a defect is the same for the same image, seed and
+index.
 
 Images are uint8 arrays of any size, grayscale ``(H, W)`` or ``(H, W, 1|3|4)`` (an alpha channel
 is kept), or PIL images; a colour image whose channels are equal is treated as grayscale and stays
