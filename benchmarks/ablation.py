@@ -76,6 +76,7 @@ LN234 = "layer_norm=true+layers=stage2/stage3/stage4"  # an ensemble member: lay
 # the plain mean of the members (pinned where a variant names its own members: they were measured with it)
 EQ = {"ensemble_weights": "equal"}
 VIEWS3 = ("layer_norm=true", "layer_norm=true+aggregation=3")
+LN3_2345 = "layer_norm=true+aggregation=3+layers=stage2/stage3/stage4/stage5"  # `best`'s normalised member, pinned
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
     "paper": ("paper", {}, {}),
@@ -139,6 +140,15 @@ VARIANTS: dict[str, Variant] = {
     "best-ln_main+stages2345": ("best", {**LN_MAIN, "layers": S2345}, {}),
     "best+agg3": ("best", {"aggregation": 3}, {}),  # PatchCore's 3x3 neighbourhood average, on stages 2-5
     "best+coreset25": ("best", {"coreset_ratio": 0.25}, {}),
+    "best+pca99": ("best", {"pca_variance": 0.99}, {}),  # both members keep 99 % of the variance
+    "best+pca90": ("best", {"pca_variance": 0.90}, {}),
+    # 4 px cells (stage2 at its own resolution), a coreset of the same bank size
+    "best+grid80": ("best", {"grid_size": 80, "coreset_ratio": 0.025}, {}),
+    # the raw view on early layers only (small, dark defects), the normalised 3x3 view on all four stages
+    "best@raw23": ("best", {"layers": ("stage2", "stage3"), "ensemble": (LN3_2345,), **EQ}, {}),
+    "best@raw234": ("best", {"layers": ("stage2", "stage3", "stage4"), "ensemble": (LN3_2345,), **EQ}, {}),
+    # the normalised view over 5x5 neighbourhoods instead of 3x3
+    "best+lnagg5": ("best", {"ensemble": ("layer_norm=true+aggregation=5",), **EQ}, {}),
     # the normalised member averages each 3x3 neighbourhood (PatchCore's aggregation), the raw one does not:
     # = `best` since that member joined it; `best@ln-cells` is `best` before (the normalised view on single cells)
     "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",), **EQ}, {}),
