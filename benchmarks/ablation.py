@@ -76,6 +76,7 @@ LN234 = "layer_norm=true+layers=stage2/stage3/stage4"  # an ensemble member: lay
 # the plain mean of the members (pinned where a variant names its own members: they were measured with it)
 EQ = {"ensemble_weights": "equal"}
 VIEWS3 = ("layer_norm=true", "layer_norm=true+aggregation=3")
+LN3_HP0 = "layer_norm=true+aggregation=3+grid_highpass=0"
 LN3_2345 = "layer_norm=true+aggregation=3+layers=stage2/stage3/stage4/stage5"  # `best`'s normalised member, pinned
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
@@ -151,6 +152,10 @@ VARIANTS: dict[str, Variant] = {
     "best+lnagg5": ("best", {"ensemble": ("layer_norm=true+aggregation=5",), **EQ}, {}),
     # the normalised member averages each 3x3 neighbourhood (PatchCore's aggregation), the raw one does not:
     # = `best` since that member joined it; `best@ln-cells` is `best` before (the normalised view on single cells)
+    # the raw member by its local contrast (grid_highpass: its z-scored grid minus a Gaussian blur of
+    # 1.5 / 2 cells, negative parts 0), the normalised 3x3 member as it is
+    "best+hp15": ("best", {"grid_highpass": 1.5, "ensemble": (LN3_HP0,), **EQ}, {}),
+    "best+hp2": ("best", {"grid_highpass": 2.0, "ensemble": (LN3_HP0,), **EQ}, {}),
     "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",), **EQ}, {}),
     "best@ln-cells": ("best", {"ensemble": ("layer_norm=true",), **EQ}, {}),
     # three views (raw cells, normalised cells, normalised 3x3 averages): their mean, and weighed per product at

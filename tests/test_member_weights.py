@@ -230,3 +230,71 @@ def test_partial_fit_keeps_the_chosen_weights():
     assert ens.member_weights_.tolist() == [2.0, 1.0]
     record = ens.fit_info_["calibration"]["member_weights"]
     assert record["kept"] is True and record["weights"] == [2.0, 1.0] and len(record["candidates"]) == 5
+
+
+# ---------------------------------------------------------------- a member's local contrast
+def test_local_contrast_keeps_a_cells_peak_and_drops_broad_rises():
+    z = np.zeros((2, 12, 12))
+    z[0, 5, 5] = 3.0  # one cell above its neighbourhood
+    z[1] = 2.0  # a rise over the whole grid
+    z[1, :, 8:] += 1.0  # and a broad step
+    c = member_weights.local_contrast(z, 1.5)
+    assert c.min() >= 0.0 and c[0, 5, 5] > 2.5 and c[0, 5, 5] == c[0].max()
+    assert c[1].max() < 0.5 and c[1, :, :5].max() < 1e-9  # a constant grid has no contrast
+    assert member_weights.local_contrast(z, 0.0) is z
+    # after the border fill: the two outer rings copy the inner cells before the blur
+    edge = np.zeros((1, 12, 12))
+    edge[0, 0, :] = 50.0  # the outermost ring's peak is filled away
+    assert member_weights.local_contrast(edge, 1.5, border_cells=2).max() == 0.0
+    assert member_weights.local_contrast(edge, 1.5).max() > 10.0
+
+
+def test_combine_takes_a_highpass_members_local_contrast():
+    rng = np.random.default_rng(3)
+    grids = [rng.normal(size=(2, 10, 10)).astype(np.float32) * s for s in (3.0, 0.5)]
+    norm = np.array([[0.5, 3.0], [0.0, 0.5]])
+    z = [(g.astype(np.float64) - mu) / sd for g, (mu, sd) in zip(grids, norm)]
+    expected = (member_weights.local_contrast(z[0], 1.5, 2) + z[1]) / 2
+    got = member_weights.combine(grids, norm, None, [1.5, 0.0], 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(member_weights.combine(grids, norm, None, [0.0, 0.0], 2),
+                                  member_weights.combine(grids, norm))
+
+
+def test_grid_highpass_is_a_members_option_only():
+    with pytest.raises(ConfigError, match="grid_highpass must be in"):
+        preset("paper", grid_highpass=-1.0)
+    with pytest.raises(ConfigError, match="grid_highpass must be a number"):
+        preset("paper", grid_highpass=True)
+    with pytest.raises(ConfigError, match="ensemble member"):
+        PatchKNN.from_config(preset("paper", **SMALL, grid_highpass=1.0), **RUNTIME).fit(_images(3))
+    cfg = preset("best", grid_highpass=1.5, ensemble=("layer_norm=true+aggregation=3+grid_highpass=0",))
+    assert [(m.layer_norm, m.grid_highpass) for m in cfg.ensemble_members()] == [(False, 1.5), (True, 0.0)]
+
+
+def test_a_highpass_member_is_combined_the_same_on_every_path(tmp_path, monkeypatch):
+    cfg = preset("paper", **{**SMALL, "calibration_images": 4, "border_cells": 1, "grid_highpass": 1.0,
+                             "ensemble": ("layer_norm=true+grid_highpass=0",)})
+    seen, plain = [], member_weights.local_contrast
+    monkeypatch.setattr(member_weights, "local_contrast", lambda z, *a: seen.append(z.shape) or plain(z, *a))
+    ens = PatchKNN.from_config(cfg, **RUNTIME).fit(_images(6))
+    assert (4, 8, 8) in seen  # the threshold is calibrated on the held-out grids combined the same way
+    monkeypatch.undo()
+    assert [m.config.grid_highpass for m in ens.members] == [1.0, 0.0]
+    test = _images(2, seed=5)
+    x = torch.from_numpy(np.stack(test)).permute(0, 3, 1, 2).contiguous()
+    grids = [m.score_batch(x)[0] for m in ens.members]
+    z = [(g.astype(np.float64) - mu) / sd for g, (mu, sd) in zip(grids, ens.norm_)]
+    expected_grid = (member_weights.local_contrast(z[0], 1.0, 1) + z[1]) / 2
+    np.testing.assert_allclose(ens.score_batch(x)[0], expected_grid, rtol=1e-5, atol=1e-5)
+    expected = ens.predict(test)
+    loaded = PatchKNN.load(ens.save(tmp_path / "ens"), progress=False)
+    assert [m.config.grid_highpass for m in loaded.members] == [1.0, 0.0]
+    for a, b in zip(loaded.predict(test), expected):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+        assert a.score == b.score and a.is_anomalous == b.is_anomalous
+    runtime = ExportedModel(export_model(ens, tmp_path / "exp"), "onnxruntime")
+    for a, b in zip(runtime.predict(test), expected):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-4,
+                                   atol=1e-4 * float(np.abs(b.anomaly_map).max()))
+        assert a.is_anomalous == b.is_anomalous

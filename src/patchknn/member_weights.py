@@ -8,7 +8,10 @@ and the exported runtime alike: each member's grid is z-scored on its held-out n
     z = sum_i w_i (g_i - mu_i) / sd_i / sum_i w_i.
 
 A member with weight 0 is not scored at all. Equal weights (all 1, ``ensemble_weights="equal"``,
-the default) give the plain mean, bit for bit as before weights existed.
+the default) give the plain mean, bit for bit as before weights existed. A member with
+``grid_highpass`` = sigma > 0 enters by its local contrast instead (:func:`local_contrast`):
+``max(z - G_sigma * z, 0)`` of its z-scored grid ``z`` after the border fill, where ``G_sigma *``
+is a Gaussian blur over the grid's cells.
 
 ``ensemble_weights="auto"`` chooses the weights at fit time from normal images only
 (:func:`choose_weights`): the fit's calibration already scores 32 held-out normal images and two
@@ -47,7 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KIND_MARGIN", "WEIGHT_STEPS", "candidate_weights", "check_weights", "choose_weights", "combine",
-    "combine_weights", "equal_weights", "saved_weights", "score_members",
+    "combine_weights", "equal_weights", "local_contrast", "member_highpass", "refuse_single", "saved_weights",
+    "score_members",
 ]
 
 #: the weights ``"auto"`` tries for each member (every combination, up to scale; at most
@@ -97,18 +101,66 @@ def candidate_weights(n: int) -> list[tuple[int, ...]]:
     return out
 
 
+def local_contrast(z: np.ndarray, sigma: float, border_cells: int = 0) -> np.ndarray:
+    """``max(z - blur(z), 0)`` of ``(..., g, g)`` grids ``z`` after their border fill
+    (:func:`patchknn.scoring.fill_border`): what a cell has above its neighbourhood (a Gaussian of
+    ``sigma`` cells, the grid's edge repeated). ``z`` itself when ``sigma`` is 0.
+
+    Example:
+        >>> z = np.zeros((1, 5, 5)); z[0, 2, 2] = 1.0; z[0, :, 4] += 1.0
+        >>> c = local_contrast(z, 1.0)
+        >>> bool(c[0, 2, 2] > 0.8), bool(c.min() >= 0), bool(c[0, 0, 4] < 0.5)
+        (True, True, True)
+    """
+    if not sigma:
+        return z
+    from scipy.ndimage import gaussian_filter
+
+    from patchknn.scoring import fill_border
+
+    z = np.asarray(fill_border(z, border_cells), dtype=np.float64)
+    blur = gaussian_filter(z, sigma=(0,) * (z.ndim - 2) + (sigma, sigma), mode="nearest", truncate=4.0)
+    return np.maximum(z - blur, 0.0)
+
+
+def refuse_single(config: PatchKNNConfig, is_ensemble: bool) -> None:
+    """Raise :class:`~patchknn.errors.ConfigError` if a single model (not an ensemble) has
+    ``grid_highpass``: it shapes a member's z-scored grid before the members are combined."""
+    if config.grid_highpass and not is_ensemble:
+        from patchknn.errors import ConfigError
+
+        raise ConfigError(
+            "grid_highpass shapes an ensemble member's z-scored grid before the members are combined; "
+            "set it on a member (e.g. ensemble=['layer_norm=true+grid_highpass=0'] with grid_highpass on "
+            "the main configuration), not on a single model"
+        )
+
+
+def member_highpass(members: Sequence[Any]) -> tuple[list[float], int]:
+    """Each member's ``grid_highpass`` and the members' shared ``border_cells`` (0 where a saved
+    configuration predates them), read from their ``config``."""
+    highpass = [float(getattr(m.config, "grid_highpass", 0.0) or 0.0) for m in members]
+    return highpass, int(getattr(members[0].config, "border_cells", 0) or 0) if members else 0
+
+
 def combine(
-    grids: Sequence[np.ndarray | None], norm: np.ndarray, weights: np.ndarray | None = None
+    grids: Sequence[np.ndarray | None], norm: np.ndarray, weights: np.ndarray | None = None,
+    highpass: Sequence[float] | None = None, border_cells: int = 0,
 ) -> np.ndarray:
     """The ensemble's grids: the ``weights``-weighted mean of the members' z-scored ``grids``
-    (float32; ``grids[i]`` may be ``None`` where ``weights[i] == 0``; ``None`` weights = equal)."""
+    (float32; ``grids[i]`` may be ``None`` where ``weights[i] == 0``; ``None`` weights = equal).
+    ``highpass[i]`` > 0: member ``i`` enters by its :func:`local_contrast` (``border_cells``: the
+    shared border fill it is taken after)."""
     weights = equal_weights(len(norm)) if weights is None else np.asarray(weights, dtype=np.float64)
+    highpass = [0.0] * len(norm) if highpass is None else list(highpass)
     total: np.ndarray | None = None
-    for grid, (mu, sd), w in zip(grids, norm, weights):
+    for grid, (mu, sd), w, sigma in zip(grids, norm, weights, highpass):
         if w == 0:
             continue
         assert grid is not None, "a member with a non-zero weight needs its grids"
         z = (grid.astype(np.float64) - mu) / sd
+        if sigma:
+            z = local_contrast(z, sigma, border_cells)
         if w != 1:
             z = z * w
         total = z if total is None else total + z
@@ -128,9 +180,11 @@ def score_members(
     weights: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """An ensemble's ``(grids, image weights)`` of one batch: ``score(member)`` of every member
-    with a non-zero weight (the others are not scored), combined (:func:`combine`)."""
+    with a non-zero weight (the others are not scored), combined (:func:`combine`, with the
+    members' own ``grid_highpass``)."""
     out = [score(m) if w else (None, None) for m, w in zip(members, weights)]
-    return combine([g for g, _ in out], norm, weights), combine_weights([iw for _, iw in out], weights)
+    grids = combine([g for g, _ in out], norm, weights, *member_highpass(members))
+    return grids, combine_weights([iw for _, iw in out], weights)
 
 
 def choose_weights(
@@ -140,6 +194,7 @@ def choose_weights(
     norm: np.ndarray,
     config: PatchKNNConfig,
     kinds: Sequence[str] | None = None,
+    highpass: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The weights of ``"auto"``: among the candidates (:func:`candidate_weights`) that lose no kind
     of held-out defect by more than :data:`KIND_MARGIN` against equal weights, the one whose combined
@@ -158,6 +213,7 @@ def choose_weights(
         norm: the members' z-score normalisation ``(members, 2)``.
         config: the ensemble's configuration (maps as :func:`patchknn.scoring.grid_to_map`).
         kinds: each defect's kind (``m`` names, :data:`patchknn.defects.DEFECT_KINDS`).
+        highpass: each member's ``grid_highpass`` (:func:`combine`; ``None`` = none).
 
     Returns:
         The chosen weights (float64, one per member) and the table: one row per candidate with its
@@ -178,7 +234,8 @@ def choose_weights(
     best, best_w = -math.inf, equal_weights(len(norm))
     for cand in candidate_weights(len(norm)):
         w = np.asarray(cand, dtype=np.float64)
-        grids = np.concatenate([combine(normal, norm, w), combine(defects, norm, w)])
+        border = int(config.border_cells)
+        grids = np.concatenate([combine(g, norm, w, highpass, border) for g in (normal, defects)])
         maps = np.stack([scoring.grid_to_map(g, size, config) for g in grids])
         scores = np.array([scoring.image_score(g, config, amap=m) for g, m in zip(grids, maps)])
         px = float(metrics.pixel_auprc(maps, all_masks))

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from patchknn import scoring
+from patchknn import member_weights, scoring
 from patchknn._version import __version__
 from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
@@ -102,6 +102,7 @@ class PatchKNN:
         image_score: str = "max",
         image_score_topk: int = 10,
         border_cells: int = 0,
+        grid_highpass: float = 0.0,
         index: str = "flat",
         index_nlist: int = 0,
         index_nprobe: int = 8,
@@ -235,6 +236,7 @@ class PatchKNN:
 
     def fit(self, images: Sequence[Any] | str | Path) -> PatchKNN:
         """Learn normality from defect-free ``images`` (paths, a folder, PIL images or arrays); ``self``."""
+        member_weights.refuse_single(self.config, self._is_ensemble)
         t0 = time.perf_counter()
         got = collect_features(self, images, "fit")
         return self.fit_store(got.store, t0, sources=got.sources)
@@ -247,6 +249,7 @@ class PatchKNN:
         ``fit_info_["added"]`` names the images added; :func:`patchknn.versions.save_version`
         saves the result as a new version."""
         self._check_fitted()
+        member_weights.refuse_single(self.config, self._is_ensemble)
         t0 = time.perf_counter()
         return self.extend_store(*collect_features(self, images, "partial_fit")[:2], t0)
 
@@ -301,13 +304,10 @@ class PatchKNN:
         self._set_bank(built)
         bank, kept, index_bank = built.full, built.kept, built.index.bank
         self.fit_info_ = {
-            "n_train_images": filled // grid_cells,
-            "n_skipped": len(self.skipped_),
-            "bank_size": int(index_bank.shape[0]),
-            "bank_size_full": int(bank.shape[0]),
+            "n_train_images": filled // grid_cells, "n_skipped": len(self.skipped_),
+            "bank_size": int(index_bank.shape[0]), "bank_size_full": int(bank.shape[0]),
             **built.seconds,
-            "feature_dim": int(dim),
-            "n_components": int(bank.shape[1]),
+            "feature_dim": int(dim), "n_components": int(bank.shape[1]),
             "fit_seconds": round(time.perf_counter() - t0, 3),
             "feature_seconds": round(t_feat - t0, 3),
             "weights_id": str(getattr(ext.backbone, "weights_id", "unknown")),
