@@ -12,7 +12,7 @@ and prints:
   best one in hindsight);
 * ``AUPRC``: pixel AUPRC (maps vs masks at the model's input size, as ``patchknn evaluate``);
 * ``AUPRO``: the area under the per-region overlap curve up to 30 % false positives;
-* ``AUROC``: image AUROC;
+* ``AUROC``: image AUROC; below the table, the pixel AUPRC of each defect kind;
 * ``images/s``: test images predicted per second (end to end, the whole test set in one
   ``predict`` call; on a shared machine only indicative: ``benchmarks/speed.py`` times speed).
 
@@ -138,6 +138,7 @@ def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, Any
         "pixel_auprc": found.get("pixel_auprc"),
         "aupro": found.get("aupro"),
         "image_auroc": found.get("image_auroc"),
+        "pixel_auprc_by_kind": by_kind(maps, masks, [s.defect for s in samples]),
         "images_per_second": round(len(samples) / predict_seconds, 3),
         "calibration_images": cal.get("n_images"),
         "calibration_seconds": cal.get("seconds"),
@@ -151,6 +152,16 @@ def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, Any
         "test_labels": labels.tolist(),
     }
     return row
+
+
+def by_kind(maps: np.ndarray, masks: np.ndarray, kinds: list[str]) -> dict[str, float]:
+    """Pixel AUPRC of each defect kind: its images pooled with the good ones."""
+    kind_of = np.asarray(kinds)
+    out = {}
+    for kind in sorted(set(kinds) - {"good"}):
+        sel = (kind_of == "good") | (kind_of == kind)
+        out[kind] = round(float(metrics.pixel_auprc(maps[sel], masks[sel])), 4)
+    return out
 
 
 class _HeldOutScores:
@@ -210,6 +221,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {_f(r['f1'])} | {_f(r['f1_max'])} | {_f(r['gap'])} | {_f(r['pixel_auprc'])} | {_f(r.get('aupro'))} "
             f"| {_f(r['image_auroc'])} | {_f(r.get('images_per_second'), 2)} |"
         )
+    kinds = [r for r in rows if r.get("pixel_auprc_by_kind")]
+    if kinds:
+        lines += ["", "Pixel AUPRC per defect kind (its images with the good ones):", ""]
+        lines += [f"- {r['preset']} {r['category']}: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                  r["pixel_auprc_by_kind"].items()) for r in kinds]
     return "\n".join(lines)
 
 
