@@ -59,8 +59,8 @@ class PatchKNNConfig:
             Gaussian blur of this sigma (grid cells), negative parts set to 0, before the members
             are combined (after the border fill); 0 = the grid as it is (paper). It keeps what a
             view sees in a cell or two more than around it (small, dark defects) and drops its broad
-            rises (docs/accuracy.md, "The raw view's local contrast"). Only for ensemble members:
-            a single model refuses it at fit.
+            rises (docs/accuracy.md, "The bank, the distances and the raw view's local contrast").
+            Only for ensemble members: a single model refuses it at fit.
         index: nearest-neighbour search: ``"flat"`` (exact, paper), ``"ivf"`` (inverted lists,
             approximate) or ``"hnsw"`` (graph, approximate).
         index_nlist: IVF lists; 0 = about ``4 * sqrt(bank size)``.
