@@ -46,9 +46,15 @@ def ray_instance():
 
 @pytest.fixture
 def one_thread():
+    """This process computes as a Ray task does (one torch thread, and one BLAS / OpenMP thread, as
+    Ray sets OMP_NUM_THREADS=1 for its workers): float32 sums split over other thread counts can
+    round differently (numpy's BLAS on a 2-core AMD EPYC: bank values 1e-5 apart)."""
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(limits=1):
+        yield
     torch.set_num_threads(before)
 
 
