@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from views_probe import Views, to_map  # noqa: E402
+from views_probe import Views, evaluate, targets  # noqa: E402
 
-from patchknn import metrics, scoring  # noqa: E402
+from patchknn import scoring  # noqa: E402
 from patchknn.config import preset  # noqa: E402
 from patchknn.coreset import greedy_coreset  # noqa: E402
-from patchknn.data import MVTecCategory, load_mask, resize_mask  # noqa: E402
+from patchknn.data import MVTecCategory  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {}, "wh25": {"whiten": 0.25}, "wh50": {"whiten": 0.5},
@@ -140,20 +140,10 @@ def main() -> None:
         np.savez(cache, **out)
         print(f"features {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     data = dict(np.load(cache))
-    masks = np.stack([np.zeros((side, side), bool) if s.mask_path is None
-                      else resize_mask(load_mask(s.mask_path), (side, side)) for s in samples])
-    labels = np.array([s.label for s in samples])
-    kinds = np.array([s.defect for s in samples])
+    masks, labels, kinds = targets(samples, side)
 
-    def evaluate(grids: list[np.ndarray]) -> dict[str, float]:
-        maps = np.stack([to_map(g, side) for g in grids])
-        scores = maps.reshape(len(maps), -1).max(1)
-        r = {"pixel_auprc": metrics.pixel_auprc(maps, masks), "image_auroc": metrics.image_auroc(scores, labels),
-             "aupro": metrics.aupro(maps, masks)}
-        for kind in sorted(set(kinds) - {"good"}):
-            sel = (kinds == "good") | (kinds == kind)
-            r[kind] = metrics.pixel_auprc(maps[sel], masks[sel])
-        return {key: round(float(v), 4) for key, v in r.items()}
+    def score(grids: list[np.ndarray]) -> dict[str, float]:
+        return evaluate(grids, side, masks, labels, kinds)
 
     for name in args.variants.split(","):
         opt = VARIANTS[name]
@@ -162,8 +152,8 @@ def main() -> None:
             np.savez(args.cache / f"z-{args.category}-{k}-{name}.npz", raw=np.stack(zr), ln3=np.stack(zl),
                      masks=masks, labels=labels, kinds=kinds)
         row = {"category": args.category, "train": len(fit_paths), "variant": name, "components": [pr, pl],
-               "best": evaluate([(a + b) / 2 for a, b in zip(zr, zl)]),
-               "raw_alone": evaluate(zr)["pixel_auprc"], "ln3_alone": evaluate(zl)["pixel_auprc"]}
+               "best": score([(a + b) / 2 for a, b in zip(zr, zl)]),
+               "raw_alone": score(zr)["pixel_auprc"], "ln3_alone": score(zl)["pixel_auprc"]}
         print(json.dumps(row), flush=True)
 
 

@@ -116,6 +116,26 @@ def to_map(grid: np.ndarray, side: int, sigma: float = 0.5) -> np.ndarray:
     return gaussian_filter(amap, sigma=(sigma * side / gh, sigma * side / gw), mode="nearest", truncate=4.0)
 
 
+def targets(samples: list[Any], side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The test samples' masks at ``side x side``, labels and defect kinds."""
+    masks = np.stack([np.zeros((side, side), bool) if s.mask_path is None
+                      else resize_mask(load_mask(s.mask_path), (side, side)) for s in samples])
+    return masks, np.array([s.label for s in samples]), np.array([s.defect for s in samples])
+
+
+def evaluate(grids: list[np.ndarray], side: int, masks: np.ndarray, labels: np.ndarray,
+             kinds: np.ndarray) -> dict[str, float]:
+    """Pixel AUPRC, image AUROC (the map's maximum), AUPRO, and each kind's pixel AUPRC (with the good ones)."""
+    maps = np.stack([to_map(g, side) for g in grids])
+    scores = maps.reshape(len(maps), -1).max(1)
+    r = {"pixel_auprc": metrics.pixel_auprc(maps, masks), "image_auroc": metrics.image_auroc(scores, labels),
+         "aupro": metrics.aupro(maps, masks)}
+    for kind in sorted(set(kinds) - {"good"}):
+        sel = (kinds == "good") | (kinds == kind)
+        r[kind] = metrics.pixel_auprc(maps[sel], masks[sel])
+    return {k: round(float(v), 4) for k, v in r.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True)
@@ -141,21 +161,11 @@ def main() -> None:
     test = [views(s.path) for s in samples]
     print(f"features {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     z = {v: view_grids(v, fit, held, test) for v in VIEWS}
-    masks = np.stack([np.zeros((side, side), bool) if s.mask_path is None
-                      else resize_mask(load_mask(s.mask_path), (side, side)) for s in samples])
-    labels = np.array([s.label for s in samples])
-    kinds = np.array([s.defect for s in samples])
+    masks, labels, kinds = targets(samples, side)
     row: dict[str, Any] = {"category": args.category, "shape": args.shape, "train": len(fit_paths)}
     for name, w in COMBOS.items():
         grids = [sum(wi * z[v][i] for wi, v in zip(w, VIEWS)) / sum(w) for i in range(len(samples))]
-        maps = np.stack([to_map(g, side) for g in grids])
-        scores = maps.reshape(len(maps), -1).max(1)
-        r = {"pixel_auprc": metrics.pixel_auprc(maps, masks), "image_auroc": metrics.image_auroc(scores, labels),
-             "aupro": metrics.aupro(maps, masks)}
-        for kind in sorted(set(kinds) - {"good"}):
-            sel = (kinds == "good") | (kinds == kind)
-            r[kind] = metrics.pixel_auprc(maps[sel], masks[sel])
-        row[name] = {k: round(float(v), 4) for k, v in r.items()}
+        row[name] = evaluate(grids, side, masks, labels, kinds)
     print(json.dumps(row))
 
 
