@@ -377,23 +377,34 @@ DOCS_WITH_ABLATION_COMMANDS = ("docs/accuracy.md", "README.md")
 
 
 def test_documented_ablation_commands_name_real_variants():
-    """The ablation commands in the docs list variants benchmarks/ablation.py knows (no `...`, no
-    renamed variant), and every row of docs/accuracy.md's table is one of them."""
+    """The benchmark commands in the docs list variants their script knows (benchmarks/ablation.py or
+    benchmarks/bank_probe.py; no `...`, no renamed variant; `$V` is the `V=` line above the command),
+    and every row of docs/accuracy.md's table is one of ablation.py's."""
     import importlib.util
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("ablation", root / "benchmarks" / "ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    known = {}
+    for script in ("ablation", "bank_probe"):
+        spec = importlib.util.spec_from_file_location(script, root / "benchmarks" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        known[script] = set(module.VARIANTS)
+    ablation_variants = known["ablation"]
     for doc in DOCS_WITH_ABLATION_COMMANDS:
         text = (root / doc).read_text(encoding="utf-8")
-        ablation_lines = "\n".join(line for line in text.splitlines() if "ablation.py" in line or line.startswith("V="))
-        lists = re.findall(r"^V=(\S+)$", ablation_lines, flags=re.M) + re.findall(r"--variants (\S+)", ablation_lines)
-        lists = [v for v in lists if v != "$V"]
-        assert lists, doc
-        for names in lists:
-            assert set(names.split(",")) <= set(ablation.VARIANTS), (doc, names)
+        checked, current_v = 0, None
+        for line in text.splitlines():
+            if m := re.match(r"^V=(\S+)$", line):
+                current_v = m.group(1)
+            command = re.search(r"benchmarks/(ablation|bank_probe)\.py\b.*?--variants (\S+)", line)
+            if not command or command.group(1) not in known:
+                continue
+            names = current_v if command.group(2) == "$V" else command.group(2)
+            assert names, (doc, line)
+            assert set(names.split(",")) <= known[command.group(1)], (doc, command.group(1), names)
+            checked += 1
+        assert checked, doc
     table_rows = re.findall(r"^\| (\S+) \|.*\| `--preset", (root / "docs/accuracy.md").read_text(), flags=re.M)
-    assert len(table_rows) >= 10 and set(table_rows) <= set(ablation.VARIANTS)
+    assert len(table_rows) >= 10 and set(table_rows) <= ablation_variants
