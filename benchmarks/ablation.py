@@ -156,6 +156,10 @@ VARIANTS: dict[str, Variant] = {
     # 1.5 / 2 cells, negative parts 0), the normalised 3x3 member as it is
     "best+hp15": ("best", {"grid_highpass": 1.5, "ensemble": (LN3_HP0,), **EQ}, {}),
     "best+hp2": ("best", {"grid_highpass": 2.0, "ensemble": (LN3_HP0,), **EQ}, {}),
+    # `best`'s two members and the raw one again by its local contrast (1.5 cells), weighed per product
+    # (ensemble_weights="auto"): does the calibration's held-out ranking follow the real one? (1, 1, 0) is
+    # `best`, (0, 1, 1) `best+hp15`; the row keeps the held-out table (member_weights)
+    "best+hpauto": ("best", {"ensemble": (LN3_HP0, "grid_highpass=1.5"), "ensemble_weights": "auto"}, {}),
     "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",), **EQ}, {}),
     "best@ln-cells": ("best", {"ensemble": ("layer_norm=true",), **EQ}, {}),
     # three views (raw cells, normalised cells, normalised 3x3 averages): their mean, and weighed per product at
@@ -322,6 +326,7 @@ def run_variant(
         "predict_seconds_cached": round(predict_s, 2),
         "bank_size": int(getattr(model, "fit_info_", {}).get("bank_size", 0)),
         "n_components": int(getattr(model, "fit_info_", {}).get("n_components", 0)),
+        "member_weights": getattr(model, "fit_info_", {}).get("calibration", {}).get("member_weights"),
     }
     return row
 

@@ -10,15 +10,20 @@ normal images, their mean, smoothing 0.5 cell) and scores one change at a time b
 * ``pos02`` / ``pos05``: the cell's grid position appended to every vector (``lambda`` x the vectors'
   RMS norm, so the neighbours come from nearby positions);
 * ``pow5`` / ``pow75``: the raw view's features power-normalised (``sign(x) |x|^a``) before the PCA;
-* ``raw345`` / ``raw45``: the raw view on stages 3-5 / 4-5 only (the normalised view on 2-5).
+* ``raw345`` / ``raw45``: the raw view on stages 3-5 / 4-5 only (the normalised view on 2-5);
+* ``flipsh`` / ``flipshv``: the bank also gets the training images mirrored left-right / flipped all
+  three ways (the PCA from the images as they are; the coreset ratio divided by the copies, so the bank
+  keeps its size).
 
 Features are cached under ``--cache`` (float16); ``--save-grids`` keeps each variant's z-scored test
-grids of both views for map-level combinations. Commands (2026-12-02, docs/accuracy.md)::
+grids of both views and of the plain normalised view (``ln``: cells L2-normalised, not averaged) for
+map-level combinations (``benchmarks/grid_combos.py``). Commands (2026-12-02, docs/accuracy.md)::
 
     V=base,wh25,dens05,dens1,pos02,pos05,pow5,pow75,raw345,raw45
     python benchmarks/bank_probe.py --root ../shared/mvtec --category bottle --variants $V
     python benchmarks/bank_probe.py --root ../shared/mtd --category magnetic_tile --train-stride 6 \
         --variants base,raw345,pow5
+    python benchmarks/bank_probe.py --root ../shared/mvtec --category bottle --variants flipsh,flipshv
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dens05": {"dens": 0.5}, "dens1": {"dens": 1.0},
     "pos02": {"pos": 0.2}, "pos05": {"pos": 0.5},
     "pow5": {"pow": 0.5}, "pow75": {"pow": 0.75},
+    "flipsh": {"flips": ("h",)}, "flipshv": {"flips": ("h", "v", "hv")},
     "raw345": {"rawch": (24, 544)}, "raw45": {"rawch": (72, 544)},  # EfficientNet-Lite2: 24 + 48 + 120 + 352 channels
 }
 
@@ -67,6 +73,9 @@ def fit_view(data: dict[str, np.ndarray], view: str, opt: dict[str, Any], grid: 
     x = x.reshape(-1, x.shape[-1])
     mu = x.mean(0)
     ev, evec = np.linalg.eigh(np.cov((x - mu)[::4].T))
+    if opt.get("flips"):  # the PCA of the training images as they are; the bank gains their flips
+        x = np.concatenate([x] + [feats(f"fit{f}").reshape(-1, x.shape[-1]) for f in opt["flips"]])
+        n = x.shape[0] // grid**2
     ev, evec = ev[::-1], evec[:, ::-1]
     p = int(np.searchsorted(np.cumsum(ev) / ev.sum(), 0.95)) + 1
     proj = evec[:, :p].astype(np.float32)
@@ -82,7 +91,7 @@ def fit_view(data: dict[str, np.ndarray], view: str, opt: dict[str, Any], grid: 
         return b if not lam else np.concatenate([b, (np.tile(pos, (m, 1)) * lam * scale).astype(np.float32)], 1)
 
     bank = add_pos(bank, n)
-    core = np.ascontiguousarray(bank[greedy_coreset(bank, 0.1)])
+    core = np.ascontiguousarray(bank[greedy_coreset(bank, 0.1 / (1 + len(opt.get("flips", ()))))])
     index = faiss.IndexFlatL2(core.shape[1])
     index.add(core)
     radius = None
@@ -130,16 +139,25 @@ def main() -> None:
     else:
         fit_paths, held_paths = train[::k], [p for i, p in enumerate(train) if i % k == k // 2][:24]
     args.cache.mkdir(parents=True, exist_ok=True)
-    cache = args.cache / f"{args.category}-{k}.npz"
+    cache = args.cache / f"{args.category}-{k}-v2.npz"  # v2: with the plain normalised view
     if not cache.exists():
         views, t0, out = Views("squash", side, 1.0), time.perf_counter(), {}
         for name, paths in (("fit", fit_paths), ("held", held_paths), ("test", [s.path for s in samples])):
             feats = [views(p)[0] for p in paths]
-            for v in ("raw", "ln3"):
+            for v in ("raw", "ln3", "ln"):
                 out[f"{name}_{v}"] = np.stack([f[v] for f in feats]).astype(np.float16)
         np.savez(cache, **out)
         print(f"features {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     data = dict(np.load(cache))
+    flips = sorted({f for name in args.variants.split(",") for f in VARIANTS[name].get("flips", ())})
+    for flip in flips:  # the training images flipped, for a bank with their patches too
+        fcache = args.cache / f"{args.category}-{k}-flip{flip}.npz"
+        if not fcache.exists():
+            views = Views("squash", side, 1.0)
+            feats = [views(p, flip)[0] for p in fit_paths]
+            np.savez(fcache, **{f"fit{flip}_{v}": np.stack([f[v] for f in feats]).astype(np.float16)
+                                for v in ("raw", "ln3", "ln")})
+        data.update(dict(np.load(fcache)))
     masks, labels, kinds = targets(samples, side)
 
     def score(grids: list[np.ndarray]) -> dict[str, float]:
@@ -149,8 +167,9 @@ def main() -> None:
         opt = VARIANTS[name]
         (zr, pr), (zl, pl) = fit_view(data, "raw", opt, grid), fit_view(data, "ln3", opt, grid)
         if args.save_grids:
+            zn, _ = fit_view(data, "ln", opt, grid)
             np.savez(args.cache / f"z-{args.category}-{k}-{name}.npz", raw=np.stack(zr), ln3=np.stack(zl),
-                     masks=masks, labels=labels, kinds=kinds)
+                     ln=np.stack(zn), masks=masks, labels=labels, kinds=kinds)
         row = {"category": args.category, "train": len(fit_paths), "variant": name, "components": [pr, pl],
                "best": score([(a + b) / 2 for a, b in zip(zr, zl)]),
                "raw_alone": score(zr)["pixel_auprc"], "ln3_alone": score(zl)["pixel_auprc"]}

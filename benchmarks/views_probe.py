@@ -43,7 +43,8 @@ from patchknn.config import preset
 from patchknn.coreset import greedy_coreset
 from patchknn.data import MVTecCategory, load_image, load_mask, resize_mask
 
-VIEWS = ("raw", "ln3", "mag")
+VIEWS = ("raw", "ln3", "mag", "ln")  # "ln": the normalised cells, not averaged (bank_probe.py)
+COMBO_VIEWS = VIEWS[:3]
 COMBOS = {  # weights of (raw, ln3, mag); "best" is the package's preset
     "raw": (1, 0, 0), "ln3": (0, 1, 0), "mag": (0, 0, 1), "best": (1, 1, 0),
     "ln3+mag": (0, 1, 1), "ln3+0.5mag": (0, 1, 0.5), "raw+ln3+mag": (1, 1, 1),
@@ -66,8 +67,10 @@ class Views:
         self.net = build_backbone(cfg.backbone, cfg.resolved_layers).to(memory_format=torch.channels_last)
         self.shape, self.side, self.median_area = shape, side, median_area
 
-    def __call__(self, path: Path) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    def __call__(self, path: Path, flip: str = "") -> tuple[dict[str, np.ndarray], tuple[int, int]]:
         img = load_image(path)
+        img = img[:, ::-1] if "h" in flip else img
+        img = np.ascontiguousarray(img[::-1] if "v" in flip else img)
         th, tw = input_size(img.shape[0], img.shape[1], self.shape, self.side, self.median_area)
         x = np.array(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR))
         t = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
@@ -81,6 +84,7 @@ class Views:
             f, f3 = (F.interpolate(a, size=grid, mode="bilinear", align_corners=False) for a in (f, f3))
             out["raw"].append(f)
             out["ln3"].append(F.normalize(f3, dim=1))
+            out["ln"].append(F.normalize(f, dim=1))
             out["mag"].append(torch.log(f3.norm(dim=1, keepdim=True) + 1e-6))
         return {v: torch.cat(p, 1)[0].flatten(1).T.numpy() for v, p in out.items()}, grid
 
@@ -160,11 +164,11 @@ def main() -> None:
     fit, held = [views(p) for p in fit_paths], [views(p) for p in held_paths]
     test = [views(s.path) for s in samples]
     print(f"features {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    z = {v: view_grids(v, fit, held, test) for v in VIEWS}
+    z = {v: view_grids(v, fit, held, test) for v in COMBO_VIEWS}
     masks, labels, kinds = targets(samples, side)
     row: dict[str, Any] = {"category": args.category, "shape": args.shape, "train": len(fit_paths)}
     for name, w in COMBOS.items():
-        grids = [sum(wi * z[v][i] for wi, v in zip(w, VIEWS)) / sum(w) for i in range(len(samples))]
+        grids = [sum(wi * z[v][i] for wi, v in zip(w, COMBO_VIEWS)) / sum(w) for i in range(len(samples))]
         row[name] = evaluate(grids, side, masks, labels, kinds)
     print(json.dumps(row))
 
