@@ -73,14 +73,14 @@ def fit_view(data: dict[str, np.ndarray], view: str, opt: dict[str, Any], grid: 
     x = x.reshape(-1, x.shape[-1])
     mu = x.mean(0)
     ev, evec = np.linalg.eigh(np.cov((x - mu)[::4].T))
-    if opt.get("flips"):  # the PCA of the training images as they are; the bank gains their flips
-        x = np.concatenate([x] + [feats(f"fit{f}").reshape(-1, x.shape[-1]) for f in opt["flips"]])
-        n = x.shape[0] // grid**2
     ev, evec = ev[::-1], evec[:, ::-1]
     p = int(np.searchsorted(np.cumsum(ev) / ev.sum(), 0.95)) + 1
     proj = evec[:, :p].astype(np.float32)
     if opt.get("whiten") is not None:
         proj = proj * (ev[:p] / ev[0]).astype(np.float32) ** (-opt["whiten"])
+    if opt.get("flips"):  # the PCA of the training images as they are; the bank gains their flips
+        x = np.concatenate([x] + [feats(f"fit{f}").reshape(-1, x.shape[-1]) for f in opt["flips"]])
+        n = x.shape[0] // grid**2
     bank = ((x - mu) @ proj).astype(np.float32)
     lam = opt.get("pos", 0.0)
     scale = float(np.sqrt((bank**2).sum(1).mean()))
@@ -150,11 +150,11 @@ def main() -> None:
         print(f"features {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     data = dict(np.load(cache))
     flips = sorted({f for name in args.variants.split(",") for f in VARIANTS[name].get("flips", ())})
+    flip_views = Views("squash", side, 1.0) if flips else None
     for flip in flips:  # the training images flipped, for a bank with their patches too
         fcache = args.cache / f"{args.category}-{k}-flip{flip}.npz"
         if not fcache.exists():
-            views = Views("squash", side, 1.0)
-            feats = [views(p, flip)[0] for p in fit_paths]
+            feats = [flip_views(p, flip)[0] for p in fit_paths]
             np.savez(fcache, **{f"fit{flip}_{v}": np.stack([f[v] for f in feats]).astype(np.float16)
                                 for v in ("raw", "ln3", "ln")})
         data.update(dict(np.load(fcache)))
