@@ -57,6 +57,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "raw345": {"rawch": (24, 544)}, "raw45": {"rawch": (72, 544)},  # EfficientNet-Lite2: 24 + 48 + 120 + 352 channels
 }
 
+#: the views whose patch vectors are cached (views_probe.Views): raw cells, normalised 3x3, normalised cells
+CACHED_VIEWS = ("raw", "ln3", "ln")
+
 
 def fit_view(data: dict[str, np.ndarray], view: str, opt: dict[str, Any], grid: int) -> tuple[list[np.ndarray], int]:
     """One view's z-scored test grids under ``opt``, and its number of PCA components."""
@@ -144,7 +147,7 @@ def main() -> None:
         views, t0, out = Views("squash", side, 1.0), time.perf_counter(), {}
         for name, paths in (("fit", fit_paths), ("held", held_paths), ("test", [s.path for s in samples])):
             feats = [views(p)[0] for p in paths]
-            for v in ("raw", "ln3", "ln"):
+            for v in CACHED_VIEWS:
                 out[f"{name}_{v}"] = np.stack([f[v] for f in feats]).astype(np.float16)
         np.savez(cache, **out)
         print(f"features {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -156,7 +159,7 @@ def main() -> None:
         if not fcache.exists():
             feats = [flip_views(p, flip)[0] for p in fit_paths]
             np.savez(fcache, **{f"fit{flip}_{v}": np.stack([f[v] for f in feats]).astype(np.float16)
-                                for v in ("raw", "ln3", "ln")})
+                                for v in CACHED_VIEWS})
         data.update(dict(np.load(fcache)))
     masks, labels, kinds = targets(samples, side)
 
