@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=None, help="JSON results")
     args = ap.parse_args()
 
-    from patchknn.distributed._ray import local_only
+    from patchknn.distributed._ray import local_only, shutdown
 
     local_only()
     import ray
@@ -136,7 +136,7 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
     finally:
-        ray.shutdown()
+        shutdown(ray)
 
     setup = {
         "variants": args.variants, "train_per_variant": args.train, "archive_images": len(paths),

@@ -101,6 +101,35 @@ def pytest_runtest_makereport(item, call):
     )
 
 
+@pytest.fixture(scope="module")
+def ray_instance(request):
+    """A private local Ray instance on 127.0.0.1 for one test module, stopped by
+    :func:`patchknn.distributed._ray.shutdown` (garbage collected first, and pytest's fault handler
+    enabled again: Ray leaves none, so a later crash would print nothing)."""
+    from patchknn.distributed._ray import local_only, shutdown
+
+    local_only()  # bind to 127.0.0.1 (must precede ray.init)
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():  # pragma: no cover - someone else's instance
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, logging_level="warning")
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    yield ray
+    shutdown(ray, _pytest_fault_file(request.config))
+
+
+def _pytest_fault_file(config: pytest.Config) -> int | None:
+    """The descriptor pytest's fault handler writes to (a copy of the real stderr; fd 2 is
+    captured), or ``None`` (then ``sys.stderr``) if this pytest keeps it elsewhere."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+        return config.stash[fault_handler_stderr_fd_key]
+    except (ImportError, KeyError):  # pragma: no cover - another pytest version
+        return None
+
+
 def fit_preset(name: str, train, weights_file: Path, folder: Path) -> tuple:
     """A preset fitted on ``train`` (the paper's weights file for a ResNet-50 backbone, the packaged
     weights otherwise) and saved in ``folder / "model"``: ``(model, saved folder)``."""

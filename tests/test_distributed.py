@@ -28,22 +28,6 @@ ray_test = pytest.mark.slow  # every test on the Ray instance takes more than a 
 
 
 # ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def ray_instance():
-    from patchknn.distributed._ray import local_only
-
-    local_only()  # bind to 127.0.0.1 (must precede ray.init)
-    import ray
-
-    if ray.is_initialized():  # pragma: no cover - someone else's instance
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, logging_level="warning")
-    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture
 def one_thread():
     """This process computes as a Ray task does (one torch thread, and one BLAS / OpenMP thread, as
@@ -498,6 +482,24 @@ def test_score_archive_cli_joins_a_running_cluster(ray_instance, archive, tmp_pa
     assert "Started a local Ray instance" not in r.stderr
     assert "Connecting to existing Ray cluster" in r.stderr
     _check_equal_to_predict(out, _reference(model_dir, paths[:3]), maps=False)
+
+
+@ray_test
+def test_a_crash_after_a_ray_session_still_prints_its_traceback(tmp_path):
+    """Ray replaces Python's fault handler while it runs and leaves none after ``ray.shutdown()``
+    (a crash then prints nothing: CI once ended in a bare "Segmentation fault"); leaving
+    ``ray_session`` enables it again, and collects garbage before Ray stops."""
+    script = (
+        "import ctypes\n"
+        "from patchknn.distributed._ray import ray_session\n"
+        "with ray_session(num_cpus=1, object_store_memory=80 * 1024**2, quiet=True):\n"
+        "    pass\n"
+        "ctypes.string_at(0)\n"
+    )
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == -11, r.stdout + r.stderr
+    assert "Fatal Python error: Segmentation fault" in r.stderr and "string_at" in r.stderr, r.stderr[-2000:]
 
 
 def test_lazy_names_stay_functions_after_their_modules_load():

@@ -53,21 +53,6 @@ def _sample(dataset: MVTecCategory) -> list:
     return good + list(seen.values())[:5]
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    from patchknn.distributed._ray import local_only
-
-    local_only()
-    import ray
-
-    if ray.is_initialized():  # pragma: no cover - someone else's instance
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, logging_level="warning")
-    yield ray
-    ray.shutdown()
-
-
 CASES = [pytest.param((p, c), id=f"{p}-{c}") for c in CATEGORIES for p in PRESETS]
 BOTTLE = [c for c in CASES if c.values[0][1] == "bottle"]
 

@@ -5,6 +5,8 @@ Nothing here imports Ray at module import time, so the core package and the CLI 
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import logging
 import os
 import sys
@@ -84,4 +86,27 @@ def ray_session(
     try:
         yield ray
     finally:
-        ray.shutdown()
+        shutdown(ray)
+
+
+def shutdown(ray: Any, fault_file: Any = None) -> None:
+    """``ray.shutdown()``, leaving this process as it was before ``ray.init``.
+
+    * Garbage is collected first: an object reference or actor handle in a reference cycle, freed
+      by a later collection once Ray's core worker is gone, may crash the process.
+    * Ray replaces Python's fault handler (:mod:`faulthandler`) by its own while it runs and leaves
+      none at all after ``shutdown``: a later crash would print nothing. If a fault handler was
+      enabled, it is enabled again, writing to ``fault_file`` (a file or descriptor; default
+      ``sys.stderr``).
+    """
+    gc.collect()
+    had_handler = faulthandler.is_enabled()
+    ray.shutdown()
+    if not had_handler:
+        return
+    file = sys.stderr if fault_file is None else fault_file
+    try:
+        faulthandler.disable()  # its flag still says enabled: enable() alone would do nothing
+        faulthandler.enable(file=file, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - a stderr without a descriptor
+        pass
