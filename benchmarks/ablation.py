@@ -48,13 +48,14 @@ from torch import nn
 import patchknn.model as model_mod
 from patchknn import metrics
 from patchknn.backbones import build_backbone
-from patchknn.config import PatchKNNConfig, preset
-from patchknn.data import MVTecCategory, iter_batches
+from patchknn.config import PatchKNNConfig
+from patchknn.data import MVTecCategory
 from patchknn.evaluation import _mask_for
+from patchknn.presets import preset
 
 # ---------------------------------------------------------------------------------- variants
-# name -> (preset, overrides, extra). extra: "bankflip" = flipped normal images added to the bank.
-Variant = tuple[str, dict[str, Any], dict[str, Any]]
+# name -> (preset, overrides)
+Variant = tuple[str, dict[str, Any]]
 SMOOTH = 0.5  # grid cells: PatchCore's sigma = 4 px at 224 px, one cell = 8 px at grid 28
 CORESET = 0.1  # PatchCore-10%: the bank subsampling the `best` preset uses for speed
 TTA = ("hflip", "vflip")
@@ -80,124 +81,126 @@ LN3_HP0 = "layer_norm=true+aggregation=3+grid_highpass=0"
 LN3_2345 = "layer_norm=true+aggregation=3+layers=stage2/stage3/stage4/stage5"  # `best`'s normalised member, pinned
 VARIANTS: dict[str, Variant] = {
     # one option at a time on top of the paper (exact search)
-    "paper": ("paper", {}, {}),
-    "agg3": ("paper", {"aggregation": 3}, {}),
-    "smooth": ("paper", {"smoothing_sigma": SMOOTH}, {}),
-    "layer_norm": ("paper", {"layer_norm": True}, {}),
-    "coreset10": ("paper", {"coreset_ratio": CORESET}, {}),
-    "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}, {}),
+    "paper": ("paper", {}),
+    "agg3": ("paper", {"aggregation": 3}),
+    "smooth": ("paper", {"smoothing_sigma": SMOOTH}),
+    "layer_norm": ("paper", {"layer_norm": True}),
+    "coreset10": ("paper", {"coreset_ratio": CORESET}),
+    "agg3+pca99": ("paper", {"aggregation": 3, "pca_variance": 0.99}),
     # the outer grid rings take their nearest inner cell's value (magnetic_tile's edges, issue 17)
-    "border1": ("paper", {"border_cells": 1}, {}),
-    "border2": ("paper", {"border_cells": 2}, {}),
-    "border2+topk": ("paper", {"border_cells": 2, "image_score": "topk_mean", "image_score_topk": 3}, {}),
-    "v1+border2": ("paper", {**V1, "border_cells": 2}, {}),
-    "best-border0": ("best", {**B24, "border_cells": 0}, {}),  # `best` before border_cells joined it
-    "best+border3": ("best", {**B24, "border_cells": 3}, {}),
+    "border1": ("paper", {"border_cells": 1}),
+    "border2": ("paper", {"border_cells": 2}),
+    "border2+topk": ("paper", {"border_cells": 2, "image_score": "topk_mean", "image_score_topk": 3}),
+    "v1+border2": ("paper", {**V1, "border_cells": 2}),
+    "best-border0": ("best", {**B24, "border_cells": 0}),  # `best` before border_cells joined it
+    "best+border3": ("best", {**B24, "border_cells": 3}),
     # v1 = paper + smoothing + coreset, and one more option (or a combination) at a time on top of it
-    "v1": ("paper", V1, {}),
-    "v1-coreset": ("paper", {**V1, "coreset_ratio": 1.0}, {}),
-    "v1+agg3": ("paper", {**V1, "aggregation": 3}, {}),
-    "v1+smooth1": ("paper", {**V1, "smoothing_sigma": 1.0}, {}),
-    "v1+layer_norm": ("paper", {**V1, "layer_norm": True}, {}),
-    "v1+layers23": ("paper", {**V1, "layers": ("layer2", "layer3")}, {}),
-    "v1+pca99": ("paper", {**V1, "pca_variance": 0.99}, {}),
-    "v1+nopca": ("paper", {**V1, "pca_variance": None}, {}),
-    "v1+k3": ("paper", {**V1, "k": 3}, {}),
-    "v1+reweighted": ("paper", {**V1, "image_score": "reweighted", "image_score_topk": 9}, {}),
-    "v1+topk": ("paper", {**V1, "image_score": "topk_mean", "image_score_topk": 10}, {}),
-    "v1+res320": ("paper", {**V1, **R320}, {}),
-    "v1+tta": ("paper", {**V1, "tta": TTA}, {}),
-    "v1+bankflip": ("paper", V1, {"bankflip": True}),
-    "v1+tta+bankflip": ("paper", {**V1, "tta": TTA}, {"bankflip": True}),
-    "v1+ensemble": ("paper", {**V1, **ENS}, {}),
-    "v1+ln_views": ("paper", {**V1, **LNENS}, {}),
-    "v1+ens4": ("paper", {**V1, **ENS4}, {}),
-    "v1+layer_norm+ensemble": ("paper", {**V1, "layer_norm": True, **ENS}, {}),
-    "v1+res320+layer_norm": ("paper", {**V1, **R320, "layer_norm": True}, {}),
-    "v1+res320+ensemble": ("paper", {**V1, **R320, **ENS}, {}),
-    "v1+res320+ln_views": ("paper", {**V1, **R320, **LNENS}, {}),
-    "v1+effnet": ("paper", {**V1, **EFF}, {}),
-    "v1+effnet+layer_norm": ("paper", {**V1, **EFF, "layer_norm": True}, {}),
-    "v1+effnet+ln_views": ("paper", {**V1, **EFF, **LNENS}, {}),
-    "v1+effnet+ln_views+res320": ("paper", {**V1, **EFF, **R320, **LNENS}, {}),
+    "v1": ("paper", V1),
+    "v1-coreset": ("paper", {**V1, "coreset_ratio": 1.0}),
+    "v1+agg3": ("paper", {**V1, "aggregation": 3}),
+    "v1+smooth1": ("paper", {**V1, "smoothing_sigma": 1.0}),
+    "v1+layer_norm": ("paper", {**V1, "layer_norm": True}),
+    "v1+layers23": ("paper", {**V1, "layers": ("layer2", "layer3")}),
+    "v1+pca99": ("paper", {**V1, "pca_variance": 0.99}),
+    "v1+nopca": ("paper", {**V1, "pca_variance": None}),
+    "v1+k3": ("paper", {**V1, "k": 3}),
+    "v1+reweighted": ("paper", {**V1, "image_score": "reweighted", "image_score_topk": 9}),
+    "v1+topk": ("paper", {**V1, "image_score": "topk_mean", "image_score_topk": 10}),
+    "v1+res320": ("paper", {**V1, **R320}),
+    "v1+tta": ("paper", {**V1, "tta": TTA}),
+    "v1+bankflip": ("paper", {**V1, "train_flips": TTA}),  # flipped training images in the bank (train_flips)
+    "v1+tta+bankflip": ("paper", {**V1, "tta": TTA, "train_flips": TTA}),
+    "v1+ensemble": ("paper", {**V1, **ENS}),
+    "v1+ln_views": ("paper", {**V1, **LNENS}),
+    "v1+ens4": ("paper", {**V1, **ENS4}),
+    "v1+layer_norm+ensemble": ("paper", {**V1, "layer_norm": True, **ENS}),
+    "v1+res320+layer_norm": ("paper", {**V1, **R320, "layer_norm": True}),
+    "v1+res320+ensemble": ("paper", {**V1, **R320, **ENS}),
+    "v1+res320+ln_views": ("paper", {**V1, **R320, **LNENS}),
+    "v1+effnet": ("paper", {**V1, **EFF}),
+    "v1+effnet+layer_norm": ("paper", {**V1, **EFF, "layer_norm": True}),
+    "v1+effnet+ln_views": ("paper", {**V1, **EFF, **LNENS}),
+    "v1+effnet+ln_views+res320": ("paper", {**V1, **EFF, **R320, **LNENS}),
     # the preset itself, whatever it is now (`ensemble` members included)
-    "best": ("best", {}, {}),
-    "best@stages2-4": ("best", B24, {}),  # `best` before stage5 joined it
+    "best": ("best", {}),
+    "best@stages2-4": ("best", B24),  # `best` before stage5 joined it
     # towards issue 17's pixel targets: one change at a time on top of `best` (docs/accuracy.md)
-    "best-ln_main": ("best", {**B24, **LN_MAIN}, {}),  # layer_norm as the only view (no raw member)
-    "best+smooth0": ("best", {**B24, "smoothing_sigma": 0.0}, {}),
-    "best+smooth1": ("best", {**B24, "smoothing_sigma": 1.0}, {}),
-    "best-ln_main+smooth1": ("best", {**B24, **LN_MAIN, "smoothing_sigma": 1.0}, {}),
-    "best+stages23": ("best", {"layers": ("stage2", "stage3")}, {}),  # earlier layers: finer detail
-    "best+stages34": ("best", {"layers": ("stage3", "stage4")}, {}),
-    "best+stages2345": ("best", {"layers": S2345}, {}),  # = `best` since stage5 joined it
-    "best+stages34+smooth1": ("best", {"layers": ("stage3", "stage4"), "smoothing_sigma": 1.0}, {}),
-    "best+stages345": ("best", {"layers": ("stage3", "stage4", "stage5")}, {}),  # stride 8-32
+    "best-ln_main": ("best", {**B24, **LN_MAIN}),  # layer_norm as the only view (no raw member)
+    "best+smooth0": ("best", {**B24, "smoothing_sigma": 0.0}),
+    "best+smooth1": ("best", {**B24, "smoothing_sigma": 1.0}),
+    "best-ln_main+smooth1": ("best", {**B24, **LN_MAIN, "smoothing_sigma": 1.0}),
+    "best+stages23": ("best", {"layers": ("stage2", "stage3")}),  # earlier layers: finer detail
+    "best+stages34": ("best", {"layers": ("stage3", "stage4")}),
+    "best+stages2345": ("best", {"layers": S2345}),  # = `best` since stage5 joined it
+    "best+stages34+smooth1": ("best", {"layers": ("stage3", "stage4"), "smoothing_sigma": 1.0}),
+    "best+stages345": ("best", {"layers": ("stage3", "stage4", "stage5")}),  # stride 8-32
     # the two directions together: stage5 in the raw view (magnetic_tile), layer_norm on stages 2-4 (bottle)
-    "best+stages2345+smooth1": ("best", {"layers": S2345, "smoothing_sigma": 1.0}, {}),
-    "best+s2345+ln234": ("best", {"layers": S2345, "ensemble": (LN234,), **EQ}, {}),
-    "best+s345+ln234": ("best", {"layers": ("stage3", "stage4", "stage5"), "ensemble": (LN234,), **EQ}, {}),
-    "best+s2345+ln234+smooth1": ("best", {"layers": S2345, "ensemble": (LN234,), **EQ, "smoothing_sigma": 1.0}, {}),
-    "best-ln_main+stages2345": ("best", {**LN_MAIN, "layers": S2345}, {}),
-    "best+agg3": ("best", {"aggregation": 3}, {}),  # PatchCore's 3x3 neighbourhood average, on stages 2-5
-    "best+coreset25": ("best", {"coreset_ratio": 0.25}, {}),
-    "best+pca99": ("best", {"pca_variance": 0.99}, {}),  # both members keep 99 % of the variance
-    "best+pca90": ("best", {"pca_variance": 0.90}, {}),
+    "best+stages2345+smooth1": ("best", {"layers": S2345, "smoothing_sigma": 1.0}),
+    "best+s2345+ln234": ("best", {"layers": S2345, "ensemble": (LN234,), **EQ}),
+    "best+s345+ln234": ("best", {"layers": ("stage3", "stage4", "stage5"), "ensemble": (LN234,), **EQ}),
+    "best+s2345+ln234+smooth1": ("best", {"layers": S2345, "ensemble": (LN234,), **EQ, "smoothing_sigma": 1.0}),
+    "best-ln_main+stages2345": ("best", {**LN_MAIN, "layers": S2345}),
+    "best+agg3": ("best", {"aggregation": 3}),  # PatchCore's 3x3 neighbourhood average, on stages 2-5
+    "best+coreset25": ("best", {"coreset_ratio": 0.25}),
+    "best+pca99": ("best", {"pca_variance": 0.99}),  # both members keep 99 % of the variance
+    "best+pca90": ("best", {"pca_variance": 0.90}),
     # 4 px cells (stage2 at its own resolution), a coreset of the same bank size
-    "best+grid80": ("best", {"grid_size": 80, "coreset_ratio": 0.025}, {}),
+    "best+grid80": ("best", {"grid_size": 80, "coreset_ratio": 0.025}),
     # the raw view on early layers only (small, dark defects), the normalised 3x3 view on all four stages
-    "best@raw23": ("best", {"layers": ("stage2", "stage3"), "ensemble": (LN3_2345,), **EQ}, {}),
-    "best@raw234": ("best", {"layers": ("stage2", "stage3", "stage4"), "ensemble": (LN3_2345,), **EQ}, {}),
+    "best@raw23": ("best", {"layers": ("stage2", "stage3"), "ensemble": (LN3_2345,), **EQ}),
+    "best@raw234": ("best", {"layers": ("stage2", "stage3", "stage4"), "ensemble": (LN3_2345,), **EQ}),
     # the normalised view over 5x5 neighbourhoods instead of 3x3
-    "best+lnagg5": ("best", {"ensemble": ("layer_norm=true+aggregation=5",), **EQ}, {}),
+    "best+lnagg5": ("best", {"ensemble": ("layer_norm=true+aggregation=5",), **EQ}),
     # the normalised member averages each 3x3 neighbourhood (PatchCore's aggregation), the raw one does not:
     # = `best` since that member joined it; `best@ln-cells` is `best` before (the normalised view on single cells)
     # the raw member by its local contrast (grid_highpass: its z-scored grid minus a Gaussian blur of
     # 1.5 / 2 cells, negative parts 0), the normalised 3x3 member as it is
-    "best+hp15": ("best", {"grid_highpass": 1.5, "ensemble": (LN3_HP0,), **EQ}, {}),
-    "best+hp2": ("best", {"grid_highpass": 2.0, "ensemble": (LN3_HP0,), **EQ}, {}),
+    "best+hp15": ("best", {"grid_highpass": 1.5, "ensemble": (LN3_HP0,), **EQ}),
+    "best+hp2": ("best", {"grid_highpass": 2.0, "ensemble": (LN3_HP0,), **EQ}),
     # `best`'s two members and the raw one again by its local contrast (1.5 cells), weighed per product
     # (ensemble_weights="auto"): does the calibration's held-out ranking follow the real one? (1, 1, 0) is
     # `best`, (0, 1, 1) `best+hp15`; the row keeps the held-out table (member_weights)
-    "best+hpauto": ("best", {"ensemble": (LN3_HP0, "grid_highpass=1.5"), "ensemble_weights": "auto"}, {}),
-    "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",), **EQ}, {}),
-    "best@ln-cells": ("best", {"ensemble": ("layer_norm=true",), **EQ}, {}),
+    "best+hpauto": ("best", {"ensemble": (LN3_HP0, "grid_highpass=1.5"), "ensemble_weights": "auto"}),
+    # flipped training images in the bank too (train_flips), the coreset share cut so the bank keeps
+    # `best`'s size (and speed): magnetic_tile's tiles lie either way round
+    "best+flips": ("best", {"train_flips": ("hflip", "vflip", "rot180"), "coreset_ratio": CORESET / 4}),
+    "best+hflip": ("best", {"train_flips": ("hflip",), "coreset_ratio": CORESET / 2}),
+    "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",), **EQ}),
+    "best@ln-cells": ("best", {"ensemble": ("layer_norm=true",), **EQ}),
     # three views (raw cells, normalised cells, normalised 3x3 averages): their mean, and weighed per product at
     # fit from the calibration's held-out synthetic defects (ensemble_weights="auto"; measured, not adopted)
-    "best+views3": ("best", {"ensemble": VIEWS3, **EQ}, {}),
-    "best+views3auto": ("best", {"ensemble": VIEWS3, "ensemble_weights": "auto"}, {}),
-    "best-ln_main+stages2345+smooth1": ("best", {**LN_MAIN, "layers": S2345, "smoothing_sigma": 1.0}, {}),
-    "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}, {}),
-    "best-raw": ("best", {**B24, "ensemble": (), **EQ}, {}),  # the raw view alone (no layer_norm member)
+    "best+views3": ("best", {"ensemble": VIEWS3, **EQ}),
+    "best+views3auto": ("best", {"ensemble": VIEWS3, "ensemble_weights": "auto"}),
+    "best-ln_main+stages2345+smooth1": ("best", {**LN_MAIN, "layers": S2345, "smoothing_sigma": 1.0}),
+    "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}),
+    "best-raw": ("best", {**B24, "ensemble": (), **EQ}),  # the raw view alone (no layer_norm member)
     # + early raw layers
-    "best+raw23": ("best", {**B24, "ensemble": ("layer_norm=true", "layers=stage2/stage3"), **EQ}, {}),
-    "best+ln23": ("best", {**B24, "ensemble": ("layer_norm=true", "layer_norm=true+layers=stage2/stage3"), **EQ}, {}),
-    "best+topk3": ("best", {**B24, "image_score": "topk_mean", "image_score_topk": 3}, {}),
-    "best+res384": ("best", {**B24, **R384}, {}),
-    "best+res448": ("best", {**B24, **R448}, {}),
-    "best-ln_main+res384": ("best", {**B24, **LN_MAIN, **R384}, {}),
-    "best-ln_main+res448": ("best", {**B24, **LN_MAIN, **R448}, {}),
-    "best+resnet": ("best", {**B24, "ensemble": ("layer_norm=true", "backbone=resnet50-keras"), **EQ}, {}),
+    "best+raw23": ("best", {**B24, "ensemble": ("layer_norm=true", "layers=stage2/stage3"), **EQ}),
+    "best+ln23": ("best", {**B24, "ensemble": ("layer_norm=true", "layer_norm=true+layers=stage2/stage3"), **EQ}),
+    "best+topk3": ("best", {**B24, "image_score": "topk_mean", "image_score_topk": 3}),
+    "best+res384": ("best", {**B24, **R384}),
+    "best+res448": ("best", {**B24, **R448}),
+    "best-ln_main+res384": ("best", {**B24, **LN_MAIN, **R384}),
+    "best-ln_main+res448": ("best", {**B24, **LN_MAIN, **R448}),
+    "best+resnet": ("best", {**B24, "ensemble": ("layer_norm=true", "backbone=resnet50-keras"), **EQ}),
     # `best` now (stages 2-5, the normalised 3x3 member) with the paper's network as a third member
-    "best+resnet3": ("best", {"ensemble": ("layer_norm=true+aggregation=3", "backbone=resnet50-keras"), **EQ}, {}),
+    "best+resnet3": ("best", {"ensemble": ("layer_norm=true+aggregation=3", "backbone=resnet50-keras"), **EQ}),
 }
 
 
-def variant_config(name: str, **extra_overrides: Any) -> tuple[PatchKNNConfig, dict[str, Any]]:
-    base, overrides, extra = VARIANTS[name]
-    return preset(base, **{**overrides, **extra_overrides}), extra
+def variant_config(name: str, **extra_overrides: Any) -> PatchKNNConfig:
+    base, overrides = VARIANTS[name]
+    return preset(base, **{**overrides, **extra_overrides})
 
 
 def cli_flags(name: str) -> str:
     """The ``patchknn evaluate`` flags of a variant (what a user would type)."""
-    base, overrides, extra = VARIANTS[name]
+    base, overrides = VARIANTS[name]
     parts = [f"--preset {base}"]
     for key, value in overrides.items():
         if isinstance(value, tuple):
             value = ",".join(value)
         parts.append(f"--set {key}={value}")
-    if extra.get("bankflip"):
-        parts.append("(+ flipped train images in the bank: ablation only)")
     return " ".join(parts)
 
 
@@ -256,19 +259,10 @@ def install_cache(cache_dir: Path, stats: dict[str, float]) -> Callable[..., Any
 
 
 # ----------------------------------------------------------------------------------- running
-def flipped_arrays(paths: Sequence[Path], image_size: int) -> list[np.ndarray]:
-    """Horizontally and vertically flipped copies of the (resized) images."""
-    out: list[np.ndarray] = []
-    for batch in iter_batches([str(p) for p in paths], image_size, batch_size=16):
-        for img in batch.images.permute(0, 2, 3, 1).numpy():
-            out += [np.ascontiguousarray(img[:, ::-1]), np.ascontiguousarray(img[::-1])]
-    return out
-
-
 def run_variant(
     root: Path, category: str, name: str, cache_dir: Path, speed_images: int, cache_key: str, train_stride: int = 1
 ) -> dict[str, Any]:
-    config, extra = variant_config(name, threshold_method="none")  # no metric depends on it
+    config = variant_config(name, threshold_method="none")  # no metric depends on it
     stats = {"backbone_seconds": 0.0, "backbone_images": 0}
     real_build = install_cache(cache_dir / cache_key / f"s{config.image_size}", stats)
     try:
@@ -278,8 +272,6 @@ def run_variant(
         samples = dataset.test_samples()
         runtime = {"progress": False, "batch_size": 16}
         model: Any = model_mod.PatchKNN.from_config(config, **runtime)  # an ensemble when config.ensemble
-        if extra.get("bankflip"):
-            train = train + flipped_arrays(dataset.train_paths(), config.image_size)
         t0 = time.perf_counter()
         model.fit(train)
         fit_s = time.perf_counter() - t0
@@ -319,7 +311,6 @@ def run_variant(
         "dataset": category if cache_key == "mvtec" else f"{cache_key}:{category}",
         "flags": cli_flags(name),
         "config": {k: v for k, v in config.to_dict().items() if v != getattr(PatchKNNConfig, k, None)},
-        "extra": {k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()},
         "images_per_second": round(len(speed_paths) / speed_s, 3),
         "load_average": load,
         "fit_seconds_cached": round(fit_s, 2),

@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from views_probe import Views, evaluate, targets  # noqa: E402
 
 from patchknn import scoring  # noqa: E402
-from patchknn.config import preset  # noqa: E402
 from patchknn.coreset import greedy_coreset  # noqa: E402
 from patchknn.data import MVTecCategory  # noqa: E402
+from patchknn.presets import preset  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {}, "wh25": {"whiten": 0.25}, "wh50": {"whiten": 0.5},

@@ -49,12 +49,12 @@ from typing import Any
 import numpy as np
 
 from patchknn import metrics
-from patchknn.config import preset
 from patchknn.data import MVTecCategory
 from patchknn.evaluation import _mask_for
 from patchknn.metrics.decision import threshold_metrics
 from patchknn.model import PatchKNN
 from patchknn.options import parse_settings
+from patchknn.presets import preset
 
 #: Candidate rules, each a function of the held-out normal image scores (``--rules``).
 RULES: dict[str, Any] = {

@@ -26,9 +26,9 @@ import torch
 
 from patchknn import bank as bank_mod
 from patchknn import coreset
-from patchknn.config import preset
 from patchknn.data import MVTecCategory
 from patchknn.model import PatchKNN
+from patchknn.presets import preset
 
 
 class _Bank(Exception):

@@ -72,8 +72,8 @@ def main() -> None:
     import torch
 
     from patchknn import PatchKNN
-    from patchknn.config import preset
     from patchknn.distributed import discover_variants, fit_many, score_archive
+    from patchknn.presets import preset
     from patchknn.synthetic import make_synthetic_dataset
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="patchknn-bench-"))

@@ -207,8 +207,8 @@ def fewer_defects(rows_file: Path) -> None:
     still cycling through all five), and the image precision / recall / F1 it gives on the test set.
     Half the defects is half the calibration's defect work (making them, their backbone pass and
     their fold searches)."""
-    from patchknn.config import preset
     from patchknn.metrics.decision import threshold_metrics
+    from patchknn.presets import preset
     from patchknn.threshold import DEFECTS_PER_IMAGE, threshold_for
 
     print("| preset | category | defects / image | threshold | P | R | F1 | F1-max | gap |")

@@ -48,8 +48,8 @@ def run_one(preset_name: str, category: str, out: Path) -> None:
     path; write ``<out>.json`` (metrics, scores, threshold, where patchknn came from) and
     ``<out>.npy`` (the maps)."""
     import patchknn
-    from patchknn.config import preset
     from patchknn.evaluation import evaluate
+    from patchknn.presets import preset
 
     root = os.environ["PATCHKNN_MVTEC_ROOT"]
     config = preset(preset_name, **FIXED[preset_name])

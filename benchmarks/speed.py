@@ -149,8 +149,8 @@ def backbone_alone(model: Any, paths: list[Path], batch_size: int, rounds: int =
 
 def _build_model(args: argparse.Namespace) -> Any:
     from patchknn import PatchKNN
-    from patchknn.config import preset
     from patchknn.options import parse_settings
+    from patchknn.presets import preset
 
     config = preset(args.preset, **parse_settings(args.set or []))
     workers: Any = args.workers

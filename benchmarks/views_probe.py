@@ -39,9 +39,9 @@ from scipy.ndimage import gaussian_filter
 
 from patchknn import metrics, scoring
 from patchknn.backbones import build_backbone
-from patchknn.config import preset
 from patchknn.coreset import greedy_coreset
 from patchknn.data import MVTecCategory, load_image, load_mask, resize_mask
+from patchknn.presets import preset
 
 VIEWS = ("raw", "ln3", "mag", "ln")  # "ln": the normalised cells, not averaged (bank_probe.py)
 COMBO_VIEWS = VIEWS[:3]

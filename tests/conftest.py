@@ -134,7 +134,7 @@ def fit_preset(name: str, train, weights_file: Path, folder: Path) -> tuple:
     """A preset fitted on ``train`` (the paper's weights file for a ResNet-50 backbone, the packaged
     weights otherwise) and saved in ``folder / "model"``: ``(model, saved folder)``."""
     from patchknn import PatchKNN
-    from patchknn.config import preset
+    from patchknn.presets import preset
 
     config = preset(name)
     weights = str(weights_file) if config.backbone.startswith("resnet50-") else None

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from patchknn import PatchKNN, scoring
 from patchknn.backbones import build_backbone
-from patchknn.config import PRESETS, preset
 from patchknn.ensemble import EnsemblePatchKNN
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError
 from patchknn.features import PatchFeatureExtractor
+from patchknn.presets import PRESETS, preset
 
 RUNTIME = {k: v for k, v in TINY.items() if k in ("weights", "progress")}
 SMALL = {k: v for k, v in TINY.items() if k not in ("weights", "progress")}

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("patchknn._version", "patchknn.errors", "patchknn.resources", "patchknn.checksums"),
     ("patchknn.backbones", "patchknn.data", "patchknn.metrics", "patchknn.synthetic", "patchknn.defects",
      "patchknn.reduction", "patchknn.index", "patchknn.coreset"),
-    ("patchknn.config", "patchknn.features", "patchknn.execution"),
+    ("patchknn.config", "patchknn.presets", "patchknn.features", "patchknn.execution"),
     ("patchknn.scoring", "patchknn.member_weights", "patchknn.serialization", "patchknn.visualize"),
     ("patchknn.persistence", "patchknn.heldout", "patchknn.calibration_defects", "patchknn.threshold"),
     ("patchknn.bank", "patchknn.kinds", "patchknn.model", "patchknn.runtime"),

@@ -261,7 +261,8 @@ def test_saved_caffe_model_keeps_its_network(tmp_path: Path, rng_images: list[np
 
 
 def test_paper_default_is_the_keras_network() -> None:
-    from patchknn.config import PatchKNNConfig, preset
+    from patchknn.config import PatchKNNConfig
+    from patchknn.presets import preset
 
     assert PatchKNNConfig().backbone == "resnet50-keras"
     assert preset("paper").backbone == "resnet50-keras"

@@ -123,7 +123,7 @@ def test_model_fits_a_coreset_and_rebuilds_the_index_on_load(tmp_path):
 
 
 def test_fast_preset():
-    from patchknn.config import preset
+    from patchknn.presets import preset
 
     fast = preset("fast")
     assert fast.coreset_ratio < 0.1 and fast.index in ("flat", "ivf")

@@ -20,8 +20,8 @@ pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from patchknn import PatchKNN  # noqa: E402
-from patchknn.config import preset  # noqa: E402
 from patchknn.index import MemoryBankIndex  # noqa: E402
+from patchknn.presets import preset  # noqa: E402
 
 TINY_CFG = {"backbone": "resnet50", "image_size": 64, "grid_size": 8}
 ray_test = pytest.mark.slow  # every test on the Ray instance takes more than a few seconds

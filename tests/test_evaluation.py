@@ -5,8 +5,8 @@ import pytest
 from conftest import TINY
 from sklearn import metrics as skm
 
-from patchknn.config import preset
 from patchknn.evaluation import evaluate, evaluate_category, markdown_table, paper_table2
+from patchknn.presets import preset
 
 RUNTIME = {k: v for k, v in TINY.items() if k in ("weights", "progress")}
 CONFIG = dict(backbone="resnet50", image_size=64, grid_size=8)

@@ -101,6 +101,7 @@ OPTIONS = {
     "no-pca+aggregation+k3": {"pca_variance": None, "aggregation": 3, "k": 3},
     "tta+reweighted+smoothing": {"tta": ("hflip", "vflip"), "image_score": "reweighted", "smoothing_sigma": 0.5},
     "coreset+topk+border": {"coreset_ratio": 0.3, "image_score": "topk_mean", "border_cells": 1},
+    "train_flips+coreset": {"train_flips": ("hflip", "rot180"), "coreset_ratio": 0.3},
 }
 
 

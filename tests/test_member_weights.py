@@ -10,11 +10,11 @@ import torch
 from conftest import TINY
 
 from patchknn import PatchKNN, member_weights
-from patchknn.config import preset
 from patchknn.defects import DEFECT_KINDS
 from patchknn.ensemble import EnsemblePatchKNN
 from patchknn.errors import ConfigError, ModelFileError
 from patchknn.export import export_model
+from patchknn.presets import preset
 from patchknn.runtime import ExportedModel
 
 SMALL = {k: v for k, v in TINY.items() if k not in ("weights", "progress")}

@@ -11,8 +11,9 @@ import pytest
 from conftest import tiny_model
 
 from patchknn import scoring
-from patchknn.config import PatchKNNConfig, parse_member, preset
+from patchknn.config import PatchKNNConfig, parse_member
 from patchknn.errors import ConfigError
+from patchknn.presets import preset
 
 
 def test_fill_border_replicates_the_inner_block():

@@ -10,9 +10,9 @@ from conftest import TINY
 from PIL import Image
 from typer.testing import CliRunner
 
-from patchknn.config import preset
 from patchknn.defects import DEFECT_KINDS, LARGE_AREA, MAX_AREA, MIN_AREA, TUNE_KINDS, add_defect, defect_set
 from patchknn.errors import ConfigError
+from patchknn.presets import preset
 from patchknn.tune.candidates import Candidate, default_candidates, plan_groups
 from patchknn.tune.group import Scored
 from patchknn.tune.result import TuneResult
@@ -153,6 +153,18 @@ def test_candidates_are_grouped_by_backbone_pass_and_ordered_cheap_first():
     assert any(g.ensemble and g.candidates == [auto] for g in groups)
 
 
+
+def test_candidates_with_other_train_flips_are_fitted_apart_and_cost_their_copies():
+    """Group members share the batches they are fed, flipped copies included: a candidate with
+    other ``train_flips`` is a group of its own, and costs one backbone pass per copy."""
+    plain = Candidate("plain", preset("paper", layer_norm=True))
+    flips = Candidate("flips", preset("paper", layer_norm=True, train_flips=("hflip", "vflip", "rot180")))
+    other = Candidate("other", preset("paper", layers=("layer2", "layer3")))
+    groups = plan_groups([Candidate("paper", preset("paper")), plain, flips, other])
+    by_name = {c.name: g for g in groups for c in g.candidates}
+    assert by_name["plain"] is by_name["other"] and by_name["flips"] is not by_name["plain"]
+    assert flips.cost == pytest.approx(4 * plain.cost)
+
 def test_an_auto_weighted_ensemble_is_scored_with_the_weights_its_own_fit_chose(synthetic_root):
     train = synthetic_root / "synthetic" / "train" / "good"
     auto = _tiny("ens+auto", ensemble=("layer_norm=true",), ensemble_weights="auto")
@@ -166,6 +178,18 @@ def test_an_auto_weighted_ensemble_is_scored_with_the_weights_its_own_fit_chose(
     assert row.config["ensemble_weights"] == "auto"
     assert "not scored" not in result.reason
 
+
+
+def test_a_train_flips_candidate_is_fitted_with_its_copies(synthetic_root):
+    train = synthetic_root / "synthetic" / "train" / "good"
+    flips = _tiny("a+flips", layer_norm=True, train_flips=("hflip",))
+    cands = [_tiny("a"), _tiny("a+layer_norm", layer_norm=True), flips]
+    result = tune(train, candidates=cands, budget_minutes=10, weights="random", progress=False,
+                  holdout=0.4, max_heldout=3, defects_per_image=2)
+    rows = {r.name: r for r in result.rows}
+    assert all(r.status == "scored" and r.objective is not None for r in rows.values())
+    assert rows["a+flips"].config["train_flips"] == ["hflip"] and rows["a+layer_norm"].config["train_flips"] == []
+    assert rows["a+flips"].objective != rows["a+layer_norm"].objective  # the copies changed its bank
 
 def test_search_stops_at_the_budget_and_returns_the_best_so_far(synthetic_root):
     train = synthetic_root / "synthetic" / "train" / "good"

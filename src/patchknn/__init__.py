@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from typing import TYPE_CHECKING  # noqa: E402
 
 from patchknn._version import __version__  # noqa: E402
-from patchknn.config import PRESETS, PatchKNNConfig, preset  # noqa: E402
+from patchknn.config import PatchKNNConfig  # noqa: E402
 from patchknn.errors import (  # noqa: E402
     ConfigError,
     DatasetError,
@@ -26,6 +26,7 @@ from patchknn.errors import (  # noqa: E402
     PatchKNNError,
     WeightsError,
 )
+from patchknn.presets import PRESETS, preset  # noqa: E402
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__ below
     from patchknn.model import PatchKNN, Prediction

@@ -2,7 +2,8 @@
 
 PatchCore's stages, in the order the paper applies them: the PCA is fitted from the streamed
 moments of every normal patch (``pca_variance``; ``None`` keeps the raw features), every patch is
-projected (the full bank, rows ``[i * grid**2, (i + 1) * grid**2)`` = training image ``i``), a
+projected (the full bank, rows ``[i * grid**2, (i + 1) * grid**2)`` = training image ``i``; with
+``train_flips`` each image is followed by its flipped copies, :func:`with_train_flips`), a
 greedy k-center coreset keeps ``coreset_ratio`` of the rows (optional), and the kept rows are
 indexed for search by the index builder the estimator passes in.
 
@@ -46,6 +47,7 @@ __all__ = [
     "fitted_images",
     "extend_memory_bank",
     "training_store",
+    "with_train_flips",
 ]
 
 
@@ -117,7 +119,7 @@ def collect_features(model: PatchKNN, images: Sequence[Any] | str | Path, what: 
     batches = model.batches(sources)
     with model.progress_bar(len(sources), f"{what}: features") as bar:
         for batch in batches:
-            store.add(*model.fit_features(batch.images))
+            store.add(*model.fit_features(with_train_flips(batch.images, model.config.train_flips)))
             bar.update(len(batch.indices))
     errors = getattr(batches, "errors", [])
     model.skipped_ = [(src, reason) for _, src, reason in errors]
@@ -133,10 +135,30 @@ def fitted_images(sources: Sequence[Any], errors: Sequence[Any]) -> tuple[list[s
 
 
 def training_store(model: PatchKNN, capacity: int) -> TrainingStore:
-    """An empty store for ``capacity`` training images of ``model``: compact maps when a PCA of
-    linear features follows (the paper), full patch vectors otherwise."""
-    ext = model.extractor
-    return TrainingStore(ext, capacity, compact=model.config.pca_variance is not None and ext.can_project)
+    """An empty store for ``capacity`` training images of ``model`` (and their ``train_flips``):
+    compact maps when a PCA of linear features follows (the paper), full patch vectors otherwise."""
+    ext, cfg = model.extractor, model.config
+    compact = cfg.pca_variance is not None and ext.can_project
+    return TrainingStore(ext, capacity * cfg.grids_per_image, compact=compact)
+
+
+#: ``train_flips`` kind -> the image axes it flips (images are ``(B, C, H, W)``)
+FLIP_DIMS = {"hflip": (3,), "vflip": (2,), "rot180": (2, 3)}
+
+
+def with_train_flips(images: torch.Tensor, flips: Sequence[str]) -> torch.Tensor:
+    """``images`` ``(B, C, H, W)`` with each image followed by its ``flips`` (``train_flips``), in
+    that order: ``(B * (1 + len(flips)), C, H, W)``; ``images`` itself without flips.
+
+    Example:
+        >>> x = torch.arange(8).reshape(2, 1, 2, 2)
+        >>> with_train_flips(x, ("hflip",))[:, 0].tolist()
+        [[[0, 1], [2, 3]], [[1, 0], [3, 2]], [[4, 5], [6, 7]], [[5, 4], [7, 6]]]
+    """
+    if not flips:
+        return images
+    copies = [images] + [torch.flip(images, dims=FLIP_DIMS[kind]) for kind in flips]
+    return torch.stack(copies, dim=1).reshape(-1, *images.shape[1:])
 
 
 def check_store(store: TrainingStore, what: str) -> TrainingStore:

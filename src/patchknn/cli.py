@@ -216,7 +216,7 @@ def info(
         typer.echo(json.dumps({k: v for k, v in doc.items() if k != "files"}, indent=2))
         return
     from patchknn.backbones import available_backbones, backbone_class
-    from patchknn.config import PRESETS
+    from patchknn.presets import PRESETS
 
     typer.echo(f"patchknn {__version__}\n\nbackbones (default layers first):")
     for name in available_backbones():
@@ -242,9 +242,9 @@ def demo(
 ) -> None:
     """Offline end-to-end run: make a synthetic defect dataset, fit, evaluate, predict, save; writes
     the HTML report (report/index.html) and the heat-map overlays of the test images."""
-    from patchknn.config import preset
     from patchknn.evaluation import evaluate as run_evaluation
     from patchknn.evaluation import markdown_table
+    from patchknn.presets import preset
     from patchknn.report import ReportCollector
     from patchknn.synthetic import make_synthetic_dataset
 

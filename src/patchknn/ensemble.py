@@ -47,7 +47,7 @@ from torch import nn
 
 from patchknn import member_weights, scoring
 from patchknn.backbones.base import WeightsArg
-from patchknn.bank import fitted_images, training_store
+from patchknn.bank import fitted_images, training_store, with_train_flips
 from patchknn.calibration_defects import DefectSources
 from patchknn.config import ENSEMBLE_SHARED, PatchKNNConfig, member_spec, network_options
 from patchknn.data import as_sources
@@ -66,7 +66,7 @@ def member_configs(config: PatchKNNConfig, members: Sequence[MemberSpec]) -> lis
     """The configuration of each member: ``config`` with the member's options applied.
 
     Example:
-        >>> from patchknn.config import preset
+        >>> from patchknn.presets import preset
         >>> [c.backbone for c in member_configs(preset("paper"), ["resnet50-keras", "efficientnet-lite2"])]
         ['resnet50-keras', 'efficientnet-lite2']
         >>> [c.layer_norm for c in member_configs(preset("paper"), [{}, {"layer_norm": True}])]
@@ -222,7 +222,8 @@ class EnsemblePatchKNN(PatchKNN):
         try:
             with lead.progress_bar(len(sources), f"{what}: features") as bar:
                 for batch in batches:
-                    images = batch.images.to(lead.device)  # one tensor: the shared backbones see the same input
+                    # one tensor: the shared backbones see the same input (members share train_flips)
+                    images = with_train_flips(batch.images.to(lead.device), self.config.train_flips)
                     for member, store in zip(self.members, stores):
                         store.add(*member.fit_features(images))
                     bar.update(len(batch.indices))

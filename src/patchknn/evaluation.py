@@ -1,7 +1,7 @@
 """Fit on a category's normal training images, score its test set, compute the paper's metrics.
 
 Example:
-    >>> from patchknn.config import preset
+    >>> from patchknn.presets import preset
     >>> from patchknn.evaluation import evaluate
     >>> results = evaluate("mvtec", ["bottle"], preset("paper"))   # doctest: +SKIP
     >>> results["categories"]["bottle"]["pixel_auprc"]             # doctest: +SKIP
@@ -33,11 +33,12 @@ import numpy as np
 
 from patchknn import metrics
 from patchknn._version import __version__
-from patchknn.config import AUTO_PRESET as AUTO
-from patchknn.config import PatchKNNConfig, preset
+from patchknn.config import PatchKNNConfig
 from patchknn.data import DEFAULT_MAX_PIXELS, MVTecCategory, Sample, load_mask, resize_mask
 from patchknn.errors import ConfigError, DatasetError, ImageError
 from patchknn.model import PatchKNN
+from patchknn.presets import AUTO_PRESET as AUTO
+from patchknn.presets import preset
 from patchknn.tune.result import TuneResult
 
 Resolution = Literal["input", "original"]

@@ -61,7 +61,9 @@ class Folds:
     scored against (``excluded`` flags the searcher's rows to leave out) and the group's patches.
 
     Without a coreset the group is scored against every bank row of the other images. With one,
-    against the kept rows of the other images plus the replacements of :func:`group_rows`.
+    against the kept rows of the other images plus the replacements of :func:`group_rows`. With
+    ``train_flips`` an image's block of bank rows holds its grid and then its flipped copies'
+    grids: its own grid is scored, and the whole block is left out with it.
     """
 
     def __init__(
@@ -74,19 +76,23 @@ class Folds:
     ) -> None:
         cfg = model.config
         self.cells = cells = cfg.grid_size**2
-        if bank.shape[0] != n_images * cells:
-            raise ConfigError(f"calibrate: the bank has {bank.shape[0]} rows, expected {n_images} x {cells}")
+        self.copies = copies = cfg.grids_per_image  # grids per image in the bank (train_flips)
+        if bank.shape[0] != n_images * cells * copies:
+            raise ConfigError(
+                f"calibrate: the bank has {bank.shape[0]} rows, expected {n_images} x {cells} x {copies}"
+            )
+        block = cells * copies  # bank rows per image
         self.k, self.bank, self.grid = cfg.k, bank, cfg.grid_size
         self._positions: PositionBound | None = None
         self.chosen = select_images(n_images, cfg.calibration_images, cfg.seed)
         self.groups = fold_groups(n_images, cfg.calibration_images, cfg.seed)
         if bank_rows is None:
-            rows, row_image = bank, np.arange(bank.shape[0]) // cells
+            rows, row_image = bank, np.arange(bank.shape[0]) // block
             self.bank_rows = None
         else:
             self.bank_rows = np.asarray(bank_rows, dtype=np.int64)
             rows = bank[self.bank_rows] if index_bank is None else index_bank
-            row_image = self.bank_rows // cells
+            row_image = self.bank_rows // block
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.excluded = [np.isin(row_image, group) for group in self.groups]
         self.too_small = min(int((~ex).sum()) for ex in self.excluded) < cfg.k
@@ -95,7 +101,7 @@ class Folds:
         if self.bank_rows is not None and not self.too_small:
             # a coreset row stands for the patches of many images: see group_rows
             self.full = ExactSearch(bank, 1)
-            self.image_of = np.arange(bank.shape[0]) // cells
+            self.image_of = np.arange(bank.shape[0]) // block
             self.radius = coverage_radius(bank, self.searcher, rng_seed=cfg.seed)
 
     def bound(self, group: list[int]) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -104,16 +110,16 @@ class Folds:
         (:class:`PositionBound`); ``None`` with one (its rows are not a grid of each image)."""
         if self.bank_rows is not None:
             return None
-        if self._positions is None:
+        if self._positions is None:  # one "image" per grid: each image's and its flipped copies'
             self._positions = PositionBound(self.bank, self.bank.shape[0] // self.cells, self.grid)
-        excluded = np.isin(np.arange(self._positions.n_images), group)
+        excluded = np.isin(np.arange(self._positions.n_images) // self.copies, group)
         return lambda queries: self._positions(queries, excluded, self.k)  # type: ignore[union-attr]
 
     def __iter__(self) -> Any:
-        cells, bank = self.cells, self.bank
+        cells, bank, block = self.cells, self.bank, self.cells * self.copies
         for group, held_out in zip(self.groups, self.excluded):
-            queries = np.ascontiguousarray(
-                np.concatenate([bank[i * cells : (i + 1) * cells] for i in group]), dtype=np.float32
+            queries = np.ascontiguousarray(  # each image's own grid: the first of its block
+                np.concatenate([bank[i * block : i * block + cells] for i in group]), dtype=np.float32
             )
             if self.bank_rows is None:
                 yield group, self.searcher, held_out, queries

@@ -28,7 +28,7 @@ from patchknn.backbones import build_backbone
 from patchknn.backbones.base import WeightsArg
 from patchknn.bank import TrainingBank, build_memory_bank, check_store, collect_features, extend_memory_bank
 from patchknn.calibration_defects import fit_defects
-from patchknn.config import PatchKNNConfig, preset
+from patchknn.config import PatchKNNConfig
 from patchknn.data import DEFAULT_MAX_PIXELS, as_sources, iter_batches, source_name
 from patchknn.errors import ConfigError, ModelFileError, NotFittedError, PatchKNNError
 from patchknn.execution import (
@@ -43,6 +43,7 @@ from patchknn.features import PatchFeatureExtractor, TrainingStore
 from patchknn.index import IndexParams, MemoryBankIndex, build_index
 from patchknn.kinds import BUILTIN_KINDS, MODEL_KINDS, model_kind
 from patchknn.persistence import read_model, write_model
+from patchknn.presets import preset
 from patchknn.reduction import PCA
 from patchknn.scoring import OutputSize, Prediction
 from patchknn.serialization import read_meta
@@ -119,6 +120,7 @@ class PatchKNN:
         seed: int = 0,
         ensemble: Sequence[str] = (),
         ensemble_weights: str = "equal",
+        train_flips: Sequence[str] = (),
         *,
         weights: WeightsArg = None,
         device: str = "cpu",
@@ -263,11 +265,11 @@ class PatchKNN:
         old = (self.training_ or TrainingBank(None, None)) if coreset else getattr(self.index_, "bank", None)
         built = extend_memory_bank(self.pca_, old, check_store(store, "partial_fit"), self.config, self._build_index)
         self._set_bank(built)
-        n, seconds = built.full.shape[0] // store.grid_cells, round(time.perf_counter() - t0, 3)
+        n = built.full.shape[0] // (store.grid_cells * self.config.grids_per_image)  # images, not their flips
         added = {"names": list(names), "count": n - self.fit_info_.get("n_train_images", 0)}
         self.fit_info_ |= {"n_train_images": n, "n_skipped": len(self.skipped_), "bank_size": built.index.bank.shape[0]}
-        self.fit_info_ |= {"bank_size_full": built.full.shape[0], **built.seconds}
-        self.fit_info_ |= {"added": added, "partial_fit_seconds": seconds}
+        self.fit_info_ |= {"bank_size_full": built.full.shape[0], **built.seconds, "added": added}
+        self.fit_info_["partial_fit_seconds"] = round(time.perf_counter() - t0, 3)
         calibrate_model(self, built.full, built.kept, keep_held_out)
         return self
 
@@ -304,12 +306,10 @@ class PatchKNN:
         self._set_bank(built)
         bank, kept, index_bank = built.full, built.kept, built.index.bank
         self.fit_info_ = {
-            "n_train_images": filled // grid_cells, "n_skipped": len(self.skipped_),
-            "bank_size": int(index_bank.shape[0]), "bank_size_full": int(bank.shape[0]),
-            **built.seconds,
+            "n_train_images": filled // (grid_cells * self.config.grids_per_image), "n_skipped": len(self.skipped_),
+            "bank_size": int(index_bank.shape[0]), "bank_size_full": int(bank.shape[0]), **built.seconds,
             "feature_dim": int(dim), "n_components": int(bank.shape[1]),
-            "fit_seconds": round(time.perf_counter() - t0, 3),
-            "feature_seconds": round(t_feat - t0, 3),
+            "fit_seconds": round(time.perf_counter() - t0, 3), "feature_seconds": round(t_feat - t0, 3),
             "weights_id": str(getattr(ext.backbone, "weights_id", "unknown")),
         }
         calibrate_model(self, bank, kept, keep_held_out, defects)

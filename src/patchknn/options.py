@@ -34,9 +34,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from patchknn.config import AUTO_PRESET as AUTO
-from patchknn.config import PRESETS, PatchKNNConfig, parse_option, preset
+from patchknn.config import PatchKNNConfig, parse_option
 from patchknn.errors import ConfigError
+from patchknn.presets import AUTO_PRESET as AUTO
+from patchknn.presets import PRESETS, preset
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,6 +59,7 @@ METHOD_FLAG_HELP: dict[str, tuple[str, str]] = {
     "index": ("", "Search: flat (exact), ivf or hnsw."),
     "coreset_ratio": ("", "Share of the memory bank kept (1 = all)."),
     "tta": ("", "Flip test-time augmentation: hflip,vflip."),
+    "train_flips": ("", "Flipped training images in the bank too: hflip,vflip,rot180."),
     "threshold_method": ("", "Threshold calibration: defects (default), quantile, sigma, none."),
 }
 #: numeric flags whose 0 means the option's ``None`` (off)

@@ -201,7 +201,7 @@ def calibrate(
     """
     cfg = model.config
     method = cfg.threshold_method
-    cells = cfg.grid_size**2
+    cells = cfg.grid_size**2 * cfg.grids_per_image
     if method not in ("quantile", "sigma", "defects"):
         raise ConfigError(f"calibrate needs threshold_method 'quantile', 'sigma' or 'defects', got {method!r}")
     if bank.shape[0] != n_images * cells:
@@ -283,14 +283,15 @@ def calibrate_model(
     """Set ``model.threshold_`` (and ``fit_info_["calibration"]``) from held-out normal scores, the
     rule of :meth:`~patchknn.model.PatchKNN.fit` and :meth:`~patchknn.model.PatchKNN.partial_fit`.
 
-    ``bank`` is the full bank before any subsampling (rows ``[i*G*G, (i+1)*G*G)`` = image ``i``);
+    ``bank`` is the full bank before any subsampling (rows ``[i*G*G, (i+1)*G*G)`` = image ``i``;
+    with ``train_flips``, each image's grid followed by its flipped copies' grids);
     with a coreset pass the kept row numbers as ``bank_rows`` (the model's index holds those rows).
     ``keep_held_out``: also set ``model.held_out_`` = :func:`held_out_grids` (for an ensemble).
     ``sources``: the fitted images in bank order (synthetic defects are made on them, see
     :func:`calibrate`; with ``keep_held_out``, also the defects' held-out grids), or their
     :class:`DefectRows` (:func:`fit_defects`).
     """
-    n_images = bank.shape[0] // model.config.grid_size**2
+    n_images = bank.shape[0] // (model.config.grid_size**2 * model.config.grids_per_image)
     model.threshold_ = None
     index_bank = None if bank_rows is None else model.index_.bank  # type: ignore[union-attr]
     if keep_held_out:

@@ -15,7 +15,7 @@ or missing model) fits it again. Runtime options that do not change the method (
 threads) are not part of it.
 
 Example:
-    >>> from patchknn.config import preset
+    >>> from patchknn.presets import preset
     >>> from patchknn.distributed import discover_variants, fit_many
     >>> variants = discover_variants(["/data/mvtec"])                          # doctest: +SKIP
     >>> report = fit_many(variants, "models/", preset("paper"))                # doctest: +SKIP

@@ -36,7 +36,7 @@ REPRODUCED_OPTIONS = frozenset({
     "smoothing_sigma", "image_score", "image_score_topk", "index", "index_nlist", "index_nprobe", "hnsw_m",
     "hnsw_ef_search", "coreset_ratio", "coreset_dim", "threshold_method", "threshold_quantile",
     "threshold_sigma", "calibration_images", "tta", "precision", "seed", "ensemble", "border_cells",
-    "ensemble_weights", "grid_highpass",
+    "ensemble_weights", "grid_highpass", "train_flips",  # train_flips: only the bank, which is exported
 })
 
 

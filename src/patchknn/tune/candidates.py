@@ -22,7 +22,7 @@ Grid (each line one candidate; ``fixed`` options given by the user apply to all 
 
 A candidate's *fit key* is its configuration without the options that act only after the search
 (smoothing, image score, threshold): candidates with the same fit key share one fitted model.
-A *group* is the candidates on one backbone, image size and grid without ensemble members: they
+A *group* is the candidates on one backbone, image size, grid and ``train_flips`` without ensemble members: they
 are fitted together (one decoding and one backbone pass per batch, :mod:`patchknn.tune.group`).
 The baseline (the first candidate, ``paper``) and its post-search variants are a group of their
 own, tried first, so that even a tiny budget returns a sound choice quickly.
@@ -35,7 +35,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from patchknn.config import PRESETS, PatchKNNConfig, preset
+from patchknn.config import PatchKNNConfig
+from patchknn.presets import PRESETS, preset
 
 __all__ = ["POST_FIELDS", "Candidate", "CandidateGroup", "default_candidates", "fit_key", "plan_groups"]
 
@@ -60,7 +61,7 @@ class Candidate:
         c = self.config
         per_pass = _BACKBONE_COST.get(c.backbone, 1.0) * (c.image_size / 224) ** 2
         passes = len({(m.backbone, m.resolved_layers) for m in c.ensemble_members()}) if c.ensemble else 1
-        return round(per_pass * passes + 0.25 * len(c.ensemble), 3)
+        return round(per_pass * passes * c.grids_per_image + 0.25 * len(c.ensemble), 3)
 
 
 @dataclass
@@ -154,7 +155,8 @@ def plan_groups(candidates: list[Candidate]) -> list[CandidateGroup]:
             groups[("ensemble", cand.name)] = CandidateGroup([c], [[cand]], ensemble=True)
             continue
         baseline = not base.config.ensemble and fit_key(c) == fit_key(base.config)
-        gkey = ("baseline",) if baseline else (c.backbone, c.image_size, c.grid_size)
+        # one group shares its batches, flipped copies included (train_flips is an ensemble-wide option)
+        gkey = ("baseline",) if baseline else (c.backbone, c.image_size, c.grid_size, c.train_flips)
         group = groups.setdefault(gkey, CandidateGroup([], []))
         keys = [fit_key(m) for m in group.members]
         if fit_key(c) in keys:

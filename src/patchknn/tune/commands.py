@@ -68,7 +68,7 @@ def auto_config(
     """``fit``'s configuration: the preset with ``overrides`` and no tune result, or with
     ``--preset auto`` the configuration ``tune`` chooses (``overrides`` fixed in every candidate)
     and its :class:`~patchknn.tune.result.TuneResult` (to store in the model's ``fit_info``)."""
-    from patchknn.config import preset
+    from patchknn.presets import preset
 
     if preset_name != AUTO:
         return preset(preset_name, **overrides), None
