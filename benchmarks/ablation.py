@@ -164,7 +164,6 @@ VARIANTS: dict[str, Variant] = {
     # flipped training images in the bank too (train_flips), the coreset share cut so the bank keeps
     # `best`'s size (and speed): magnetic_tile's tiles lie either way round
     "best+flips": ("best", {"train_flips": ("hflip", "vflip", "rot180"), "coreset_ratio": CORESET / 4}),
-    "best+hflip": ("best", {"train_flips": ("hflip",), "coreset_ratio": CORESET / 2}),
     "best+lnagg3": ("best", {"ensemble": ("layer_norm=true+aggregation=3",), **EQ}),
     "best@ln-cells": ("best", {"ensemble": ("layer_norm=true",), **EQ}),
     # three views (raw cells, normalised cells, normalised 3x3 averages): their mean, and weighed per product at
