@@ -221,7 +221,7 @@ def fit_defects(
     uses none (no ``sources``, or neither ``threshold_method="defects"`` nor ``keep_held_out``)."""
     if sources is None or (model.config.threshold_method != "defects" and not keep_held_out):
         return None
-    return DefectRows(model, sources, store.n_rows // (store.grid_cells * model.config.grids_per_image))
+    return DefectRows(model, sources, store.n_rows // model.config.rows_per_image)
 
 
 __all__ = [

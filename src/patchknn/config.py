@@ -248,6 +248,11 @@ class PatchKNNConfig:
         return 1 + len(self.train_flips)
 
     @property
+    def rows_per_image(self) -> int:
+        """The full bank's rows per training image: ``grid_size**2`` for each of its grids."""
+        return self.grid_size**2 * self.grids_per_image
+
+    @property
     def resolved_layers(self) -> tuple[str, ...]:
         """Canonical names of the layers in use."""
         from patchknn.backbones import backbone_class

@@ -75,13 +75,11 @@ class Folds:
         index_bank: np.ndarray | None,
     ) -> None:
         cfg = model.config
-        self.cells = cells = cfg.grid_size**2
-        self.copies = copies = cfg.grids_per_image  # grids per image in the bank (train_flips)
-        if bank.shape[0] != n_images * cells * copies:
-            raise ConfigError(
-                f"calibrate: the bank has {bank.shape[0]} rows, expected {n_images} x {cells} x {copies}"
-            )
-        block = cells * copies  # bank rows per image
+        self.cells = cfg.grid_size**2
+        self.copies = cfg.grids_per_image  # grids per image in the bank (train_flips)
+        self.block = block = cfg.rows_per_image  # bank rows per image
+        if bank.shape[0] != n_images * block:
+            raise ConfigError(f"calibrate: the bank has {bank.shape[0]} rows, expected {n_images} x {block}")
         self.k, self.bank, self.grid = cfg.k, bank, cfg.grid_size
         self._positions: PositionBound | None = None
         self.chosen = select_images(n_images, cfg.calibration_images, cfg.seed)
@@ -116,7 +114,7 @@ class Folds:
         return lambda queries: self._positions(queries, excluded, self.k)  # type: ignore[union-attr]
 
     def __iter__(self) -> Any:
-        cells, bank, block = self.cells, self.bank, self.cells * self.copies
+        cells, bank, block = self.cells, self.bank, self.block
         for group, held_out in zip(self.groups, self.excluded):
             queries = np.ascontiguousarray(  # each image's own grid: the first of its block
                 np.concatenate([bank[i * block : i * block + cells] for i in group]), dtype=np.float32

@@ -265,7 +265,7 @@ class PatchKNN:
         old = (self.training_ or TrainingBank(None, None)) if coreset else getattr(self.index_, "bank", None)
         built = extend_memory_bank(self.pca_, old, check_store(store, "partial_fit"), self.config, self._build_index)
         self._set_bank(built)
-        n = built.full.shape[0] // (store.grid_cells * self.config.grids_per_image)  # images, not their flips
+        n = built.full.shape[0] // self.config.rows_per_image  # images, not their flips
         added = {"names": list(names), "count": n - self.fit_info_.get("n_train_images", 0)}
         self.fit_info_ |= {"n_train_images": n, "n_skipped": len(self.skipped_), "bank_size": built.index.bank.shape[0]}
         self.fit_info_ |= {"bank_size_full": built.full.shape[0], **built.seconds, "added": added}
@@ -300,13 +300,13 @@ class PatchKNN:
         """
         seed_everything(self.config.seed)
         ext, defects = self.extractor, fit_defects(self, check_store(store, "fit"), sources, keep_held_out)
-        grid_cells, dim, filled = store.grid_cells, store.dim, store.n_rows
+        dim, filled = store.dim, store.n_rows
         t_feat = time.perf_counter()
         built = build_memory_bank(store, self.config, self._build_index, pca, defects)
         self._set_bank(built)
         bank, kept, index_bank = built.full, built.kept, built.index.bank
         self.fit_info_ = {
-            "n_train_images": filled // (grid_cells * self.config.grids_per_image), "n_skipped": len(self.skipped_),
+            "n_train_images": filled // self.config.rows_per_image, "n_skipped": len(self.skipped_),
             "bank_size": int(index_bank.shape[0]), "bank_size_full": int(bank.shape[0]), **built.seconds,
             "feature_dim": int(dim), "n_components": int(bank.shape[1]),
             "fit_seconds": round(time.perf_counter() - t0, 3), "feature_seconds": round(t_feat - t0, 3),

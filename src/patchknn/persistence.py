@@ -144,7 +144,7 @@ def _training_reader(
     if not isinstance(entry, dict):
         return None
     file, digest = root / str(entry["file"]), str(entry["sha256"])
-    cells = config.grid_size**2 * config.grids_per_image  # rows per training image
+    cells = config.rows_per_image
     n_images = (doc.get("fit_info") or {}).get("n_train_images")
 
     def read() -> tuple[np.ndarray, np.ndarray]:

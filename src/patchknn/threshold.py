@@ -201,7 +201,7 @@ def calibrate(
     """
     cfg = model.config
     method = cfg.threshold_method
-    cells = cfg.grid_size**2 * cfg.grids_per_image
+    cells = cfg.rows_per_image
     if method not in ("quantile", "sigma", "defects"):
         raise ConfigError(f"calibrate needs threshold_method 'quantile', 'sigma' or 'defects', got {method!r}")
     if bank.shape[0] != n_images * cells:
@@ -291,7 +291,7 @@ def calibrate_model(
     :func:`calibrate`; with ``keep_held_out``, also the defects' held-out grids), or their
     :class:`DefectRows` (:func:`fit_defects`).
     """
-    n_images = bank.shape[0] // (model.config.grid_size**2 * model.config.grids_per_image)
+    n_images = bank.shape[0] // model.config.rows_per_image
     model.threshold_ = None
     index_bank = None if bank_rows is None else model.index_.bank  # type: ignore[union-attr]
     if keep_held_out:
