@@ -153,7 +153,6 @@ def test_candidates_are_grouped_by_backbone_pass_and_ordered_cheap_first():
     assert any(g.ensemble and g.candidates == [auto] for g in groups)
 
 
-
 def test_candidates_with_other_train_flips_are_fitted_apart_and_cost_their_copies():
     """Group members share the batches they are fed, flipped copies included: a candidate with
     other ``train_flips`` is a group of its own, and costs one backbone pass per copy."""
@@ -164,6 +163,7 @@ def test_candidates_with_other_train_flips_are_fitted_apart_and_cost_their_copie
     by_name = {c.name: g for g in groups for c in g.candidates}
     assert by_name["plain"] is by_name["other"] and by_name["flips"] is not by_name["plain"]
     assert flips.cost == pytest.approx(4 * plain.cost)
+
 
 def test_an_auto_weighted_ensemble_is_scored_with_the_weights_its_own_fit_chose(synthetic_root):
     train = synthetic_root / "synthetic" / "train" / "good"
@@ -179,7 +179,6 @@ def test_an_auto_weighted_ensemble_is_scored_with_the_weights_its_own_fit_chose(
     assert "not scored" not in result.reason
 
 
-
 def test_a_train_flips_candidate_is_fitted_with_its_copies(synthetic_root):
     train = synthetic_root / "synthetic" / "train" / "good"
     flips = _tiny("a+flips", layer_norm=True, train_flips=("hflip",))
@@ -190,6 +189,7 @@ def test_a_train_flips_candidate_is_fitted_with_its_copies(synthetic_root):
     assert all(r.status == "scored" and r.objective is not None for r in rows.values())
     assert rows["a+flips"].config["train_flips"] == ["hflip"] and rows["a+layer_norm"].config["train_flips"] == []
     assert rows["a+flips"].objective != rows["a+layer_norm"].objective  # the copies changed its bank
+
 
 def test_search_stops_at_the_budget_and_returns_the_best_so_far(synthetic_root):
     train = synthetic_root / "synthetic" / "train" / "good"

@@ -57,7 +57,8 @@ class MemoryBank:
 
     Attributes:
         pca: the fitted PCA (``None`` without one).
-        full: every normal patch in the index's space, ``(n_images * grid**2, d)``.
+        full: every normal patch in the index's space, ``(n_images * rows_per_image, d)`` (image by
+            image: its grid, then its ``train_flips`` copies' grids).
         kept: the coreset's row numbers in ``full`` (sorted), ``None`` without a coreset.
         index: the search index over the kept rows.
         seconds: ``pca_seconds``, ``coreset_seconds``, ``index_seconds``.
@@ -74,7 +75,8 @@ class MemoryBank:
 class TrainingBank:
     """What :meth:`PatchKNN.partial_fit <patchknn.model.PatchKNN.partial_fit>` needs of a fitted
     model's training besides its index: every training patch in the index's space (``full``, rows
-    ``[i * grid**2, (i + 1) * grid**2)`` = training image ``i``, the calibration's input) and the
+    ``[i * r, (i + 1) * r)`` = training image ``i`` and its flipped copies, ``r`` = the config's
+    ``rows_per_image``; the calibration's input) and the
     coreset's row numbers in it (``kept``, sorted; ``None`` without a coreset: then ``full`` is
     the index's own bank and is not stored twice).
 

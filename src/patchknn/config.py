@@ -104,7 +104,8 @@ class PatchKNNConfig:
             a subset of ``("hflip", "vflip", "rot180")`` (rot180 = both flips); empty = none (paper).
             Only for products whose normal images may appear flipped (e.g. magnetic tiles, fabric);
             the bank grows by one image's patches per flip (``coreset_ratio`` applies to all of
-            them). The threshold's held-out scoring leaves an image's flipped copies out with it.
+            them), and a fit batch puts ``batch_size * (1 + len(train_flips))`` images through the
+            backbone. The threshold's held-out scoring leaves an image's flipped copies out with it.
             Shared by every ensemble member.
     """
 

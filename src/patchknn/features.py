@@ -189,7 +189,8 @@ class TrainingStore:
 
     Args:
         extractor: the extractor that produces the batches (its ``grid_size`` and ``dim``).
-        capacity: the most images that will be added.
+        capacity: the most images that will be added (each flipped copy of ``train_flips`` counts
+            as one: ``n_images`` counts grids).
         compact: keep compact maps (needs ``extractor.can_project``) or full vectors.
     """
 

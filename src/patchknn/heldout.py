@@ -293,8 +293,9 @@ class PositionBound:
     random eighth of the bank, for ~1/10 of the work.
 
     Args:
-        bank: the full bank, rows ``[i * grid**2, (i + 1) * grid**2)`` = image ``i``.
-        n_images: the number of images in it.
+        bank: the full bank, rows ``[i * grid**2, (i + 1) * grid**2)`` = grid ``i`` (with
+            ``train_flips`` an image's copies are grids of their own: :class:`Folds` excludes them together).
+        n_images: the number of grids in it.
         grid: the side of the patch grid.
     """
 

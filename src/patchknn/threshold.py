@@ -179,9 +179,9 @@ def calibrate(
 
     Args:
         model: the model being fitted (its config, :meth:`grid_to_map`, :meth:`image_score`).
-        bank: the *full* memory bank before any subsampling, ``(n_images * grid**2, d)``, in the
-            space of the index (after PCA); the rows of fitted image ``i`` are
-            ``[i * grid**2, (i + 1) * grid**2)``.
+        bank: the *full* memory bank before any subsampling, ``(n_images * r, d)``, in the
+            space of the index (after PCA); the rows of fitted image ``i`` are ``[i * r, (i + 1) * r)``,
+            ``r`` = the config's ``rows_per_image`` (its grid, then its ``train_flips`` copies').
         n_images: the number of fitted images.
         bank_rows: when the searched bank is a subset of ``bank`` (coreset), the row numbers (in
             ``bank``) of the rows kept, in the order of ``index_bank``; ``None`` = all rows kept.
