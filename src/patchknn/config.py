@@ -227,12 +227,10 @@ class PatchKNNConfig:
         if not isinstance(self.threshold_sigma, int | float) or not 0.0 <= self.threshold_sigma <= 100:
             raise ConfigError(f"threshold_sigma must be in [0, 100], got {self.threshold_sigma!r}")
         _check_int("calibration_images", self.calibration_images, 0, 100_000)
-        bad = [t for t in self.tta if t not in TTA_KINDS]
-        if bad or len(set(self.tta)) != len(self.tta):
-            raise ConfigError(f"tta must be distinct values from {TTA_KINDS}, got {list(self.tta)}")
-        bad = [t for t in self.train_flips if t not in TRAIN_FLIPS]
-        if bad or len(set(self.train_flips)) != len(self.train_flips):
-            raise ConfigError(f"train_flips must be distinct values from {TRAIN_FLIPS}, got {list(self.train_flips)}")
+        for name, kinds in (("tta", TTA_KINDS), ("train_flips", TRAIN_FLIPS)):  # flips: distinct known kinds
+            value = getattr(self, name)
+            if any(t not in kinds for t in value) or len(set(value)) != len(value):
+                raise ConfigError(f"{name} must be distinct values from {kinds}, got {list(value)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _check_int("seed", self.seed, 0, 2**32 - 1)
