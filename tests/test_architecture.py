@@ -25,7 +25,7 @@ PKG = SRC / "patchknn"
 LAYERS: list[tuple[str, ...]] = [
     ("patchknn._version", "patchknn.errors", "patchknn.resources", "patchknn.checksums"),
     ("patchknn.backbones", "patchknn.data", "patchknn.metrics", "patchknn.synthetic", "patchknn.defects",
-     "patchknn.reduction", "patchknn.index", "patchknn.coreset"),
+     "patchknn.reduction", "patchknn.index", "patchknn.coreset", "patchknn.resample", "patchknn.guided"),
     ("patchknn.config", "patchknn.presets", "patchknn.features", "patchknn.execution"),
     ("patchknn.scoring", "patchknn.member_weights", "patchknn.serialization", "patchknn.visualize"),
     ("patchknn.persistence", "patchknn.heldout", "patchknn.calibration_defects", "patchknn.threshold"),

@@ -41,7 +41,15 @@ class PatchKNNConfig:
         layer_norm: L2-normalise each layer's vector at every cell before concatenation, so no
             layer dominates the distance by scale; off in the paper.
         smoothing_sigma: Gaussian blur of the anomaly map, in grid cells (scaled to the output
-            resolution); 0 = none (paper).
+            resolution); 0 = none (paper). The image score is always taken from this map.
+        guided_filter: the anomaly map's outline drawn from the image: the upsampled grid passed
+            through a guided filter (He et al.) with the model's input image as the guide, window
+            radius in grid cells; 0 = none (paper). Replaces ``smoothing_sigma`` for the map only:
+            the image score, the threshold and the verdict do not change, and the map keeps the score
+            as its maximum (``patchknn.scoring.grid_to_map``; docs/accuracy.md, "The map's outline
+            from the image").
+        guided_eps: the guided filter's regularisation, in squared intensity units of the image
+            scaled to [0, 1]: image edges much weaker than its square root are smoothed over.
         image_score: ``"max"`` (paper: maximum of the map), ``"topk_mean"`` (mean of the
             ``image_score_topk`` highest grid cells) or ``"reweighted"`` (PatchCore's eq. 7: the
             maximum times ``1 - softmax`` of the top patch's distances to the ``image_score_topk``
@@ -118,6 +126,8 @@ class PatchKNNConfig:
     aggregation: int = 1
     layer_norm: bool = False
     smoothing_sigma: float = 0.0
+    guided_filter: float = 0.0
+    guided_eps: float = 1e-4
     image_score: str = "max"
     image_score_topk: int = 10
     border_cells: int = 0
@@ -205,6 +215,10 @@ class PatchKNNConfig:
                 f"border_cells {self.border_cells} leaves no inner cell of the {self.grid_size}x{self.grid_size} "
                 f"grid; use at most {(self.grid_size - 1) // 2}"
             )
+        if not isinstance(self.guided_filter, int | float) or not 0 <= self.guided_filter <= 16:
+            raise ConfigError(f"guided_filter must be in [0, 16] grid cells, got {self.guided_filter!r}")
+        if not isinstance(self.guided_eps, int | float) or not 0 < self.guided_eps <= 1:
+            raise ConfigError(f"guided_eps must be in (0, 1], got {self.guided_eps!r}")
         if not isinstance(self.grid_highpass, int | float) or not 0 <= self.grid_highpass <= 16:
             raise ConfigError(f"grid_highpass must be in [0, 16] grid cells, got {self.grid_highpass!r}")
         if self.border_cells and self.image_score == "reweighted":
@@ -324,7 +338,8 @@ _EXAMPLES = {
     "train_flips": "['hflip', 'vflip']",
 }
 _REAL_FIELDS = (
-    "pca_variance", "smoothing_sigma", "grid_highpass", "coreset_ratio", "threshold_quantile", "threshold_sigma",
+    "pca_variance", "smoothing_sigma", "guided_filter", "guided_eps", "grid_highpass", "coreset_ratio",
+    "threshold_quantile", "threshold_sigma",
 )
 
 IMAGE_SCORES = ("max", "topk_mean", "reweighted")
@@ -337,8 +352,8 @@ ENSEMBLE_WEIGHTS = ("equal", "auto")
 MAX_AUTO_MEMBERS = 4  # ensemble_weights="auto" tries 3^n - 1 weight vectors (65 up to scale for 4 members)
 #: options every ensemble member shares with the main configuration
 ENSEMBLE_SHARED = (
-    "image_size", "grid_size", "border_cells", "ensemble", "ensemble_weights", "threshold_method",
-    "threshold_quantile", "threshold_sigma", "calibration_images", "train_flips",
+    "image_size", "grid_size", "border_cells", "guided_filter", "guided_eps", "ensemble", "ensemble_weights",
+    "threshold_method", "threshold_quantile", "threshold_sigma", "calibration_images", "train_flips",
 )
 
 def network_options(opts: dict[str, Any], backbone: str | None) -> dict[str, Any]:

@@ -167,7 +167,7 @@ def score_group(
     shape = (n, g, g)
 
     def score(grid: np.ndarray, weight: float = 1.0) -> tuple[float, np.ndarray]:
-        amap = scoring.grid_to_map(grid, size, cfg)
+        amap = scoring.score_map(grid, size, cfg)
         return scoring.image_score(grid, cfg, weight, amap=amap), amap
 
     keep = np.flatnonzero(~excluded)

@@ -211,7 +211,8 @@ def choose_weights(
         defects: each member's held-out grids of their synthetic defects ``(m, g, g)``.
         masks: the defects' masks at the model's input size ``(m, S, S)`` bool.
         norm: the members' z-score normalisation ``(members, 2)``.
-        config: the ensemble's configuration (maps as :func:`patchknn.scoring.grid_to_map`).
+        config: the ensemble's configuration (maps as :func:`patchknn.scoring.score_map`: a guided
+            filter, which needs each image, does not take part in the choice).
         kinds: each defect's kind (``m`` names, :data:`patchknn.defects.DEFECT_KINDS`).
         highpass: each member's ``grid_highpass`` (:func:`combine`; ``None`` = none).
 
@@ -236,7 +237,7 @@ def choose_weights(
         w = np.asarray(cand, dtype=np.float64)
         border = int(config.border_cells)
         grids = np.concatenate([combine(g, norm, w, highpass, border) for g in (normal, defects)])
-        maps = np.stack([scoring.grid_to_map(g, size, config) for g in grids])
+        maps = np.stack([scoring.score_map(g, size, config) for g in grids])
         scores = np.array([scoring.image_score(g, config, amap=m) for g, m in zip(grids, maps)])
         px = float(metrics.pixel_auprc(maps, all_masks))
         row: dict[str, Any] = {

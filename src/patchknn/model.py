@@ -100,6 +100,8 @@ class PatchKNN:
         aggregation: int = 1,
         layer_norm: bool = False,
         smoothing_sigma: float = 0.0,
+        guided_filter: float = 0.0,
+        guided_eps: float = 1e-4,
         image_score: str = "max",
         image_score_topk: int = 10,
         border_cells: int = 0,
@@ -180,9 +182,8 @@ class PatchKNN:
         return cls.from_config(preset(name, **method), **runtime)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The method options (scikit-learn style: the constructor's parameters, read from
-        :attr:`config`, the one owner of their values and defaults). ``deep`` is accepted for
-        scikit-learn's API; there are no nested estimators."""
+        """The method options (scikit-learn style: the constructor's parameters, read from :attr:`config`,
+        the one owner of their values and defaults); ``deep``: scikit-learn's API (no nested estimators)."""
         return self.config.as_kwargs()
 
     def set_params(self, **params: Any) -> PatchKNN:
@@ -387,8 +388,7 @@ class PatchKNN:
             images: uint8 ``(B, 3, S, S)``, already resized to ``image_size`` by the loader.
             names: each image's :attr:`Prediction.source` (default ``"<image i>"``).
             sizes: each image's original ``(H, W)`` (only used with ``output_size="original"``).
-            output_size: as in :meth:`predict`. The score and verdict never depend on it: the
-                score is taken from the map at ``image_size`` (see :mod:`patchknn.scoring`).
+            output_size: as in :meth:`predict`; the score and verdict never depend on it (:mod:`patchknn.scoring`).
             threshold: as in :meth:`predict` (``None`` = the model's ``threshold_``).
 
         A map or score that is not finite gives a :class:`Prediction` with ``error`` set (the
@@ -396,9 +396,9 @@ class PatchKNN:
         """
         grids, weights = self.score_batch(images)
         decision = self.threshold_ if threshold is None else float(threshold)
-        return scoring.predictions(
-            grids, weights, self.config, names=names, sizes=sizes, output_size=output_size, threshold=decision
-        )
+        guides = images.cpu().numpy() if self.config.guided_filter else None  # the map's outline (scoring)
+        return scoring.predictions(grids, weights, self.config, names=names, sizes=sizes, output_size=output_size,
+                                   threshold=decision, guides=guides)
 
     @staticmethod
     def _errors_before(batches: Any, names: list[str], start: int, stop: int) -> Iterator[Prediction]:

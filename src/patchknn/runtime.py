@@ -266,9 +266,10 @@ class ExportedModel:
         """``(B, grid, grid)`` patch scores (see :meth:`score_batch`)."""
         return self.score_batch(images)[0]
 
-    def grid_to_map(self, grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """As :meth:`PatchKNN.grid_to_map <patchknn.model.PatchKNN.grid_to_map>`."""
-        return scoring.grid_to_map(grid, size, self.config)
+    def grid_to_map(self, grid: np.ndarray, size: tuple[int, int], guide: np.ndarray | None = None) -> np.ndarray:
+        """The anomaly map at ``size`` (:func:`patchknn.scoring.grid_to_map`; ``guide``: the image,
+        uint8 ``(3, S, S)``, needed with ``guided_filter``)."""
+        return scoring.grid_to_map(grid, size, self.config, guide=guide)
 
     def image_score(self, grid: np.ndarray, amap: np.ndarray | None = None, weight: float = 1.0) -> float:
         """As :meth:`PatchKNN.image_score <patchknn.model.PatchKNN.image_score>`."""
@@ -289,7 +290,8 @@ class ExportedModel:
         grids, weights = self.score_batch(images)
         decision = self.threshold_ if threshold is None else float(threshold)
         return scoring.predictions(
-            grids, weights, self.config, names=names, sizes=sizes, output_size=output_size, threshold=decision
+            grids, weights, self.config, names=names, sizes=sizes, output_size=output_size, threshold=decision,
+            guides=np.asarray(images, dtype=np.uint8),
         )
 
     def predict(

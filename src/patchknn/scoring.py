@@ -5,10 +5,13 @@ The one home of the rules that turn nearest-neighbour distances into what a user
 ``evaluate``, the server, ``score-archive`` and sharded search) and by the threshold calibration,
 so that every path gives the same numbers.
 
-* :func:`grid_to_map`: the ``(grid, grid)`` distances upsampled bilinearly to a size, then smoothed
-  (``smoothing_sigma`` grid cells). Pure numpy/scipy (no torch), so the exported-model runtime
-  (:mod:`patchknn.runtime`) shares it: the bilinear resize is two interpolation matrices that
-  equal ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.
+* :func:`score_map`: the ``(grid, grid)`` distances upsampled bilinearly to a size, then smoothed
+  (``smoothing_sigma`` grid cells): the map the image score is taken from. Pure numpy/scipy (no
+  torch), so the exported-model runtime (:mod:`patchknn.runtime`) shares it: the bilinear resize
+  is two interpolation matrices that equal ``torch.nn.functional.interpolate(mode="bilinear",
+  align_corners=False)`` (:mod:`patchknn.resample`).
+* :func:`grid_to_map`: the anomaly map the user sees: :func:`score_map`, or with ``guided_filter``
+  the upsampled grid redrawn along the image's edges (:mod:`patchknn.guided`).
 * :func:`fill_border`: the outer ``border_cells`` rings of the grid take their nearest inner
   cell's value (before the map and the score are formed).
 * :func:`image_score`: the image's score. It is always taken from the map at the model's input
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -43,11 +45,14 @@ from scipy.ndimage import gaussian_filter
 
 from patchknn.config import PatchKNNConfig
 from patchknn.errors import ConfigError
+from patchknn.guided import guided_filter
+from patchknn.resample import bilinear_matrix, resize_bilinear
 
 __all__ = [
     "OutputSize",
     "Prediction",
     "grid_to_map",
+    "score_map",
     "patch_grid",
     "image_score",
     "bilinear_matrix",
@@ -118,44 +123,6 @@ def resolve_size(output_size: OutputSize, image_size: int, original: tuple[int, 
     raise ConfigError(f"output_size must be None, 'input', 'original', an int or (H, W); got {output_size!r}")
 
 
-@lru_cache(maxsize=64)
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """The ``(n_out, n_in)`` matrix of 1-D bilinear resampling with ``align_corners=False``.
-
-    Row ``i`` samples the input at ``(i + 0.5) * n_in / n_out - 0.5`` (clamped at 0) from its two
-    neighbours, exactly as PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``
-    (no antialiasing) does along one axis; a 2-D resize is ``A_h @ grid @ A_w.T``.
-
-    Example:
-        >>> bilinear_matrix(2, 4)
-        array([[1.  , 0.  ],
-               [0.75, 0.25],
-               [0.25, 0.75],
-               [0.  , 1.  ]])
-    """
-    # the source coordinates and weights in float32, as PyTorch's CPU kernel computes them
-    scale = np.float32(np.float32(n_in) / np.float32(n_out))
-    src = scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-    src = np.maximum(src, np.float32(0.0))
-    lo = np.minimum(src.astype(np.int64), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = (src - lo.astype(np.float32)).astype(np.float64)
-    mat = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    np.add.at(mat, (rows, lo), 1.0 - frac)
-    np.add.at(mat, (rows, hi), frac)
-    mat.setflags(write=False)
-    return mat
-
-
-def resize_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``(h, w)`` -> ``size`` bilinearly (``align_corners=False``), float32; see :func:`bilinear_matrix`."""
-    g = np.asarray(grid, dtype=np.float64)
-    rows = bilinear_matrix(g.shape[0], int(size[0]))
-    cols = bilinear_matrix(g.shape[1], int(size[1]))
-    return (rows @ g @ cols.T).astype(np.float32)
-
-
 def fill_border(grid: np.ndarray, cells: int) -> np.ndarray:
     """``grid`` (``(..., h, w)``) with its outer ``cells`` rings replaced by the nearest inner
     cell's value (edge replication of the inner ``(h - 2 cells, w - 2 cells)`` block); ``grid``
@@ -180,14 +147,16 @@ def fill_border(grid: np.ndarray, cells: int) -> np.ndarray:
     return g[..., rows[:, None], cols[None, :]]
 
 
-def grid_to_map(grid: np.ndarray, size: tuple[int, int], config: PatchKNNConfig) -> np.ndarray:
-    """Upsample one ``(grid, grid)`` score map bilinearly to ``size`` and smooth it (if set).
+def score_map(grid: np.ndarray, size: tuple[int, int], config: PatchKNNConfig) -> np.ndarray:
+    """The map that the image score is taken from: ``grid`` (after :func:`fill_border`) upsampled
+    bilinearly to ``size`` and smoothed (``config.smoothing_sigma`` grid cells, scaled to ``size``).
 
-    The outer ``config.border_cells`` rings first take their nearest inner cell's value
-    (:func:`fill_border`). The smoothing's sigma is ``config.smoothing_sigma`` grid cells, scaled
-    to ``size``. ``config`` may be any object with the scoring fields (``smoothing_sigma``,
-    ``image_size``, ``image_score``, ``image_score_topk``, ``border_cells``): the exported-model
-    runtime passes its saved options (a file saved before ``border_cells`` existed has none: 0).
+    It is also the anomaly map unless ``config.guided_filter`` is set (:func:`grid_to_map`). It is
+    monotone in the grid's values (the held-out calibration's bounds rely on it: :mod:`patchknn.heldout`).
+    ``config`` may be any object with the scoring fields (``smoothing_sigma``, ``image_size``,
+    ``image_score``, ``image_score_topk``, ``border_cells``, ``guided_filter``, ``guided_eps``): the
+    exported-model runtime passes its saved options (a file saved before an option existed has none:
+    that option is off).
     """
     grid = fill_border(grid, getattr(config, "border_cells", 0))
     amap = resize_bilinear(grid, size)
@@ -198,6 +167,50 @@ def grid_to_map(grid: np.ndarray, size: tuple[int, int], config: PatchKNNConfig)
     return np.ascontiguousarray(amap, dtype=np.float32)
 
 
+def grid_to_map(
+    grid: np.ndarray,
+    size: tuple[int, int],
+    config: PatchKNNConfig,
+    guide: np.ndarray | None = None,
+    peak: float | None = None,
+) -> np.ndarray:
+    """The anomaly map of one ``(grid, grid)`` score grid at ``size``.
+
+    Without ``config.guided_filter``: :func:`score_map`. With it, the map's outline follows the
+    image: ``grid`` (after :func:`fill_border`) is upsampled bilinearly to the model's input size
+    and passed through :func:`patchknn.guided.guided_filter` with ``guide`` (the image as the model
+    saw it, uint8 ``(3, S, S)``), radius ``guided_filter`` grid cells, ``guided_eps``, its
+    coefficients computed at twice the grid's resolution (He and Sun's fast guided filter); no
+    Gaussian smoothing (the filter smooths where the image is flat). The result is then brought to
+    the peak of :func:`score_map` at the input size (``peak``, computed when not given), as an
+    unguided map has it: values above the peak are cut to it, and a map whose maximum falls short
+    of it is stretched (its minimum kept) until its maximum is the peak. So the map's maximum is the
+    image score (``image_score="max"``) and the region ``map >= threshold`` is empty exactly when the
+    verdict is OK. That map is finally resized bilinearly to ``size``.
+    """
+    radius = float(getattr(config, "guided_filter", 0.0))
+    if radius <= 0:
+        return score_map(grid, size, config)
+    if guide is None:
+        raise ValueError("guided_filter needs the image the map belongs to (guide=), as the model saw it")
+    s = int(config.image_size)
+    g = np.asarray(grid).shape[-1]
+    top = float(score_map(grid, (s, s), config).max()) if peak is None else float(peak)
+    base = resize_bilinear(fill_border(grid, getattr(config, "border_cells", 0)), (s, s))
+    amap = guided_filter(
+        np.asarray(guide), base, radius=max(1, round(radius * s / g)),
+        eps=float(getattr(config, "guided_eps", 1e-4)), subsample=max(1, s // (2 * g)),
+    )
+    lo, hi = float(amap.min()), float(amap.max())
+    if hi >= top:
+        amap = np.minimum(amap, np.float32(top))
+    elif hi > lo:
+        amap = (lo + (amap - lo) * ((top - lo) / (hi - lo))).astype(np.float32)
+    else:  # a flat map
+        amap = np.full_like(amap, top)
+    return amap if tuple(size) == (s, s) else resize_bilinear(amap, size)
+
+
 def image_score(
     grid: np.ndarray, config: PatchKNNConfig, weight: float = 1.0, amap: np.ndarray | None = None
 ) -> float:
@@ -206,13 +219,13 @@ def image_score(
     ``max`` (the paper): the maximum of the map at the model's input size; ``topk_mean``: the mean
     of the ``image_score_topk`` highest grid cells (after :func:`fill_border`); ``reweighted``: the
     maximum times PatchCore's ``weight`` (from :func:`reweight`). ``amap`` may pass the map at the
-    input size when the caller already has it (it must be ``grid_to_map(grid, (image_size, image_size), config)``).
+    input size when the caller already has it (it must be ``score_map(grid, (image_size, image_size), config)``).
     """
     if config.image_score == "topk_mean":
         flat = np.sort(np.asarray(fill_border(grid, getattr(config, "border_cells", 0))).ravel())[::-1]
         return float(flat[: config.image_score_topk].mean())
     if amap is None:
-        amap = grid_to_map(grid, (config.image_size, config.image_size), config)
+        amap = score_map(grid, (config.image_size, config.image_size), config)
     top = float(amap.max())
     return top * float(weight) if config.image_score == "reweighted" else top
 
@@ -275,21 +288,30 @@ def predictions(
     sizes: Sequence[tuple[int, int]] | None = None,
     output_size: OutputSize = None,
     threshold: float | None = None,
+    guides: Any = None,
 ) -> list[Prediction]:
     """``(B, grid, grid)`` patch distances (and PatchCore weights) -> one :class:`Prediction` each.
 
-    The score is taken from the map at ``config.image_size`` whatever ``output_size`` is, so the
-    score and verdict never depend on the size a map is drawn at. A map or score that is not
-    finite gives a :class:`Prediction` with ``error`` set (the caller decides whether that stops).
+    The score is taken from :func:`score_map` at ``config.image_size`` whatever ``output_size`` is,
+    so the score and verdict never depend on the size a map is drawn at (nor on the guided filter).
+    ``guides``: the batch's images as the model saw them, uint8 ``(B, 3, S, S)`` (anything numpy
+    converts), needed with ``config.guided_filter`` (:func:`grid_to_map`). A map or score that is
+    not finite gives a :class:`Prediction` with ``error`` set (the caller decides whether that stops).
     """
     s = config.image_size
+    guided = float(getattr(config, "guided_filter", 0.0)) > 0
+    if guided and (guides is None or len(guides) != len(grids)):
+        raise ValueError(f"guided_filter needs the batch's {len(grids)} images as guides")
     out = []
     for j, grid in enumerate(grids):
         name = names[j] if names is not None else f"<image {j}>"
-        base = grid_to_map(grid, (s, s), config)
+        base = score_map(grid, (s, s), config)
         score = image_score(grid, config, float(weights[j]), amap=base)
         size = resolve_size(output_size, s, sizes[j] if sizes is not None else (s, s))
-        amap = base if size == (s, s) else grid_to_map(grid, size, config)
+        if guided:
+            amap = grid_to_map(grid, size, config, guide=np.asarray(guides[j]), peak=float(base.max()))
+        else:
+            amap = base if size == (s, s) else score_map(grid, size, config)
         if not (np.isfinite(score) and np.isfinite(amap).all()):  # never a silent NaN
             out.append(Prediction(name, None, None, None, error=NON_FINITE))
             continue

@@ -37,6 +37,7 @@ REPRODUCED_OPTIONS = frozenset({
     "hnsw_ef_search", "coreset_ratio", "coreset_dim", "threshold_method", "threshold_quantile",
     "threshold_sigma", "calibration_images", "tta", "precision", "seed", "ensemble", "border_cells",
     "ensemble_weights", "grid_highpass", "train_flips",  # train_flips: only the bank, which is exported
+    "guided_filter", "guided_eps",  # the maps: patchknn.scoring, shared by the runtime
 })
 
 

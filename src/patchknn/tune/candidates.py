@@ -21,7 +21,7 @@ Grid (each line one candidate; ``fixed`` options given by the user apply to all 
   would get it.
 
 A candidate's *fit key* is its configuration without the options that act only after the search
-(smoothing, image score, threshold): candidates with the same fit key share one fitted model.
+(smoothing, the guided map, image score, threshold): candidates with the same fit key share one fitted model.
 A *group* is the candidates on one backbone, image size, grid and ``train_flips`` without ensemble members: they
 are fitted together (one decoding and one backbone pass per batch, :mod:`patchknn.tune.group`).
 The baseline (the first candidate, ``paper``) and its post-search variants are a group of their
@@ -41,7 +41,7 @@ from patchknn.presets import PRESETS, preset
 __all__ = ["POST_FIELDS", "Candidate", "CandidateGroup", "default_candidates", "fit_key", "plan_groups"]
 
 #: options that act after the search: candidates differing only in these share a fitted model
-POST_FIELDS = ("smoothing_sigma", "image_score", "image_score_topk", "border_cells",
+POST_FIELDS = ("smoothing_sigma", "guided_filter", "guided_eps", "image_score", "image_score_topk", "border_cells",
                "threshold_method", "threshold_quantile", "threshold_sigma")
 _OPTIONS = {f.name for f in dataclasses.fields(PatchKNNConfig)}
 #: relative backbone cost per image at 224 px (measured: docs/speed.md and docs/accuracy.md)

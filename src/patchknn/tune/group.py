@@ -115,7 +115,7 @@ def score_group(
         for model, variants in zip(models, group.variants):
             grids, weights = model.score_batch(batch_images)
             for cand in variants:
-                for pred in scoring.predictions(grids, weights, cand.config):
+                for pred in scoring.predictions(grids, weights, cand.config, guides=batch.images.cpu().numpy()):
                     if pred.error is not None:
                         raise ValueError(f"{cand.name}: {pred.error}")
                     maps[id(cand)].append(pred.anomaly_map)  # type: ignore[arg-type]
