@@ -170,6 +170,11 @@ VARIANTS: dict[str, Variant] = {
     # fit from the calibration's held-out synthetic defects (ensemble_weights="auto"; measured, not adopted)
     "best+views3": ("best", {"ensemble": VIEWS3, **EQ}),
     "best+views3auto": ("best", {"ensemble": VIEWS3, "ensemble_weights": "auto"}),
+    # the map's outline from the image: a guided filter (radius in grid cells) instead of the map's smoothing
+    # (the image score keeps it); `best` has 1.5 cells since 2026-12-02, `best@unguided` is `best` before
+    "best@unguided": ("best", {"guided_filter": 0.0}),
+    "best+guided1": ("best", {"guided_filter": 1.0}),
+    "best+guided2": ("best", {"guided_filter": 2.0}),
     "best-ln_main+stages2345+smooth1": ("best", {**LN_MAIN, "layers": S2345, "smoothing_sigma": 1.0}),
     "best-ln_main+stages23": ("best", {**LN_MAIN, "layers": ("stage2", "stage3")}),
     "best-raw": ("best", {**B24, "ensemble": (), **EQ}),  # the raw view alone (no layer_norm member)

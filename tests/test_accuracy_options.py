@@ -295,6 +295,7 @@ def test_best_preset_is_training_free_and_category_agnostic():
     assert "best" in PRESETS and best != preset("paper")
     assert best.tta == ()  # flips are category-dependent: never in a preset for unseen categories
     assert best.smoothing_sigma > 0 and best.coreset_ratio < 1
+    assert best.guided_filter > 0  # the map's outline from the image; the score keeps the smoothing
     assert best.image_size / best.grid_size == 8  # a proportional grid: 8 px cells, as the paper's 224 / 28
     # an ensemble of the raw and the L2-normalised views of one ImageNet network (no training, one pass)
     members = best.ensemble_members()
