@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["bilinear_matrix", "resize_bilinear"]
+__all__ = ["bilinear_matrix", "resize_bilinear", "resize_last_two"]
 
 
 @lru_cache(maxsize=64)
@@ -46,9 +46,14 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return mat
 
 
+def resize_last_two(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(..., h, w)`` -> ``(..., *size)`` bilinearly (``align_corners=False``), in float64."""
+    g = np.asarray(a, dtype=np.float64)
+    rows = bilinear_matrix(g.shape[-2], int(size[0]))
+    cols = bilinear_matrix(g.shape[-1], int(size[1]))
+    return rows @ g @ cols.T
+
+
 def resize_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``(h, w)`` -> ``size`` bilinearly (``align_corners=False``), float32; see :func:`bilinear_matrix`."""
-    g = np.asarray(grid, dtype=np.float64)
-    rows = bilinear_matrix(g.shape[0], int(size[0]))
-    cols = bilinear_matrix(g.shape[1], int(size[1]))
-    return (rows @ g @ cols.T).astype(np.float32)
+    return resize_last_two(grid, size).astype(np.float32)
