@@ -45,9 +45,9 @@ class PatchKNNConfig:
         guided_filter: the anomaly map's outline drawn from the image: the upsampled grid passed
             through a guided filter (He et al.) with the model's input image as the guide, window
             radius in grid cells; 0 = none (paper). Replaces ``smoothing_sigma`` for the map only:
-            the image score, the threshold and the verdict do not change, and the map keeps the score
-            as its maximum (``patchknn.scoring.grid_to_map``; docs/accuracy.md, "The map's outline
-            from the image").
+            the image score, the threshold and the verdict do not change, and the map keeps the
+            smoothed map's maximum (the image score with ``image_score="max"``;
+            ``patchknn.scoring.grid_to_map``; docs/accuracy.md, "The map's outline from the image").
         guided_eps: the guided filter's regularisation, in squared intensity units of the image
             scaled to [0, 1]: image edges much weaker than its square root are smoothed over.
         image_score: ``"max"`` (paper: maximum of the map), ``"topk_mean"`` (mean of the

@@ -184,9 +184,10 @@ def grid_to_map(
     Gaussian smoothing (the filter smooths where the image is flat). The result is then brought to
     the peak of :func:`score_map` at the input size (``peak``, computed when not given), as an
     unguided map has it: values above the peak are cut to it, and a map whose maximum falls short
-    of it is stretched (its minimum kept) until its maximum is the peak. So the map's maximum is the
-    image score (``image_score="max"``) and the region ``map >= threshold`` is empty exactly when the
-    verdict is OK. That map is finally resized bilinearly to ``size``.
+    of it is stretched (its minimum kept) until its maximum is the peak. So, with ``image_score="max"``,
+    the map's maximum is the image score and the region ``map >= threshold`` (at the input size) is
+    empty exactly when the verdict is OK, as without the filter. That map is finally resized
+    bilinearly to ``size``.
     """
     radius = float(getattr(config, "guided_filter", 0.0))
     if radius <= 0:
